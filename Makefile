@@ -1,0 +1,42 @@
+# The platform's commands. `make demo` and `make test` bootstrap .venv from the lock file first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bootstrapped
+
+.PHONY: demo test up down status lint bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9" \
+	  && $(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock \
+	  || $(BIN)/python -m pip install -q -r requirements.lock
+	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e . \
+	  || $(BIN)/python -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+	@echo "bootstrapped $(VENV) from requirements.lock"
+
+demo: $(STAMP)  ## the main job end to end on embedded defaults (KEEP_UP=1 leaves the stack running)
+	$(BIN)/platform demo $(if $(KEEP_UP),--keep-up,)
+
+test: $(STAMP)  ## the test suite (starts and stops its own services on free ports)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+up: $(STAMP)    ## start the stack with the Airflow and MLflow UIs
+	$(BIN)/platform up
+
+down:
+	$(BIN)/platform down
+
+status: $(STAMP)
+	$(BIN)/platform status
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipelines dags tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/lake_throughput.py
+
+clean:
+	rm -rf .platform

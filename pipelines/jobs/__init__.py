@@ -1,0 +1,1 @@
+"""What each DAG task and CLI command does: read from the lake, call pure transforms, gate, publish."""

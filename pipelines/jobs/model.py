@@ -1,0 +1,66 @@
+"""Model jobs: train on gold, register a version, run the offline gate; shared by DAG tasks and the CLI."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pipelines.settings import get_settings, load_params
+
+Progress = Callable[[str], None]
+
+
+def train(partitions: list[str] | None = None, *, dag_id: str | None = None, run_id: str | None = None,
+          progress: Progress = print) -> dict[str, Any]:
+    from pipelines import lineage
+    from pipelines.jobs.lake import read_gold, read_quality
+    from pipelines.training import TrainingContext, train_and_log
+
+    settings = get_settings()
+    gold, snapshot = read_gold(partitions)
+    progress(f"[train] {len(gold)} gold rows from partitions {', '.join(snapshot['partitions'])}")
+    quality = read_quality("gold", list(snapshot["partitions"]))
+    context = TrainingContext(
+        data_snapshot=snapshot,
+        git_commit=lineage.git_commit(),
+        dvc_lock_digest=lineage.dvc_lock_digest(),
+        gx_summary=quality or None,
+        airflow_dag_id=dag_id,
+        airflow_run_id=run_id,
+        dataset_name=snapshot["dataset"],
+    )
+    result = train_and_log(gold, load_params(), context, tracking_uri=settings.mlflow_tracking_uri,
+                           experiment=settings.mlflow_experiment, progress=progress)
+    return {
+        "run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "model_family": result.model_family,
+        "metrics": result.metrics,
+        "baseline_metrics": result.baseline_metrics,
+        "partitions": list(snapshot["partitions"]),
+    }
+
+
+def register_and_gate(trained: dict[str, Any], *, progress: Progress = print) -> dict[str, Any]:
+    from pipelines import registry
+    from pipelines.jobs.lake import read_gold
+    from pipelines.training import TrainResult, split_by_time
+
+    settings = get_settings()
+    params = load_params()
+    model_name = params["registry"]["model_name"]
+    result = TrainResult(**{k: trained[k] for k in ("run_id", "model_uri", "model_family", "metrics",
+                                                     "baseline_metrics")})
+    version = registry.register_version(result, model_name, tracking_uri=settings.mlflow_tracking_uri)
+    progress(f"[register] {model_name} version {version.version} from run {result.run_id}")
+    gold, _ = read_gold(trained["partitions"])
+    _, eval_df = split_by_time(gold, params["train"]["test_fraction"])
+    decision = registry.offline_gate(model_name, version.version, eval_df, params,
+                                     tracking_uri=settings.mlflow_tracking_uri)
+    progress(f"[gate] passed={decision.passed}: {decision.reason}")
+    return {
+        "model_name": model_name,
+        "version": str(version.version),
+        "gate_passed": decision.passed,
+        "gate_reason": decision.reason,
+        "aliases": registry.describe_aliases(model_name, tracking_uri=settings.mlflow_tracking_uri),
+    }

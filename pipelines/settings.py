@@ -1,0 +1,142 @@
+"""The one reader of the environment: every endpoint, bucket and secret of the platform.
+
+Variable names are the ones the S3 ecosystem already reads (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), so boto3, MLflow's artifact client, DVC and
+pyarrow all talk to MinIO / the embedded store with no extra configuration, and
+docker-compose.yml passes the same names to every container.
+
+Precedence: process environment > `.env` in the working directory > the state directory's
+`stack.env`, which `platform up` writes (generated credentials and chosen ports), so any
+process started with PLATFORM_STATE_DIR pointing at a running stack finds it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("PLATFORM_STATE_DIR", REPO_ROOT / ".platform")).resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    state_dir: Path = Field(default_factory=default_state_dir, validation_alias="PLATFORM_STATE_DIR")
+
+    # Object store (MinIO in docker-compose, SeaweedFS `weed mini` embedded).
+    s3_endpoint_url: str = Field(
+        "http://127.0.0.1:9000",
+        validation_alias=AliasChoices("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
+    )
+    s3_access_key: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    s3_secret_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    s3_region: str = Field("us-east-1", validation_alias="AWS_DEFAULT_REGION")
+    landing_bucket: str = Field("landing", validation_alias="PLATFORM_LANDING_BUCKET")
+    lake_bucket: str = Field("lake", validation_alias="PLATFORM_LAKE_BUCKET")
+    mlflow_bucket: str = Field("mlflow", validation_alias="PLATFORM_MLFLOW_BUCKET")
+
+    # MLflow: the tracking server URI for clients; the backend store for the server we run.
+    mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", validation_alias="MLFLOW_TRACKING_URI")
+    mlflow_backend_store_uri: str | None = Field(None, validation_alias="MLFLOW_BACKEND_STORE_URI")
+    mlflow_experiment: str = Field("iot-anomaly", validation_alias="PLATFORM_MLFLOW_EXPERIMENT")
+
+    # Airflow: metadata DB (SQLite by default, Postgres when configured) and its UI port.
+    airflow_db_uri: str | None = Field(None, validation_alias="AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    airflow_port: int = Field(8080, validation_alias="PLATFORM_AIRFLOW_PORT")
+
+    # Embedded object store's own ports (weed mini opens several; all loopback).
+    s3_base_port: int = Field(0, validation_alias="PLATFORM_S3_BASE_PORT")
+
+    dataset: str = Field("iot_telemetry", validation_alias="PLATFORM_DATASET")
+    params_file: Path = Field(REPO_ROOT / "params.yaml", validation_alias="PLATFORM_PARAMS_FILE")
+
+    # --- derived -------------------------------------------------------------------------
+    @property
+    def airflow_home(self) -> Path:
+        return Path(os.environ.get("AIRFLOW_HOME", self.state_dir / "airflow"))
+
+    @property
+    def airflow_sql_alchemy_conn(self) -> str:
+        return self.airflow_db_uri or f"sqlite:///{self.state_dir / 'airflow' / 'airflow.db'}"
+
+    @property
+    def mlflow_backend_uri(self) -> str:
+        return self.mlflow_backend_store_uri or f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return f"s3://{self.mlflow_bucket}/artifacts"
+
+    def require_s3_credentials(self) -> tuple[str, str]:
+        if not self.s3_access_key or not self.s3_secret_key:
+            raise RuntimeError(
+                "No object-store credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                f"(or run `platform up`, which writes them to {self.state_dir / 'stack.env'}). "
+                "Anonymous access to the object store is refused by design."
+            )
+        return self.s3_access_key, self.s3_secret_key.get_secret_value()
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for child processes (MLflow, Airflow, DVC) so they reach the same stack."""
+        access, secret = self.require_s3_credentials()
+        return {
+            "PLATFORM_STATE_DIR": str(self.state_dir),
+            "AWS_ENDPOINT_URL": self.s3_endpoint_url,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "AWS_ACCESS_KEY_ID": access,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": self.s3_region,
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+        }
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if not path.exists():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def load_settings() -> Settings:
+    """Settings from env > ./.env > <state_dir>/stack.env (no caching)."""
+    state_dir = default_state_dir()
+    merged: dict[str, str] = {}
+    merged.update(read_env_file(state_dir / "stack.env"))
+    merged.update(read_env_file(Path.cwd() / ".env"))
+    merged.update({k: v for k, v in os.environ.items()})
+    fields = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = alias.choices if isinstance(alias, AliasChoices) else [alias] if alias else [name]
+        for n in names:
+            if n in merged:
+                fields[n] = merged[n]
+                break
+    return Settings.model_validate(fields)
+
+
+def get_settings() -> Settings:
+    """Fresh settings each call: cheap, and a test or CLI that changes the environment is honoured."""
+    return load_settings()
+
+
+def load_params(path: Path | None = None) -> dict:
+    """params.yaml: the one parameter file shared by Airflow, the CLI and DVC."""
+    import yaml
+
+    path = path or get_settings().params_file
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
