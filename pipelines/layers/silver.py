@@ -1,0 +1,297 @@
+"""Silver: bronze rows typed, unit-normalised and deduplicated per the contract; rule breakers quarantined.
+
+Every bronze row ends in exactly one place: silver, quarantine (with the first `rule` it broke and a
+`reason` listing every rule it broke), or collapsed into an identical delivery of the same reading.
+The number collapsed is in `silver.attrs["collapsed_duplicates"]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines.contracts import EPOCH_SECONDS, Contract, convert_units
+from pipelines.layers.bronze import LINEAGE_COLUMNS, PARSE_ERROR_COLUMN
+
+SILVER_LINEAGE = ("_source_key", "_source_line")
+QUARANTINE_EXTRA = ("rule", "reason")
+# Device clocks run a little ahead; beyond this a reading "from the future" is a clock or parsing bug.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+_TRUE = frozenset({"true", "1", "t", "yes", "y"})
+_FALSE = frozenset({"false", "0", "f", "no", "n"})
+_MISSING = frozenset({"", "nan", "na", "n/a", "null", "none"})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A contract rule checked on typed (silver-shaped) rows; the quality module reuses these."""
+
+    name: str  # "range:temp", "not_null:ts", "finite:co", "future_timestamp"
+    column: str
+    description: str  # what must hold, e.g. "temp within physical range [-40, 125] celsius"
+    violations: Callable[[pd.DataFrame], pd.Series]  # True where a row breaks the rule
+    explanation: str  # follows "<column>=<value> " in a quarantine reason
+
+    def reasons(self, frame: pd.DataFrame, mask: pd.Series) -> pd.Series:
+        values = (
+            frame.loc[mask, self.column]
+            .astype(object)
+            .where(frame.loc[mask, self.column].notna(), "<missing>")
+        )
+        return f"{self.column}=" + values.astype(str) + f" {self.explanation}"
+
+
+def silver_rules(contract: Contract, *, now: datetime | None = None) -> list[Rule]:
+    """The contract's row rules, in the order quarantine reports them. Ranges come only from the contract."""
+    rules: list[Rule] = []
+    ts, device = contract.event_time.column, contract.entity.column
+    required = [device, ts] + [c.name for c in contract.columns if c.required]
+    for col in required:
+        rules.append(
+            Rule(
+                name=f"not_null:{col}",
+                column=col,
+                description=f"{col} is present",
+                violations=lambda f, c=col: f[c].isna(),
+                explanation=f"is required by contract {contract.name!r}",
+            )
+        )
+    for spec in contract.columns:
+        if spec.type != "float64":
+            continue
+        col = spec.name
+        rules.append(
+            Rule(
+                name=f"finite:{col}",
+                column=col,
+                description=f"{col} is finite",
+                violations=lambda f, c=col: pd.Series(np.isinf(f[c].to_numpy(dtype=float)), index=f.index),
+                explanation="is infinite; sensors cannot report infinity",
+            )
+        )
+        if spec.range is not None:
+            lo, hi = spec.range
+            bounds = f"[{lo:g}, {hi:g}] {spec.unit or ''}".rstrip()
+            rules.append(
+                Rule(
+                    name=f"range:{col}",
+                    column=col,
+                    description=f"{col} within physical range {bounds}",
+                    violations=lambda f, c=col, lo=lo, hi=hi: (f[c] < lo) | (f[c] > hi),
+                    explanation=f"outside physical range {bounds}",
+                )
+            )
+    limit = pd.Timestamp(now or datetime.now(UTC)) + FUTURE_TOLERANCE
+    limit = limit.tz_localize("UTC") if limit.tzinfo is None else limit.tz_convert("UTC")
+    rules.append(
+        Rule(
+            name="future_timestamp",
+            column=ts,
+            description=f"{ts} not after ingestion time (+{FUTURE_TOLERANCE})",
+            violations=lambda f: f[ts] > limit,
+            explanation=(
+                f"is later than ingestion time + {FUTURE_TOLERANCE} ({limit.isoformat()}); "
+                "check the device clock"
+            ),
+        )
+    )
+    return rules
+
+
+def to_silver(
+    bronze: pa.Table | pd.DataFrame, contract: Contract, *, now: datetime | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(silver, quarantine) from a bronze table. `now` is the ingestion time used for future timestamps."""
+    raw = bronze.to_pandas() if isinstance(bronze, pa.Table) else bronze.reset_index(drop=True)
+    delivered = [c for c in raw.columns]
+    typed, type_errors = type_bronze(raw, contract)
+
+    rule_names = pd.Series(pd.NA, index=raw.index, dtype="object")
+    reasons = pd.Series([[] for _ in range(len(raw))], index=raw.index, dtype="object")
+
+    def record(mask: pd.Series, name: str, why: pd.Series) -> None:
+        mask = mask.fillna(False).astype(bool)
+        if not mask.any():
+            return
+        rule_names[mask & rule_names.isna()] = name
+        for i, text in why.items():
+            reasons[i].append(text)
+
+    malformed = (
+        raw[PARSE_ERROR_COLUMN].notna() if PARSE_ERROR_COLUMN in raw else pd.Series(False, index=raw.index)
+    )
+    record(malformed, "parse_error", "malformed line: " + raw.loc[malformed, PARSE_ERROR_COLUMN].astype(str))
+    # A malformed line has no fields to check; reporting each as missing would bury the real reason.
+    type_errors = {c: m & ~malformed for c, m in type_errors.items()}
+    for col, mask in type_errors.items():
+        record(
+            mask,
+            f"type:{col}",
+            col
+            + "="
+            + raw.loc[mask, _source_of(contract, col)].astype(str).map(repr)
+            + f" is not a valid {_type_name(contract, col)}",
+        )
+    for rule in silver_rules(contract, now=now):
+        mask = rule.violations(typed).fillna(False).astype(bool) & ~malformed
+        # A value that failed to parse is already reported as type:<col>; don't also call it missing.
+        if rule.name.startswith("not_null:") and rule.column in type_errors:
+            mask &= ~type_errors[rule.column]
+        record(mask, rule.name, rule.reasons(typed, mask))
+
+    failed = rule_names.notna()
+    valid = typed[~failed]
+    silver, duplicates, collapsed = _deduplicate(valid, contract)
+
+    quarantine = raw[failed].copy()
+    quarantine["rule"] = rule_names[failed].astype(str)
+    quarantine["reason"] = reasons[failed].map("; ".join).astype(str)
+    if len(duplicates):
+        dup = raw.loc[duplicates.index].copy()
+        dup["rule"] = "duplicate_key"
+        dup["reason"] = duplicates["reason"]
+        quarantine = pd.concat([quarantine, dup])
+    quarantine = quarantine.sort_index().reset_index(drop=True)[[*delivered, *QUARANTINE_EXTRA]]
+    silver.attrs["collapsed_duplicates"] = collapsed
+    return silver, quarantine
+
+
+def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+    """Canonical typed columns for every bronze row, and per column a mask of values that failed to parse.
+
+    Missing values (empty, "NA", "NaN", ...) become null, not type errors; rules decide if null is allowed.
+    """
+    out = pd.DataFrame(index=raw.index)
+    errors: dict[str, pd.Series] = {}
+    et, entity = contract.event_time, contract.entity
+
+    if entity.source is None:
+        out[entity.column] = pd.Series(entity.constant, index=raw.index, dtype="str")
+    else:
+        device = _text(raw, entity.source)
+        out[entity.column] = device.where(~_is_missing(device)).astype("str")
+
+    ts_text = _text(raw, et.source)
+    ts, errors[et.column] = _parse_time(ts_text, et.source_format, et.timezone)
+    out[et.column] = ts
+
+    for spec in contract.columns:
+        text = _text(raw, spec.source)
+        missing = _is_missing(text)
+        if spec.type == "float64":
+            values = pd.to_numeric(text.where(~missing), errors="coerce").astype("float64")
+            errors[spec.name] = values.isna() & ~missing
+            if spec.needs_conversion:
+                values = pd.Series(
+                    convert_units(values.to_numpy(), spec.source_unit, spec.unit), index=raw.index
+                )
+            out[spec.name] = values
+        elif spec.type == "bool":
+            lowered = text.str.strip().str.lower()
+            values = pd.Series(pd.NA, index=raw.index, dtype="boolean")
+            values[lowered.isin(_TRUE)] = True
+            values[lowered.isin(_FALSE)] = False
+            errors[spec.name] = values.isna() & ~missing
+            out[spec.name] = values
+        else:
+            out[spec.name] = text.where(~missing).astype("str")
+
+    out["label"] = _labels(raw, contract)
+    out["event_date"] = ts.dt.date
+    for col in SILVER_LINEAGE:
+        out[col] = raw[col] if col in raw else pd.NA
+    out["_source_line"] = out["_source_line"].astype("Int64")
+    # Ordering for "the latest delivery wins"; absent lineage (hand-built frames) means row order.
+    out["_delivery_order"] = (
+        pd.to_datetime(raw["_ingested_at"], utc=True) if "_ingested_at" in raw else pd.NaT
+    )
+    errors = {c: m.fillna(False).astype(bool) for c, m in errors.items() if m.any()}
+    return out, errors
+
+
+def _deduplicate(valid: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Collapse identical re-deliveries; of conflicting ones keep the latest delivered, return the others."""
+    keys = list(contract.keys)
+    payload = [*contract.measurement_columns, "label"]
+    ordered = valid.assign(_position=np.arange(len(valid))).sort_values(
+        [*keys, "_delivery_order", "_source_line", "_position"], na_position="first", kind="stable"
+    )
+    exact = ordered.duplicated([*keys, *payload], keep="last")
+    collapsed = int(exact.sum())
+    ordered = ordered[~exact]
+    superseded = ordered.duplicated(keys, keep="last")
+    duplicates = ordered[superseded]
+    kept = ordered[~superseded]
+    if len(duplicates):
+        winner = kept.set_index(keys)[["_source_key", "_source_line"]]
+        won = winner.reindex(pd.MultiIndex.from_frame(duplicates[keys]))
+        duplicates = duplicates.assign(
+            reason=(
+                f"({keys[0]}, {keys[1]})=("
+                + duplicates[keys[0]].astype(str)
+                + ", "
+                + duplicates[keys[1]].astype(str)
+                + ") delivered again with different values; kept the later delivery "
+                + won["_source_key"].astype(str).to_numpy()
+                + " line "
+                + won["_source_line"].astype(str).to_numpy()
+            )
+        )
+    silver = kept[contract.silver_columns + list(SILVER_LINEAGE)].reset_index(drop=True)
+    silver["ts"] = silver["ts"].astype("datetime64[us, UTC]")
+    return silver, duplicates, collapsed
+
+
+def _text(raw: pd.DataFrame, column: str) -> pd.Series:
+    if column not in raw:  # optional delivered column absent from this file
+        return pd.Series(pd.NA, index=raw.index, dtype="str")
+    return raw[column].astype("str")
+
+
+def _is_missing(text: pd.Series) -> pd.Series:
+    return text.isna() | text.str.strip().str.lower().isin(_MISSING)
+
+
+def _parse_time(text: pd.Series, source_format: str, timezone: str) -> tuple[pd.Series, pd.Series]:
+    missing = _is_missing(text)
+    cleaned = text.str.strip().where(~missing)
+    if source_format == EPOCH_SECONDS:
+        seconds = pd.to_numeric(cleaned, errors="coerce")
+        micros = (seconds * 1_000_000).round()
+        out_of_bounds = micros.abs() > 9.2e18
+        micros = micros.where(np.isfinite(micros) & ~out_of_bounds)
+        ts = pd.to_datetime(micros.astype("Int64"), unit="us", utc=True)
+    else:
+        ts = pd.to_datetime(cleaned, format=source_format, errors="coerce")
+        if ts.dt.tz is None:
+            ts = ts.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
+        ts = ts.dt.tz_convert("UTC")
+    ts = ts.astype("datetime64[us, UTC]")
+    return ts, ts.isna() & ~missing
+
+
+def _labels(raw: pd.DataFrame, contract: Contract) -> pd.Series:
+    if contract.label is None or contract.label.source not in raw:
+        return pd.Series(pd.NA, index=raw.index, dtype="str")
+    text = raw[contract.label.source].astype("str").str.strip().str.lower().fillna("")
+    return text.where(~text.isin(contract.label.normal_values), "normal").astype("str")
+
+
+def _source_of(contract: Contract, column: str) -> str:
+    if column == contract.event_time.column:
+        return contract.event_time.source
+    return contract.column(column).source
+
+
+def _type_name(contract: Contract, column: str) -> str:
+    if column == contract.event_time.column:
+        return f"timestamp ({contract.event_time.source_format})"
+    return contract.column(column).type
+
+
+__all__ = ["LINEAGE_COLUMNS", "Rule", "silver_rules", "to_silver", "type_bronze"]
