@@ -2,7 +2,6 @@
 
 import datetime as dt
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
