@@ -1,0 +1,328 @@
+"""Great Expectations suites, one per lake layer and dataset, built as code from the source contract.
+
+The physical ranges, required columns and keys come from the contract only; the per-dataset
+`config` dict only tunes *how strict* a check is (severity, `mostly`, tolerances), never *what*
+the valid physical range is.
+
+Config (all keys optional; a key may also be nested under the layer name, e.g.
+``{"silver": {"severity": {...}}}``, which wins over the flat key)::
+
+    severity:  {"expect_column_values_to_be_between": "warning",          # every such check
+                "expect_column_values_to_be_between:humidity": "warning"}  # one column only
+    mostly:    {"expect_column_values_to_be_between": 0.999, "<type>:<column>": 0.99}
+    known_devices: ["device-1", ...]     # silver: device must be in this set
+    device_pattern: "^device-\\d+$"      # silver: else device must match this regex
+                                         # (default: the contract's entity constant if any)
+    future_tolerance_seconds: 300        # silver: ts <= now + tolerance
+    reference_k: 6                       # gold: mean within reference mean +/- k * reference std
+    anomaly_rate: [0.0, 0.5]             # gold: bounds of the is_anomaly rate
+
+GX is imported inside the functions: importing this module stays cheap for DAG parsing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import great_expectations as gx
+    import pandas as pd
+
+
+def quiet_gx_logging(level: int = logging.WARNING) -> None:
+    """Keep GX's own logger at WARNING: when the root logger is at INFO/DEBUG (as in Airflow task
+    processes), importing GX alone emits 100+ "Skipping registering function" lines and every
+    validation logs store and type-lookup chatter. Must run before the first GX import, and again
+    after it: one GX module pins its own logger to INFO when imported."""
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(level)
+
+
+# Cheap (no GX import) and scoped to GX's logger; call quiet_gx_logging(logging.DEBUG) to debug GX.
+quiet_gx_logging()
+
+Layer = Literal["bronze", "silver", "gold"]
+LAYERS: tuple[str, ...] = ("bronze", "silver", "gold")
+
+CRITICAL = "critical"
+WARNING = "warning"
+
+LINEAGE_COLUMNS: tuple[str, ...] = (
+    "_source_key",
+    "_source_etag",
+    "_source_line",
+    "_ingest_run_id",
+    "_ingested_at",
+)
+# Gold columns that are identifiers or labels, not model features.
+GOLD_NON_FEATURE_COLUMNS: frozenset[str] = frozenset({"device", "ts", "event_date", "label", "is_anomaly"})
+
+
+DEFAULT_FUTURE_TOLERANCE_SECONDS = 300.0
+DEFAULT_REFERENCE_K = 6.0
+DEFAULT_ANOMALY_RATE = (0.0, 0.5)
+
+# Checks that only warn unless the dataset config says otherwise.
+_DEFAULT_WARNING_TYPES = frozenset({"expect_column_mean_to_be_between"})
+
+# Contract type -> GX pandas `type_` (ExpectColumnValuesToBeOfType compares dtype.type; "str"
+# matches pandas 3's `str` dtype and, value by value, object columns holding Python str).
+_SILVER_TYPES = {"float64": "float64", "bool": "bool", "string": "str"}
+
+_FLOAT_MAX = sys.float_info.max
+
+
+def _section(config: Mapping[str, Any] | None, layer: str, key: str, default: Any = None) -> Any:
+    """A config value for this layer: ``config[layer][key]`` first, then ``config[key]``."""
+    if not config:
+        return default
+    layered = config.get(layer)
+    if isinstance(layered, Mapping) and key in layered:
+        return layered[key]
+    return config.get(key, default)
+
+
+def _lookup(table: Mapping[str, Any] | None, expectation_type: str, column: str | None) -> Any:
+    if not table:
+        return None
+    if column is not None and f"{expectation_type}:{column}" in table:
+        return table[f"{expectation_type}:{column}"]
+    return table.get(expectation_type)
+
+
+class _SuiteBuilder:
+    """Adds expectations with severity and `mostly` resolved from the dataset config."""
+
+    def __init__(self, layer: str, dataset: str, config: Mapping[str, Any] | None) -> None:
+        self.layer = layer
+        self.dataset = dataset
+        self.config = config or {}
+        self.severity_table = _section(config, layer, "severity", {}) or {}
+        self.mostly_table = _section(config, layer, "mostly", {}) or {}
+        self.expectations: list = []
+
+    def add(
+        self,
+        cls: type,
+        *,
+        column: str | None = None,
+        mostly_allowed: bool = False,
+        extra_meta: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        expectation_type = _expectation_type(cls)
+        severity = _lookup(self.severity_table, expectation_type, column)
+        if severity is None:
+            severity = WARNING if expectation_type in _DEFAULT_WARNING_TYPES else CRITICAL
+        if severity not in (CRITICAL, WARNING):
+            raise ValueError(
+                f"quality config for {self.layer}: severity {severity!r} for {expectation_type}"
+                f"{':' + column if column else ''} must be 'critical' or 'warning'"
+            )
+        if column is not None:
+            kwargs["column"] = column
+        if mostly_allowed:
+            mostly = _lookup(self.mostly_table, expectation_type, column)
+            if mostly is not None:
+                kwargs["mostly"] = float(mostly)
+        meta = {"severity": severity, "layer": self.layer, **(extra_meta or {})}
+        # GX 1.x also has a native `severity` field (critical/warning/info): set both so GX's own
+        # tooling (get_max_severity_failure, Data Docs) and our gate agree.
+        self.expectations.append(cls(severity=severity, meta=meta, **kwargs))
+
+    def suite(self) -> gx.ExpectationSuite:
+        import great_expectations as gx
+
+        # Passing the expectations to the constructor (not add_expectation) needs no active GX
+        # context: suites can be built and inspected without one.
+        return gx.ExpectationSuite(
+            name=suite_name(self.layer, self.dataset),
+            expectations=self.expectations,
+            meta={"layer": self.layer, "dataset": self.dataset},
+        )
+
+
+def _expectation_type(cls: type) -> str:
+    from great_expectations.util import camel_to_snake
+
+    return camel_to_snake(cls.__name__)
+
+
+def suite_name(layer: str, dataset: str) -> str:
+    return f"{dataset}.{layer}"
+
+
+def build_suite(
+    layer: Layer,
+    contract: Any,
+    *,
+    config: dict | None = None,
+    reference: pd.DataFrame | None = None,
+    columns: Iterable[str] | None = None,
+    expected_row_count: int | None = None,
+    now: dt.datetime | None = None,
+) -> gx.ExpectationSuite:
+    """The expectation suite for one layer of one dataset.
+
+    `columns` (gold) are the partition's columns: every one that is not an identifier or label
+    is a feature to check; without it the features are taken from `reference`, else the
+    contract's float64 columns, and the label-balance check assumes `is_anomaly` exists.
+    `expected_row_count` (bronze) adds the check that the partition has as many rows as the
+    source file has data lines. `now`
+    (silver) is the clock for the no-future-timestamps check (default: the current UTC time).
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}: expected one of {', '.join(LAYERS)}")
+    builder = _SuiteBuilder(layer, contract.name, config)
+    if layer == "bronze":
+        _bronze(builder, contract, expected_row_count)
+    elif layer == "silver":
+        _silver(builder, contract, now)
+    else:
+        _gold(builder, contract, reference, columns)
+    return builder.suite()
+
+
+def _entity_column(contract: Any) -> str:
+    entity = getattr(contract, "entity", None)
+    return getattr(entity, "column", None) or "device"
+
+
+def _time_column(contract: Any) -> str:
+    event_time = getattr(contract, "event_time", None)
+    return getattr(event_time, "column", None) or "ts"
+
+
+def _bronze(b: _SuiteBuilder, contract: Any, expected_row_count: int | None) -> None:
+    import great_expectations.expectations as gxe
+
+    # Bronze keeps the delivered header, so the check is on the *source* column names.
+    required = getattr(contract, "required_source_columns", None)
+    if required is None:
+        required = [getattr(c, "source", c.name) for c in contract.columns if getattr(c, "required", True)]
+    for name in required:
+        b.add(gxe.ExpectColumnToExist, column=name)
+    b.add(gxe.ExpectTableRowCountToBeBetween, min_value=1)
+    if expected_row_count is not None:
+        b.add(gxe.ExpectTableRowCountToEqual, value=int(expected_row_count))
+    for name in LINEAGE_COLUMNS:
+        b.add(gxe.ExpectColumnValuesToNotBeNull, column=name)
+
+
+def _silver(b: _SuiteBuilder, contract: Any, now: dt.datetime | None) -> None:
+    import great_expectations.expectations as gxe
+
+    device, ts = _entity_column(contract), _time_column(contract)
+    keys = list(getattr(contract, "keys", None) or [device, ts])
+
+    b.add(gxe.ExpectColumnValuesToBeOfType, column=device, type_="str")
+    # "Timestamp" is the scalar type of tz-aware datetime64 columns: a naive ts column fails.
+    b.add(gxe.ExpectColumnValuesToBeOfType, column=ts, type_="Timestamp")
+    for col in contract.columns:
+        gx_type = _SILVER_TYPES.get(str(col.type))
+        if gx_type is not None:
+            b.add(gxe.ExpectColumnValuesToBeOfType, column=col.name, type_=gx_type)
+        if getattr(col, "range", None) is not None:
+            lo, hi = col.range
+            b.add(
+                gxe.ExpectColumnValuesToBeBetween,
+                column=col.name,
+                mostly_allowed=True,
+                min_value=None if lo is None else float(lo),
+                max_value=None if hi is None else float(hi),
+            )
+    label = getattr(contract, "label", None)
+    label_column = getattr(label, "column", None) or "label"
+    # Nulls are skipped: a delivery without labels has an all-null label column.
+    b.add(gxe.ExpectColumnValuesToBeOfType, column=label_column, type_="str")
+    b.add(gxe.ExpectColumnValuesToNotBeNull, column="event_date")
+
+    for key in keys:
+        b.add(gxe.ExpectColumnValuesToNotBeNull, column=key)
+    if len(keys) > 1:
+        b.add(gxe.ExpectCompoundColumnsToBeUnique, column_list=keys)
+    else:
+        b.add(gxe.ExpectColumnValuesToBeUnique, column=keys[0])
+
+    tolerance = float(
+        _section(b.config, "silver", "future_tolerance_seconds", DEFAULT_FUTURE_TOLERANCE_SECONDS)
+    )
+    latest = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=tolerance)
+    b.add(gxe.ExpectColumnValuesToBeBetween, column=ts, max_value=latest.isoformat())
+
+    known = _section(b.config, "silver", "known_devices")
+    pattern = _section(b.config, "silver", "device_pattern")
+    constant = getattr(getattr(contract, "entity", None), "constant", None)
+    if known:
+        b.add(gxe.ExpectColumnValuesToBeInSet, column=device, mostly_allowed=True, value_set=list(known))
+    elif pattern:
+        b.add(gxe.ExpectColumnValuesToMatchRegex, column=device, mostly_allowed=True, regex=pattern)
+    elif constant is not None:
+        b.add(gxe.ExpectColumnValuesToBeInSet, column=device, value_set=[constant])
+
+
+def gold_feature_columns(columns: Iterable[str]) -> list[str]:
+    return [c for c in columns if c not in GOLD_NON_FEATURE_COLUMNS and not c.startswith("_")]
+
+
+def _gold(
+    b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | None, columns: Iterable[str] | None
+) -> None:
+    import great_expectations.expectations as gxe
+    import numpy as np
+
+    has_labels = True
+    if columns is not None:
+        columns = list(columns)
+        features: Iterable[str] = gold_feature_columns(columns)
+        has_labels = "is_anomaly" in columns
+    elif reference is not None:
+        features = gold_feature_columns(reference.columns)
+    else:
+        features = [c.name for c in contract.columns if str(c.type) == "float64"]
+    features = list(features)
+
+    for name in features:
+        # NaN is a null to pandas/GX; +/-inf is outside the finite float range.
+        b.add(gxe.ExpectColumnValuesToNotBeNull, column=name, mostly_allowed=True)
+        b.add(
+            gxe.ExpectColumnValuesToBeBetween,
+            column=name,
+            mostly_allowed=True,
+            min_value=-_FLOAT_MAX,
+            max_value=_FLOAT_MAX,
+        )
+
+    if reference is not None and len(reference):
+        k = float(_section(b.config, "gold", "reference_k", DEFAULT_REFERENCE_K))
+        for name in features:
+            if name not in reference.columns:
+                continue
+            values = reference[name].to_numpy(dtype="float64", na_value=np.nan)
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                continue
+            mean, std = float(values.mean()), float(values.std())
+            # A constant reference feature would give a zero-width band: allow rounding noise.
+            half_width = max(k * std, 1e-9 * max(1.0, abs(mean)))
+            b.add(
+                gxe.ExpectColumnMeanToBeBetween,
+                column=name,
+                min_value=mean - half_width,
+                max_value=mean + half_width,
+                # Where the band came from, for the reader of Data Docs and of the gate report.
+                extra_meta={"reference": {"mean": mean, "std": std, "k": k, "rows": int(values.size)}},
+            )
+
+    if has_labels:
+        lo, hi = _section(b.config, "gold", "anomaly_rate", DEFAULT_ANOMALY_RATE)
+        b.add(
+            gxe.ExpectColumnMeanToBeBetween,
+            column="is_anomaly",
+            min_value=float(lo),
+            max_value=float(hi),
+        )
