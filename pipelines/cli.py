@@ -50,8 +50,10 @@ def _print_status(info: dict) -> None:
         health = "" if s["healthy"] is None else (" healthy" if s["healthy"] else " UNHEALTHY")
         print(f"  {name:24s} {state}{health}  {s['url'] or ''}")
     print(f"  MLflow UI:  {info['endpoints']['mlflow']}")
-    print(f"  Airflow UI: {info['endpoints']['airflow']}  (user admin, password in "
-          f"{info['airflow_admin_password_file']})")
+    print(
+        f"  Airflow UI: {info['endpoints']['airflow']}  (user admin, password in "
+        f"{info['airflow_admin_password_file']})"
+    )
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -66,14 +68,20 @@ def cmd_land(args) -> int:
             print(f"error: {path} does not exist", file=sys.stderr)
             return 2
         if not args.date:
-            print("error: --date YYYY-MM-DD is required with --file (the event date it belongs to)",
-                  file=sys.stderr)
+            print(
+                "error: --date YYYY-MM-DD is required with --file (the event date it belongs to)",
+                file=sys.stderr,
+            )
             return 2
-        key = land_bytes(store, args.dataset or store.settings.dataset, args.date, path.name, path.read_bytes())
+        key = land_bytes(
+            store, args.dataset or store.settings.dataset, args.date, path.name, path.read_bytes()
+        )
         print(f"landed s3://{store.settings.landing_bucket}/{key}")
         return 0
     p = load_params()["simulate"]
-    land_simulated_days(dt.date.fromisoformat(args.start or p["start_date"]), args.days or p["days"], store=store)
+    land_simulated_days(
+        dt.date.fromisoformat(args.start or p["start_date"]), args.days or p["days"], store=store
+    )
     return 0
 
 
@@ -83,8 +91,9 @@ def cmd_layer(args) -> int:
 
     build = {"bronze": lake.build_bronze, "silver": lake.build_silver, "gold": lake.build_gold}[args.layer]
     for partition in args.dates:
-        report = build(partition, args.run_id or f"cli__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}",
-                       dataset=args.dataset)
+        report = build(
+            partition, args.run_id or f"cli__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}", dataset=args.dataset
+        )
         print(json.dumps(report.to_dict(), default=str))
     return 0
 
@@ -143,7 +152,9 @@ def cmd_demo(args) -> int:
         if not args.keep_up:
             services.down()
         else:
-            print("\nThe stack is still up: `platform status`; stop it with `platform down` (or `make down`).")
+            print(
+                "\nThe stack is still up: `platform status`; stop it with `platform down` (or `make down`)."
+            )
     return 0
 
 
@@ -151,7 +162,6 @@ def cmd_demo(args) -> int:
 def build_summary() -> dict:
     import mlflow
     from mlflow import MlflowClient
-
     from pipelines import services, storage
     from pipelines.jobs.lake import read_quality
     from pipelines.storage import ObjectStore
@@ -167,8 +177,9 @@ def build_summary() -> dict:
     quality = {}
     for layer in ("bronze", "silver", "gold"):
         results = read_quality(layer, storage.list_partitions(store, layer, dataset), store=store)
-        quality[layer] = {p: {"success": r.get("success"), "statistics": r.get("statistics")}
-                          for p, r in results.items()}
+        quality[layer] = {
+            p: {"success": r.get("success"), "statistics": r.get("statistics")} for p, r in results.items()
+        }
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     client = MlflowClient()
     model_name = load_params()["registry"]["model_name"]
@@ -179,19 +190,27 @@ def build_summary() -> dict:
         versions = client.search_model_versions(f"name='{model_name}'")
         latest = max(versions, key=lambda v: int(v.version))
         run = client.get_run(latest.run_id)
-        model.update({
-            "latest_version": latest.version,
-            "run_id": latest.run_id,
-            "artifact_uri": run.info.artifact_uri,
-            "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())},
-            "trained_on": run.data.tags.get("training_partitions") or run.data.tags.get("gold_snapshot"),
-            "gate": {k: v for k, v in latest.tags.items() if k.startswith("gate.")},
-        })
+        model.update(
+            {
+                "latest_version": latest.version,
+                "run_id": latest.run_id,
+                "artifact_uri": run.info.artifact_uri,
+                "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())},
+                "trained_on": run.data.tags.get("training_partitions") or run.data.tags.get("gold_snapshot"),
+                "gate": {k: v for k, v in latest.tags.items() if k.startswith("gate.")},
+            }
+        )
     except Exception as e:  # noqa: BLE001 - the summary must still print the lake part
         model["error"] = str(e)
     info = services.status()
-    return {"dataset": dataset, "layers": layers, "quality": quality, "model": model,
-            "endpoints": info["endpoints"], "airflow_admin_password_file": info["airflow_admin_password_file"]}
+    return {
+        "dataset": dataset,
+        "layers": layers,
+        "quality": quality,
+        "model": model,
+        "endpoints": info["endpoints"],
+        "airflow_admin_password_file": info["airflow_admin_password_file"],
+    }
 
 
 def format_summary(s: dict) -> str:
@@ -202,9 +221,11 @@ def format_summary(s: dict) -> str:
     for layer, parts in s["quality"].items():
         for p, r in parts.items():
             stats = r.get("statistics") or {}
-            out.append(f"  {layer:7s} {p}: {'PASS' if r.get('success') else 'FAIL'}  "
-                       f"{stats.get('successful_expectations', '?')}/{stats.get('evaluated_expectations', '?')} "
-                       "expectations")
+            out.append(
+                f"  {layer:7s} {p}: {'PASS' if r.get('success') else 'FAIL'}  "
+                f"{stats.get('successful_expectations', '?')}/{stats.get('evaluated_expectations', '?')} "
+                "expectations"
+            )
     m = s["model"]
     out += ["", f"model {m['name']}:"]
     if "error" in m:
@@ -212,15 +233,21 @@ def format_summary(s: dict) -> str:
     else:
         out.append(f"  latest version {m['latest_version']}, aliases {m.get('aliases')}")
         out.append(f"  run {m['run_id']}  artifacts {m['artifact_uri']}")
-        keys = [k for k in m["metrics"] if k in ("precision", "recall", "f1", "pr_auc")
-                or k.startswith("baseline_threshold_")]
+        keys = [
+            k
+            for k in m["metrics"]
+            if k in ("precision", "recall", "f1", "pr_auc") or k.startswith("baseline_threshold_")
+        ]
         out.append("  metrics: " + ", ".join(f"{k}={m['metrics'][k]}" for k in keys))
         out.append(f"  gate: {m.get('gate')}")
         out.append(f"  trained on: {m.get('trained_on')}")
-    out += ["", "browse:",
-            f"  MLflow UI   {s['endpoints']['mlflow']}   (experiments, runs, model registry)",
-            f"  Airflow UI  {s['endpoints']['airflow']}   (`make up` keeps it running; user admin, "
-            f"password in {s['airflow_admin_password_file']})"]
+    out += [
+        "",
+        "browse:",
+        f"  MLflow UI   {s['endpoints']['mlflow']}   (experiments, runs, model registry)",
+        f"  Airflow UI  {s['endpoints']['airflow']}   (`make up` keeps it running; user admin, "
+        f"password in {s['airflow_admin_password_file']})",
+    ]
     return "\n".join(out)
 
 
@@ -252,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id")
     p.set_defaults(func=cmd_layer)
 
-    p = sub.add_parser("run", help="run the lakehouse DAG for dates, then the training DAG (airflow dags test)")
+    p = sub.add_parser(
+        "run", help="run the lakehouse DAG for dates, then the training DAG (airflow dags test)"
+    )
     p.add_argument("dates", nargs="*")
     p.add_argument("--start")
     p.add_argument("--days", type=int, default=1)

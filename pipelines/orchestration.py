@@ -19,8 +19,10 @@ LAKEHOUSE_DAG = "iot_lakehouse"
 TRAINING_DAG = "iot_training"
 
 # Lines worth echoing from a DAG run's log: task boundaries and the platform's own progress.
-_ECHO = re.compile(r"\[DAG TEST\] (starting|end) task|^\[(land|bronze|silver|gold|train|register|gate|gx)\]"
-                   r"|QUALITY|Quality gate|DagRun Finished|Task failed|Error|error:")
+_ECHO = re.compile(
+    r"\[DAG TEST\] (starting|end task) task_id|^\[(land|bronze|silver|gold|train|register|gate)\]"
+    r"|GX \w+ gate|QualityGateError|DagRun Finished|Task failed"
+)
 
 
 class DagRunFailed(RuntimeError):
@@ -41,8 +43,13 @@ def logical_date_for_partition(partition: str) -> str:
     return (dt.date.fromisoformat(partition) + dt.timedelta(days=1)).isoformat()
 
 
-def run_dag(dag_id: str, logical_date: str | None = None, conf: dict | None = None,
-            progress: Callable[[str], None] = print, check: bool = True) -> DagRunResult:
+def run_dag(
+    dag_id: str,
+    logical_date: str | None = None,
+    conf: dict | None = None,
+    progress: Callable[[str], None] = print,
+    check: bool = True,
+) -> DagRunResult:
     settings = get_settings()
     env = {**os.environ, **settings.client_env(), **airflow_env(settings)}
     log_dir = settings.state_dir / "logs" / "dag-runs"
@@ -57,34 +64,50 @@ def run_dag(dag_id: str, logical_date: str | None = None, conf: dict | None = No
     progress(f"[airflow] dags test {dag_id} {logical_date or ''} (log: {log_file})")
     start = time.time()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                cwd=str(settings.state_dir))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            cwd=str(settings.state_dir),
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             if _ECHO.search(line) and "great_expectations" not in line:
                 progress("    " + _tidy(line))
         proc.wait()
-    result = DagRunResult(dag_id, logical_date or "", proc.returncode == 0, time.time() - start, str(log_file))
+    result = DagRunResult(
+        dag_id, logical_date or "", proc.returncode == 0, time.time() - start, str(log_file)
+    )
     if check and not result.succeeded:
-        raise DagRunFailed(f"DAG {dag_id} failed for {logical_date}; the task log is in {log_file}:\n"
-                           + _failure_excerpt(Path(log_file)))
+        raise DagRunFailed(
+            f"DAG {dag_id} failed for {logical_date}; the task log is in {log_file}:\n"
+            + _failure_excerpt(Path(log_file))
+        )
     return result
 
 
 def _tidy(line: str) -> str:
     line = line.rstrip()
-    m = re.search(r"\[DAG TEST\] (starting|end) task task_id=(\S+)", line)
+    m = re.search(r"\[DAG TEST\] (starting|end task) task_id=(\S+)", line)
     if m:
         return f"task {m.group(2)}: {'started' if m.group(1) == 'starting' else 'finished'}"
+    m = re.search(r"DagRun Finished: dag_id=(\S+), .*state=(\w+)", line)
+    if m:
+        return f"DAG run {m.group(1).rstrip(',')}: {m.group(2)}"
     return re.sub(r"^\S+Z \[\w+\s*\] ", "", line)[:300]
 
 
 def _failure_excerpt(log_file: Path, lines: int = 40) -> str:
     text = log_file.read_text(errors="replace").splitlines()
-    interesting = [i for i, line in enumerate(text) if "Task failed" in line or "Traceback" in line
-                   or "QualityGateError" in line or "Error:" in line]
+    interesting = [
+        i
+        for i, line in enumerate(text)
+        if "Task failed" in line or "Traceback" in line or "QualityGateError" in line or "Error:" in line
+    ]
     if interesting:
         start = max(0, interesting[0] - 5)
-        return "\n".join(text[start:start + lines])
+        return "\n".join(text[start : start + lines])
     return "\n".join(text[-lines:])

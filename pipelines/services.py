@@ -98,7 +98,9 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _spawn(settings: Settings, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
+def _spawn(
+    settings: Settings, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None
+) -> int:
     existing = _read_pid(settings, name)
     if existing:
         return existing
@@ -172,8 +174,10 @@ def write_stack_env(settings: Settings, values: dict[str, str]) -> None:
     current = read_env_file(path)
     current.update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by `platform up`: generated credentials and ports of the embedded stack\n"
-                    + "".join(f"{k}={v}\n" for k, v in sorted(current.items())))
+    path.write_text(
+        "# written by `platform up`: generated credentials and ports of the embedded stack\n"
+        + "".join(f"{k}={v}\n" for k, v in sorted(current.items()))
+    )
     path.chmod(0o600)
 
 
@@ -205,23 +209,42 @@ def start_object_store(settings: Settings) -> Service:
     data_dir = settings.state_dir / "s3" / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg = settings.state_dir / "s3" / "identities.json"
-    cfg.write_text(json.dumps({"identities": [{
-        "name": "platform",
-        "credentials": [{"accessKey": access, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "platform",
+                        "credentials": [{"accessKey": access, "secretKey": secret}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     cfg.chmod(0o600)
     logdir = settings.state_dir / "logs" / "weed"
     logdir.mkdir(parents=True, exist_ok=True)
     sock = settings.state_dir / "s3"
     cmd = [
-        _bin("weed"), f"-logdir={logdir}", "mini",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
-        f"-s3.config={cfg}", f"-s3.port={s3_port}",
-        f"-master.port={base}", f"-volume.port={base + 1}", f"-filer.port={base + 2}",
-        f"-admin.port={base + 3}", f"-s3.port.lance={base + 4}", f"-webdav.port={base + 5}",
-        "-admin.ui=false", "-webdav=false",
-        f"-s3.localSocket={sock / 's3.sock'}", f"-filer.localSocket={sock / 'filer.sock'}",
+        _bin("weed"),
+        f"-logdir={logdir}",
+        "mini",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={data_dir}",
+        f"-s3.config={cfg}",
+        f"-s3.port={s3_port}",
+        f"-master.port={base}",
+        f"-volume.port={base + 1}",
+        f"-filer.port={base + 2}",
+        f"-admin.port={base + 3}",
+        f"-s3.port.lance={base + 4}",
+        f"-webdav.port={base + 5}",
+        "-admin.ui=false",
+        "-webdav=false",
+        f"-s3.localSocket={sock / 's3.sock'}",
+        f"-filer.localSocket={sock / 'filer.sock'}",
         "-master.volumeSizeLimitMB=256",
     ]
     _spawn(settings, name, cmd, env={})
@@ -239,7 +262,9 @@ def start_object_store(settings: Settings) -> Service:
             break
         except Exception as e:  # noqa: BLE001
             if time.time() > deadline or not _read_pid(settings, name):
-                raise RuntimeError(f"object store failed to start: {e}; see {settings.state_dir / 'logs'}") from e
+                raise RuntimeError(
+                    f"object store failed to start: {e}; see {settings.state_dir / 'logs'}"
+                ) from e
             time.sleep(0.5)
     return Service(name, endpoint, endpoint + "/healthz")
 
@@ -254,13 +279,26 @@ def start_mlflow(settings: Settings) -> Service:
     if not _read_pid(settings, name):
         (settings.state_dir / "mlflow").mkdir(parents=True, exist_ok=True)
         cmd = [
-            _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", settings.mlflow_backend_uri,
+            _bin("mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            settings.mlflow_backend_uri,
             # Proxied artifacts: clients only need the tracking URI; the server writes to S3.
-            "--artifacts-destination", settings.mlflow_artifact_root,
-            "--workers", "1",
+            "--artifacts-destination",
+            settings.mlflow_artifact_root,
+            "--workers",
+            "1",
         ]
         env = {k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"}
+        # MLflow 3's job runner spawns ~7 worker processes we don't use: too much for a laptop.
+        env.setdefault(
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+            os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        )
         _spawn(settings, name, cmd, env=env)
     write_stack_env(settings, {"MLFLOW_TRACKING_URI": url})
     os.environ["MLFLOW_TRACKING_URI"] = url

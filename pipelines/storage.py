@@ -82,9 +82,13 @@ class ObjectStore:
                 self.client.make_bucket(bucket)
 
     # -- objects ----------------------------------------------------------------------------
-    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    def put_bytes(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> str:
         result = self._retry(
-            lambda: self.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+            lambda: self.client.put_object(
+                bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
         )
         return (result.etag or "").strip('"')
 
@@ -114,7 +118,9 @@ class ObjectStore:
             raise
 
     def list_keys(self, bucket: str, prefix: str = "", recursive: bool = True) -> list[str]:
-        return sorted(o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=recursive))
+        return sorted(
+            o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=recursive)
+        )
 
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
         for key in keys:
@@ -123,9 +129,8 @@ class ObjectStore:
     @staticmethod
     def _retry(fn, attempts: int = 4, base_delay: float = 0.5):
         """Transient object-store errors (connection resets, 5xx) are retried with backoff."""
-        from urllib3.exceptions import HTTPError
-
         from minio.error import ServerError
+        from urllib3.exceptions import HTTPError
 
         for attempt in range(attempts):
             try:
@@ -139,7 +144,12 @@ class ObjectStore:
     def put_parquet(self, bucket: str, key: str, table: pa.Table) -> dict[str, Any]:
         data = table_to_parquet_bytes(table)
         self.put_bytes(bucket, key, data)
-        return {"key": key, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return {
+            "key": key,
+            "rows": table.num_rows,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
 
     def get_parquet(self, bucket: str, key: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.get_bytes(bucket, key)))

@@ -1,4 +1,4 @@
-"""Session fixtures: the real embedded stack (object store, MLflow, Airflow DB) on free ports, in a temp state dir."""
+"""Session fixtures: the real embedded stack (object store, MLflow, Airflow DB) on free ports."""
 
 from __future__ import annotations
 
@@ -38,11 +38,14 @@ def stack(state_dir):
     from pipelines import services
     from pipelines.settings import get_settings
 
-    services.write_stack_env(get_settings(), {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{services.free_port()}",
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{services.free_port()}",
-        "PLATFORM_AIRFLOW_PORT": str(services.free_port()),
-    })
+    services.write_stack_env(
+        get_settings(),
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{services.free_port()}",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{services.free_port()}",
+            "PLATFORM_AIRFLOW_PORT": str(services.free_port()),
+        },
+    )
     try:
         info = services.up(ui=False)
         settings = get_settings()

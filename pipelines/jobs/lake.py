@@ -1,4 +1,4 @@
-"""Lake jobs, one per layer and partition: read the layer below, transform, gate with GX, publish atomically."""
+"""Lake jobs per layer and partition: read the layer below, transform, gate with GX, publish atomically."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def _gate(df: pd.DataFrame, layer: str, contract, partition: str, progress: Prog
 
 def _put_quality(store: ObjectStore, layer: str, dataset: str, partition: str, quality: dict) -> None:
     key = f"quality/{layer}/{dataset}/event_date={partition}/validation.json"
-    store.put_bytes(store.settings.lake_bucket, key, json.dumps(quality, default=str).encode(), "application/json")
+    store.put_bytes(
+        store.settings.lake_bucket, key, json.dumps(quality, default=str).encode(), "application/json"
+    )
 
 
 # -- landing ------------------------------------------------------------------------------------
@@ -63,8 +65,9 @@ def land_bytes(store: ObjectStore, dataset: str, partition: str, filename: str, 
     return key
 
 
-def land_simulated_days(start: dt.date, days: int, *, store: ObjectStore | None = None,
-                        progress: Progress = print) -> list[str]:
+def land_simulated_days(
+    start: dt.date, days: int, *, store: ObjectStore | None = None, progress: Progress = print
+) -> list[str]:
     from pipelines.simulator import simulate_day_csv
 
     store = store or ObjectStore()
@@ -79,15 +82,23 @@ def land_simulated_days(start: dt.date, days: int, *, store: ObjectStore | None 
 
 
 # -- bronze -------------------------------------------------------------------------------------
-def build_bronze(partition: str, run_id: str, *, dataset: str | None = None, store: ObjectStore | None = None,
-                 progress: Progress = print) -> LayerReport:
+def build_bronze(
+    partition: str,
+    run_id: str,
+    *,
+    dataset: str | None = None,
+    store: ObjectStore | None = None,
+    progress: Progress = print,
+) -> LayerReport:
     from pipelines.layers.bronze import parse_landing_csv
 
     store = store or ObjectStore()
     dataset = dataset or store.settings.dataset
     contract = _contract(dataset)
     bucket = store.settings.landing_bucket
-    keys = [k for k in store.list_keys(bucket, storage.landing_prefix(dataset, partition)) if not k.endswith("/")]
+    keys = [
+        k for k in store.list_keys(bucket, storage.landing_prefix(dataset, partition)) if not k.endswith("/")
+    ]
     if not keys:
         raise FileNotFoundError(
             f"No landed files for {dataset} on {partition} under s3://{bucket}/"
@@ -97,25 +108,45 @@ def build_bronze(partition: str, run_id: str, *, dataset: str | None = None, sto
     tables, rows, expected = [], 0, 0
     for key in keys:
         data = store.get_bytes(bucket, key)
-        table = parse_landing_csv(data, source_key=f"s3://{bucket}/{key}", source_etag=store.etag(bucket, key),
-                                  run_id=run_id, ingested_at=now, contract=contract)
+        table = parse_landing_csv(
+            data,
+            source_key=f"s3://{bucket}/{key}",
+            source_etag=store.etag(bucket, key),
+            run_id=run_id,
+            ingested_at=now,
+            contract=contract,
+        )
         tables.append(table)
         rows += table.num_rows
         progress(f"[bronze] {key}: {table.num_rows} records")
     bronze = pa.concat_tables(tables, promote_options="default")
     expected = rows
     quality = _gate(bronze.to_pandas(), "bronze", contract, partition, progress, expected_row_count=expected)
-    manifest = storage.publish_partition(store, "bronze", dataset, partition, bronze, run_id,
-                                         extra={"sources": keys})
+    manifest = storage.publish_partition(
+        store, "bronze", dataset, partition, bronze, run_id, extra={"sources": keys}
+    )
     _put_quality(store, "bronze", dataset, partition, quality)
-    return LayerReport("bronze", dataset, partition, rows, manifest.rows, quality=_short(quality),
-                       manifest_key=storage.partition_prefix("bronze", dataset, partition) + storage.MANIFEST_NAME,
-                       content_sha256=manifest.content_sha256)
+    return LayerReport(
+        "bronze",
+        dataset,
+        partition,
+        rows,
+        manifest.rows,
+        quality=_short(quality),
+        manifest_key=storage.partition_prefix("bronze", dataset, partition) + storage.MANIFEST_NAME,
+        content_sha256=manifest.content_sha256,
+    )
 
 
 # -- silver -------------------------------------------------------------------------------------
-def build_silver(partition: str, run_id: str, *, dataset: str | None = None, store: ObjectStore | None = None,
-                 progress: Progress = print) -> LayerReport:
+def build_silver(
+    partition: str,
+    run_id: str,
+    *,
+    dataset: str | None = None,
+    store: ObjectStore | None = None,
+    progress: Progress = print,
+) -> LayerReport:
     from pipelines.layers.silver import to_silver
 
     store = store or ObjectStore()
@@ -123,24 +154,45 @@ def build_silver(partition: str, run_id: str, *, dataset: str | None = None, sto
     contract = _contract(dataset)
     bronze = storage.read_partition(store, "bronze", dataset, partition)
     silver, quarantine = to_silver(bronze, contract)
-    progress(f"[silver] {partition}: {bronze.num_rows} in -> {len(silver)} silver, {len(quarantine)} quarantined")
+    progress(
+        f"[silver] {partition}: {bronze.num_rows} in -> {len(silver)} silver, {len(quarantine)} quarantined"
+    )
     quality = _gate(silver, "silver", contract, partition, progress)
     # Quarantine first: a bad record is never lost, even if the silver publish fails next.
-    storage.publish_partition(store, "quarantine", dataset, partition,
-                              pa.Table.from_pandas(quarantine.astype(str) if len(quarantine) else quarantine,
-                                                   preserve_index=False), run_id)
-    manifest = storage.publish_partition(store, "silver", dataset, partition,
-                                         pa.Table.from_pandas(silver, preserve_index=False), run_id)
+    storage.publish_partition(
+        store,
+        "quarantine",
+        dataset,
+        partition,
+        pa.Table.from_pandas(quarantine.astype(str) if len(quarantine) else quarantine, preserve_index=False),
+        run_id,
+    )
+    manifest = storage.publish_partition(
+        store, "silver", dataset, partition, pa.Table.from_pandas(silver, preserve_index=False), run_id
+    )
     _put_quality(store, "silver", dataset, partition, quality)
-    return LayerReport("silver", dataset, partition, bronze.num_rows, manifest.rows, quarantined=len(quarantine),
-                       quality=_short(quality),
-                       manifest_key=storage.partition_prefix("silver", dataset, partition) + storage.MANIFEST_NAME,
-                       content_sha256=manifest.content_sha256)
+    return LayerReport(
+        "silver",
+        dataset,
+        partition,
+        bronze.num_rows,
+        manifest.rows,
+        quarantined=len(quarantine),
+        quality=_short(quality),
+        manifest_key=storage.partition_prefix("silver", dataset, partition) + storage.MANIFEST_NAME,
+        content_sha256=manifest.content_sha256,
+    )
 
 
 # -- gold ---------------------------------------------------------------------------------------
-def build_gold(partition: str, run_id: str, *, dataset: str | None = None, store: ObjectStore | None = None,
-               progress: Progress = print) -> LayerReport:
+def build_gold(
+    partition: str,
+    run_id: str,
+    *,
+    dataset: str | None = None,
+    store: ObjectStore | None = None,
+    progress: Progress = print,
+) -> LayerReport:
     from pipelines.layers.gold import to_gold
 
     store = store or ObjectStore()
@@ -157,13 +209,21 @@ def build_gold(partition: str, run_id: str, *, dataset: str | None = None, store
     gold = to_gold(silver, contract, window=window, warmup=warmup)
     reference = _gold_reference(store, dataset, partition)
     quality = _gate(gold, "gold", contract, partition, progress, reference=reference)
-    manifest = storage.publish_partition(store, "gold", dataset, partition,
-                                         pa.Table.from_pandas(gold, preserve_index=False), run_id)
+    manifest = storage.publish_partition(
+        store, "gold", dataset, partition, pa.Table.from_pandas(gold, preserve_index=False), run_id
+    )
     _put_quality(store, "gold", dataset, partition, quality)
     progress(f"[gold] {partition}: {len(gold)} feature rows")
-    return LayerReport("gold", dataset, partition, len(silver), manifest.rows, quality=_short(quality),
-                       manifest_key=storage.partition_prefix("gold", dataset, partition) + storage.MANIFEST_NAME,
-                       content_sha256=manifest.content_sha256)
+    return LayerReport(
+        "gold",
+        dataset,
+        partition,
+        len(silver),
+        manifest.rows,
+        quality=_short(quality),
+        manifest_key=storage.partition_prefix("gold", dataset, partition) + storage.MANIFEST_NAME,
+        content_sha256=manifest.content_sha256,
+    )
 
 
 def _gold_reference(store: ObjectStore, dataset: str, partition: str) -> pd.DataFrame | None:
@@ -180,8 +240,9 @@ def _short(quality: dict) -> dict:
 
 
 # -- reading gold for training ------------------------------------------------------------------
-def read_gold(partitions: list[str] | None = None, *, dataset: str | None = None,
-              store: ObjectStore | None = None) -> tuple[pd.DataFrame, dict]:
+def read_gold(
+    partitions: list[str] | None = None, *, dataset: str | None = None, store: ObjectStore | None = None
+) -> tuple[pd.DataFrame, dict]:
     """All (or the given) gold partitions and a snapshot naming exactly what was read."""
     store = store or ObjectStore()
     dataset = dataset or store.settings.dataset
@@ -192,17 +253,22 @@ def read_gold(partitions: list[str] | None = None, *, dataset: str | None = None
     for p in partitions:
         manifest = storage.read_manifest(store, "gold", dataset, p)
         frames.append(storage.read_partition(store, "gold", dataset, p).to_pandas())
-        snapshot["partitions"][p] = {"run_id": manifest.run_id, "rows": manifest.rows,
-                                     "content_sha256": manifest.content_sha256}
+        snapshot["partitions"][p] = {
+            "run_id": manifest.run_id,
+            "rows": manifest.rows,
+            "content_sha256": manifest.content_sha256,
+        }
     import hashlib
 
     snapshot["content_sha256"] = hashlib.sha256(
-        "".join(v["content_sha256"] for _, v in sorted(snapshot["partitions"].items())).encode()).hexdigest()
+        "".join(v["content_sha256"] for _, v in sorted(snapshot["partitions"].items())).encode()
+    ).hexdigest()
     return pd.concat(frames, ignore_index=True), snapshot
 
 
-def read_quality(layer: str, partitions: list[str], *, dataset: str | None = None,
-                 store: ObjectStore | None = None) -> dict[str, Any]:
+def read_quality(
+    layer: str, partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None
+) -> dict[str, Any]:
     store = store or ObjectStore()
     dataset = dataset or store.settings.dataset
     out = {}
@@ -220,6 +286,8 @@ def partition_from_context(context: dict[str, Any]) -> str:
         return dt.date.fromisoformat(str(conf["partition_date"])).isoformat()
     start = context.get("data_interval_start") or context.get("logical_date")
     if start is None:
-        raise ValueError("This run has no data interval or logical date: trigger it with "
-                         "conf {\"partition_date\": \"YYYY-MM-DD\"}.")
+        raise ValueError(
+            "This run has no data interval or logical date: trigger it with "
+            'conf {"partition_date": "YYYY-MM-DD"}.'
+        )
     return start.date().isoformat()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from pipelines.settings import get_settings, load_params
@@ -9,8 +10,13 @@ from pipelines.settings import get_settings, load_params
 Progress = Callable[[str], None]
 
 
-def train(partitions: list[str] | None = None, *, dag_id: str | None = None, run_id: str | None = None,
-          progress: Progress = print) -> dict[str, Any]:
+def train(
+    partitions: list[str] | None = None,
+    *,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    progress: Progress = print,
+) -> dict[str, Any]:
     from pipelines import lineage
     from pipelines.jobs.lake import read_gold, read_quality
     from pipelines.training import TrainingContext, train_and_log
@@ -28,16 +34,16 @@ def train(partitions: list[str] | None = None, *, dag_id: str | None = None, run
         airflow_run_id=run_id,
         dataset_name=snapshot["dataset"],
     )
-    result = train_and_log(gold, load_params(), context, tracking_uri=settings.mlflow_tracking_uri,
-                           experiment=settings.mlflow_experiment, progress=progress)
-    return {
-        "run_id": result.run_id,
-        "model_uri": result.model_uri,
-        "model_family": result.model_family,
-        "metrics": result.metrics,
-        "baseline_metrics": result.baseline_metrics,
-        "partitions": list(snapshot["partitions"]),
-    }
+    result = train_and_log(
+        gold,
+        load_params(),
+        context,
+        tracking_uri=settings.mlflow_tracking_uri,
+        experiment=settings.mlflow_experiment,
+        progress=progress,
+    )
+    # Plain JSON for XCom: the next task rebuilds the TrainResult from it.
+    return {**dataclasses.asdict(result), "partitions": list(snapshot["partitions"])}
 
 
 def register_and_gate(trained: dict[str, Any], *, progress: Progress = print) -> dict[str, Any]:
@@ -48,14 +54,15 @@ def register_and_gate(trained: dict[str, Any], *, progress: Progress = print) ->
     settings = get_settings()
     params = load_params()
     model_name = params["registry"]["model_name"]
-    result = TrainResult(**{k: trained[k] for k in ("run_id", "model_uri", "model_family", "metrics",
-                                                     "baseline_metrics")})
+    fields = {f.name for f in dataclasses.fields(TrainResult)}
+    result = TrainResult(**{k: v for k, v in trained.items() if k in fields})
     version = registry.register_version(result, model_name, tracking_uri=settings.mlflow_tracking_uri)
     progress(f"[register] {model_name} version {version.version} from run {result.run_id}")
     gold, _ = read_gold(trained["partitions"])
     _, eval_df = split_by_time(gold, params["train"]["test_fraction"])
-    decision = registry.offline_gate(model_name, version.version, eval_df, params,
-                                     tracking_uri=settings.mlflow_tracking_uri)
+    decision = registry.offline_gate(
+        model_name, version.version, eval_df, params, tracking_uri=settings.mlflow_tracking_uri
+    )
     progress(f"[gate] passed={decision.passed}: {decision.reason}")
     return {
         "model_name": model_name,

@@ -57,6 +57,9 @@ def test_dag_file_parses_in_under_a_second(dag_file):
 def test_dag_files_do_not_import_heavy_libraries_at_top_level():
     for path in DAG_FILES:
         top = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
-        heavy = [line for line in top if any(m in line for m in ("pandas", "sklearn", "mlflow",
-                                                                   "great_expectations", "pipelines"))]
+        heavy = [
+            line
+            for line in top
+            if any(m in line for m in ("pandas", "sklearn", "mlflow", "great_expectations", "pipelines"))
+        ]
         assert not heavy, f"{path.name} imports {heavy} at parse time"

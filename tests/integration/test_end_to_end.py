@@ -62,8 +62,10 @@ def test_quality_results_are_stored_and_passed(pipeline_run, store, settings):
 def test_rerunning_a_date_is_idempotent(pipeline_run, store, settings):
     from pipelines.orchestration import LAKEHOUSE_DAG, logical_date_for_partition, run_dag
 
-    before = {layer: storage.read_manifest(store, layer, settings.dataset, DATES[1])
-              for layer in ("bronze", "silver", "gold")}
+    before = {
+        layer: storage.read_manifest(store, layer, settings.dataset, DATES[1])
+        for layer in ("bronze", "silver", "gold")
+    }
     run_dag(LAKEHOUSE_DAG, logical_date_for_partition(DATES[1]))
     for layer, m in before.items():
         after = storage.read_manifest(store, layer, settings.dataset, DATES[1])
@@ -75,7 +77,6 @@ def test_rerunning_a_date_is_idempotent(pipeline_run, store, settings):
 
 def test_model_is_registered_with_alias_and_artifacts_in_object_store(pipeline_run, settings, store):
     from mlflow import MlflowClient
-
     from pipelines.settings import load_params
 
     client = MlflowClient(settings.mlflow_tracking_uri)
@@ -101,8 +102,12 @@ def test_cli_status_json_lists_every_endpoint(stack):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "status", "--json"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert set(info["endpoints"]) == {"s3", "mlflow", "airflow"}

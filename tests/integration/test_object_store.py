@@ -51,8 +51,11 @@ def test_publish_is_atomic_and_idempotent(store, settings):
 
     # A writer killed midway: its data files exist but no manifest names them -> invisible.
     prefix = storage.partition_prefix("silver", "probe", "2026-01-01")
-    store.put_parquet(settings.lake_bucket, prefix + "run=crashed/part-00000.parquet",
-                      pa.table({"device": ["zzz"] * 5, "v": [9.0] * 5}))
+    store.put_parquet(
+        settings.lake_bucket,
+        prefix + "run=crashed/part-00000.parquet",
+        pa.table({"device": ["zzz"] * 5, "v": [9.0] * 5}),
+    )
     visible = storage.read_partition(store, "silver", "probe", "2026-01-01")
     assert visible.num_rows == 2 and "zzz" not in visible.column("device").to_pylist()
     # The re-run completes and removes the orphan.

@@ -1,0 +1,258 @@
+"""Training: time split, determinism, baseline comparison, and what one MLflow run holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import training
+
+REPO = Path(__file__).resolve().parents[2]
+MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
+# no background job runner (it forks ~7 huey consumers): the tests need none of it
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+PARAMS = {
+    "train": {
+        "seed": 42,
+        "test_fraction": 0.3,
+        "isolation_forest": {"n_estimators": 50, "contamination": 0.05},
+        "local_outlier_factor": {"n_neighbors": 20, "contamination": 0.05},
+        "threshold_rule": {"temp_above": 32.0},
+    }
+}
+
+
+# --------------------------------------------------------------------------- synthetic gold
+
+
+def make_gold(devices: int = 3, days: int = 2, seed: int = 7, freq: str = "1min") -> pd.DataFrame:
+    """Per-minute readings with labelled injected faults and simply computed rolling features."""
+    rng = np.random.default_rng(seed)
+    ts = pd.date_range("2026-01-05", periods=days * 24 * 60, freq=freq, tz="UTC")
+    frames = []
+    for d in range(devices):
+        n = len(ts)
+        hours = ts.hour.to_numpy() + ts.minute.to_numpy() / 60
+        temp = 22 + 3 * np.sin(2 * np.pi * hours / 24) + rng.normal(0, 0.2, n)
+        hum = 45 + 5 * np.cos(2 * np.pi * hours / 24) + rng.normal(0, 0.5, n)
+        label = np.array(["normal"] * n, dtype=object)
+        # faults spread over the whole range so train and test both have each kind
+        starts = np.linspace(60, n - 200, 24).astype(int) + rng.integers(0, 40, 24)
+        for i, start in enumerate(starts):
+            kind = ["spike", "stuck", "drift", "dropout"][(i + d) % 4]
+            if kind == "spike":
+                temp[start] += rng.uniform(12, 18)
+                label[start] = "spike"
+            elif kind == "stuck":
+                temp[start : start + 20] = temp[start]
+                label[start : start + 20] = "stuck"
+            elif kind == "drift":
+                temp[start : start + 45] += np.linspace(5, 12, 45)
+                label[start : start + 45] = "drift"
+            else:
+                temp[start : start + 10] = np.nan
+                label[start : start + 10] = "dropout"
+        label[rng.random(n) < 0.05] = None  # some rows unlabelled
+        frames.append(
+            pd.DataFrame({"device": f"dev-{d}", "ts": ts, "temp": temp, "humidity": hum, "label": label})
+        )
+    df = pd.concat(frames, ignore_index=True)
+    df["event_date"] = df["ts"].dt.strftime("%Y-%m-%d")
+    df["label"] = df["label"].astype("str").where(df["label"].notna(), None)
+    df["is_anomaly"] = pd.array(
+        [pd.NA if lab is None or pd.isna(lab) else int(lab != "normal") for lab in df["label"]], dtype="Int8"
+    )
+    g = df.groupby("device", sort=False)
+    for col in ("temp", "humidity"):
+        roll = g[col].rolling(15, min_periods=1)
+        df[f"{col}_roll_mean"] = roll.mean().reset_index(level=0, drop=True)
+        df[f"{col}_roll_std"] = roll.std().reset_index(level=0, drop=True)
+        df[f"{col}_roll_min"] = roll.min().reset_index(level=0, drop=True)
+        df[f"{col}_roll_max"] = roll.max().reset_index(level=0, drop=True)
+        df[f"{col}_delta"] = g[col].diff()
+        df[f"{col}_zscore"] = (df[col] - df[f"{col}_roll_mean"]) / df[f"{col}_roll_std"].replace(0, np.nan)
+    hours = df["ts"].dt.hour + df["ts"].dt.minute / 60
+    df["hour_sin"] = np.sin(2 * np.pi * hours / 24)
+    df["hour_cos"] = np.cos(2 * np.pi * hours / 24)
+    df["temp_missing"] = df["temp"].isna().astype("float64")
+    return df
+
+
+# --------------------------------------------------------------------------- throwaway MLflow server
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(settings):
+    """The session's real MLflow server (artifacts proxied into the real object store)."""
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # loading our own test models
+    return settings.mlflow_tracking_uri
+
+
+# --------------------------------------------------------------------------- pure tests
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return make_gold()
+
+
+def test_time_split_has_no_overlap(gold):
+    train, test = training.split_by_time(gold, 0.3)
+    assert train["ts"].max() < test["ts"].min()
+    assert len(train) + len(test) == len(gold)
+    assert 0.25 < len(test) / len(gold) < 0.35
+    fit, val = training.split_by_time(train, 0.2)
+    assert fit["ts"].max() < val["ts"].min()
+
+
+def test_split_rejects_bad_fraction(gold):
+    with pytest.raises(ValueError, match="test_fraction"):
+        training.split_by_time(gold, 1.0)
+
+
+def test_scores_higher_for_anomalies(gold):
+    train, test = training.split_by_time(gold, 0.3)
+    models = training.fit_candidates(train, PARAMS)
+    assert set(models) == {"isolation_forest", "local_outlier_factor"}
+    lab = training.labelled(test)
+    feats = training.feature_columns(gold)
+    y = lab["is_anomaly"].astype(int).to_numpy()
+    for model in models.values():
+        s = training.anomaly_scores(model, lab[feats])
+        assert s[y == 1].mean() > s[y == 0].mean()
+
+
+def test_evaluate_and_rule():
+    scores = np.array([0.1, 0.2, 0.9, 0.8, 0.3])
+    y = np.array([0, 0, 1, 1, 0])
+    m = training.evaluate(scores, y, np.array(["normal", "normal", "spike", "drift", "normal"]), 0.5)
+    assert m["precision"] == m["recall"] == m["f1"] == m["pr_auc"] == 1.0
+    assert m["recall_spike"] == 1.0 and m["recall_drift"] == 1.0
+    df = pd.DataFrame(
+        {"temp": [20.0, np.nan, 40.0], "is_anomaly": [0, 1, 1], "label": ["normal", "dropout", "spike"]}
+    )
+    s, pred = training.threshold_rule_scores(df, 32.0)
+    assert pred.tolist() == [0, 0, 1]
+    assert training.threshold_rule_metrics(df, 32.0)["recall_dropout"] == 0.0
+
+
+def test_choose_threshold_uses_train_labels_only():
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 1.0])
+    assert training.choose_threshold(scores, np.array([0, 0, 0, 1, 1])) == 0.9
+    assert training.choose_threshold(scores, None, 0.2) == pytest.approx(np.quantile(scores, 0.8))
+
+
+# --------------------------------------------------------------------------- the MLflow run
+
+
+@pytest.fixture(scope="module")
+def two_runs(gold, mlflow_uri):
+    ctx = training.TrainingContext(
+        dataset_name="gold-test",
+        data_snapshot={"partitions": sorted(gold["event_date"].unique().tolist()), "content_hash": "abc123"},
+        git_commit="deadbeef",
+        dvc_lock_digest="md5:0123",
+        gx_summary={
+            "success": True,
+            "statistics": {"evaluated_expectations": 12, "successful_expectations": 12},
+        },
+        airflow_dag_id="train_dag",
+        airflow_run_id="manual__1",
+    )
+    lines: list[str] = []
+    r1 = training.train_and_log(
+        gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append
+    )
+    r2 = training.train_and_log(
+        gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append
+    )
+    return r1, r2, lines
+
+
+def test_metrics_are_deterministic(two_runs):
+    r1, r2, _ = two_runs
+    assert r1.run_id != r2.run_id
+    assert r1.model_family == r2.model_family
+    assert r1.threshold == r2.threshold
+    assert json.dumps(r1.metrics, sort_keys=True) == json.dumps(r2.metrics, sort_keys=True)
+    assert r1.candidate_metrics == r2.candidate_metrics
+
+
+def test_model_reported_beside_baseline(two_runs):
+    r1, _, lines = two_runs
+    assert {"precision", "recall", "f1", "pr_auc"} <= set(r1.metrics)
+    assert {"precision", "recall", "f1", "pr_auc"} <= set(r1.baseline_metrics)
+    # the rule at 32 C misses drifts, stuck sensors and dropouts: the model must beat it on F1
+    assert r1.metrics["f1"] > r1.baseline_metrics["f1"]
+    assert r1.metrics["recall_dropout"] > r1.baseline_metrics["recall_dropout"]
+    assert any("threshold rule" in line for line in lines)
+
+
+def test_run_contents(two_runs, mlflow_uri, tmp_path):
+    from matplotlib.image import imread
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    r1, _, _ = two_runs
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(r1.run_id)
+    assert run.data.params["train.isolation_forest.n_estimators"] == "50"
+    assert run.data.params["model_family"] == r1.model_family
+    m = run.data.metrics
+    for key in (
+        "pr_auc",
+        "f1",
+        "baseline_threshold_pr_auc",
+        "cand_isolation_forest_pr_auc",
+        "cand_local_outlier_factor_pr_auc",
+        "recall_spike",
+        "recall_drift",
+    ):
+        assert key in m, key
+    tags = run.data.tags
+    assert tags["git_commit"] == "deadbeef" and tags["dvc_lock_digest"] == "md5:0123"
+    assert tags["airflow_dag_id"] == "train_dag" and tags["airflow_run_id"] == "manual__1"
+    assert json.loads(tags["gold_snapshot"])["content_hash"] == "abc123"
+    assert tags["training_partitions"].startswith("2026-01-05")
+    assert "success=True" in tags["gx_summary"]
+
+    # inputs with digests
+    contexts = {}
+    for ds_input in run.inputs.dataset_inputs:
+        ctx = {t.key: t.value for t in ds_input.tags}["mlflow.data.context"]
+        contexts[ctx] = ds_input.dataset.digest
+    assert set(contexts) == {"training", "evaluation"} and all(contexts.values())
+
+    # plots are real PNGs; lineage artifacts present
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=r1.run_id, artifact_path="", tracking_uri=mlflow_uri, dst_path=str(tmp_path)
+        )
+    )
+    for name in ("readings_over_time", "pr_curve", "confusion_matrix"):
+        img = imread(local / "plots" / f"{name}.png")
+        assert img.ndim == 3 and img.shape[0] > 100
+    assert (local / "lineage" / "gold_snapshot.json").exists()
+    assert (local / "lineage" / "gx_result.json").exists()
+
+    # model: skops, signature, pyfunc predicts anomaly scores
+    pyfunc = mlflow.pyfunc.load_model(r1.model_uri)
+    assert pyfunc.metadata.signature is not None
+    assert pyfunc.metadata.get_input_schema().input_names() == r1.feature_columns
+    flavor = pyfunc.metadata.flavors["sklearn"]
+    assert flavor["serialization_format"] == "skops"
+    assert "pipelines.training.AnomalyScorer" in flavor["skops_trusted_types"]
+    gold = make_gold()
+    _, test = training.split_by_time(gold, 0.3)
+    lab = training.labelled(test)
+    s = np.asarray(pyfunc.predict(lab[r1.feature_columns]))
+    y = lab["is_anomaly"].astype(int).to_numpy()
+    assert s[y == 1].mean() > s[y == 0].mean()
