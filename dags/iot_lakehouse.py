@@ -1,19 +1,26 @@
 """
-### IoT lakehouse: landing → bronze → silver → gold, one event date per run
+### IoT lakehouse: landing → bronze → silver → gold, one delivery date per run
 
-Each run owns one **event-date partition**: its data interval's start date (a run
-triggered by hand may pass `{"partition_date": "YYYY-MM-DD"}` as conf instead).
+Each run owns one **delivery date**: its data interval's start (a manual run may pass
+`{"partition_date": "YYYY-MM-DD"}` as conf). Records are filed by their **event date**, so a
+delivery can touch several partitions (late data); silver and gold are then rebuilt for exactly
+those partitions, in parallel (dynamic task mapping).
 
 | task | reads | writes | gate |
 | --- | --- | --- | --- |
-| `bronze` | `s3://landing/<dataset>/<date>/*` as delivered | `lake/bronze/...` Parquet + lineage columns | GX bronze suite (structure, row counts) |
-| `silver` | bronze partition | `lake/silver/...` typed, deduplicated; bad records → `lake/quarantine/...` with the rule broken | GX silver suite (types, keys, ranges, no future) |
-| `gold` | silver partition (+ previous day as warm-up) | `lake/gold/...` model features | GX gold suite (no NaN/inf, drift bounds) |
+| `bronze` | `s3://landing/<dataset>/<delivery date>/*` as delivered | `lake/bronze/.../event_date=<d>/` Parquet + lineage, one batch per delivery | GX bronze suite (structure, row count vs source) |
+| `silver` (mapped) | bronze partition (all deliveries) | `lake/silver/...` typed, deduplicated; bad records → `lake/quarantine/...` with the rule broken | GX silver suite (types, keys, ranges, no future) |
+| `plan_gold` | touched partitions | the gold partitions to rebuild (touched + the next day, whose windows read them) | |
+| `gold` (mapped) | silver partition (+ previous day as warm-up) | `lake/gold/...` model features | GX gold suite (no NaN/inf, drift bounds) |
 
-Every layer is published atomically through a `_manifest.json` commit object; re-running a
-date replaces exactly that partition. A critical quality failure fails the task before the
-partition is published and stops everything downstream; GX results are stored under
+Every partition is published atomically through a `_manifest.json` commit object; re-running a
+date replaces exactly its records (idempotent). A critical quality failure fails the task before
+anything is published and stops everything downstream; GX results are stored under
 `lake/quality/`. Updating the gold Asset schedules `iot_training`.
+
+**Backfill** (reprocess history on request): Airflow UI → *Trigger* → *Backfill*, or
+`airflow backfill create --dag-id iot_lakehouse --from-date 2026-01-05 --to-date 2026-01-08`,
+or without a scheduler `platform backfill 2026-01-05 2026-01-07`.
 
 Logic lives in `pipelines.jobs.lake`; this file only wires tasks.
 """
@@ -44,31 +51,39 @@ default_args = {
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=4,
+    max_active_runs=1,  # runs touching the same partitions are serialised
     default_args=default_args,
     tags=["iot", "lakehouse", "great-expectations"],
     doc_md=__doc__,
 )
 def iot_lakehouse():
     @task(outlets=[BRONZE])
-    def bronze(**context) -> dict:
+    def bronze(**context) -> list[str]:
         from pipelines.jobs.lake import build_bronze, partition_from_context
 
-        return build_bronze(partition_from_context(context), context["run_id"]).to_dict()
+        report = build_bronze(partition_from_context(context), context["run_id"])
+        return sorted(report.partitions)
 
-    @task(outlets=[SILVER])
-    def silver(bronze_report: dict, **context) -> dict:
+    @task(outlets=[SILVER], map_index_template="{{ partition }}")
+    def silver(partition: str, **context) -> str:
         from pipelines.jobs.lake import build_silver
 
-        return build_silver(bronze_report["partition"], context["run_id"]).to_dict()
+        build_silver(partition, context["run_id"])
+        return partition
 
-    @task(outlets=[GOLD])
-    def gold(silver_report: dict, **context) -> dict:
+    @task
+    def plan_gold(partitions: list[str]) -> list[str]:
+        from pipelines.jobs.lake import gold_targets
+
+        return gold_targets(list(partitions))
+
+    @task(outlets=[GOLD], map_index_template="{{ partition }}")
+    def gold(partition: str, **context) -> dict:
         from pipelines.jobs.lake import build_gold
 
-        return build_gold(silver_report["partition"], context["run_id"]).to_dict()
+        return build_gold(partition, context["run_id"]).to_dict()
 
-    gold(silver(bronze()))
+    gold.expand(partition=plan_gold(silver.expand(partition=bronze())))
 
 
 iot_lakehouse()

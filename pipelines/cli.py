@@ -115,6 +115,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_backfill(args) -> int:
+    """Reprocess history on request: every delivery date in [start, end], then train once."""
+    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, logical_date_for_partition, run_dag
+
+    first, last = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)
+    if last < first:
+        print(f"error: end {last} is before start {first}", file=sys.stderr)
+        return 2
+    dates = _dates(args.start, (last - first).days + 1)
+    for i, d in enumerate(dates, 1):
+        print(f"[backfill] {i}/{len(dates)} delivery date {d}")
+        run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d))
+    if not args.skip_training:
+        run_dag(TRAINING_DAG)
+    return 0
+
+
 def cmd_train(args) -> int:
     from pipelines.jobs.model import register_and_gate, train
 
@@ -288,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-training", action="store_true")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("backfill", help="reprocess delivery dates START..END through Airflow, then train")
+    p.add_argument("start")
+    p.add_argument("end")
+    p.add_argument("--skip-training", action="store_true")
+    p.set_defaults(func=cmd_backfill)
+
     p = sub.add_parser("train", help="train, register and gate directly, without Airflow")
     p.add_argument("dates", nargs="*")
     p.set_defaults(func=cmd_train)
@@ -301,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start")
     p.add_argument("--days", type=int)
     p.set_defaults(func=cmd_demo)
+
+    from pipelines.canary_cli import register_commands as canary_commands
+
+    canary_commands(sub)  # platform serve, platform canary ...
     return parser
 
 

@@ -181,38 +181,99 @@ def publish_partition(
     tables: list[pa.Table] | pa.Table,
     run_id: str,
     extra: dict[str, Any] | None = None,
+    batch: str | None = None,
 ) -> Manifest:
-    """Write files under a run-scoped prefix, then commit them with one manifest PUT."""
-    bucket = store.settings.lake_bucket
-    prefix = partition_prefix(layer, dataset, partition)
-    safe_run = "".join(c if c.isalnum() or c in "-_.:+" else "_" for c in run_id)
-    run_prefix = f"{prefix}run={safe_run}/"
-    if isinstance(tables, pa.Table):
-        tables = [tables]
-    # A previous attempt of this same run may have left files: start the run prefix clean.
-    store.delete_keys(bucket, store.list_keys(bucket, run_prefix))
-    files = []
-    for i, table in enumerate(t for t in tables if t.num_rows > 0 or len(tables) == 1):
-        files.append(store.put_parquet(bucket, f"{run_prefix}part-{i:05d}.parquet", table))
-    content = hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
-    schema = tables[0].schema.names if tables else []
-    manifest = Manifest(
-        layer=layer,
-        dataset=dataset,
-        partition=partition,
-        run_id=run_id,
-        files=files,
-        rows=sum(f["rows"] for f in files),
-        content_sha256=content,
-        schema=schema,
-        committed_at=datetime.now(UTC).isoformat(),
-        extra=extra or {},
-    )
-    store.put_bytes(bucket, prefix + MANIFEST_NAME, manifest.to_json(), "application/json")
-    # Garbage-collect superseded and orphaned files (anything not named by the new manifest).
-    live = {f["key"] for f in files} | {prefix + MANIFEST_NAME}
-    store.delete_keys(bucket, [k for k in store.list_keys(bucket, prefix) if k not in live])
-    return manifest
+    """Write files under a run-scoped prefix, then commit them with one manifest PUT.
+
+    Without `batch`, the new manifest replaces the partition's content. With `batch` (e.g.
+    "delivery=2026-01-05"), only that batch's files are replaced and other batches stay: this is
+    how bronze merges several deliveries (late data) into one event-date partition, and why
+    re-delivering or re-running one delivery never duplicates records.
+    """
+    writer = PartitionWriter(store, layer, dataset, partition, run_id, batch)
+    for table in [tables] if isinstance(tables, pa.Table) else tables:
+        writer.write(table)
+    return writer.commit(extra)
+
+
+class PartitionWriter:
+    """Stage files for one partition (invisible to readers) and commit them in one manifest PUT.
+
+    Writers of one partition are serialised by the orchestrator (one DAG run at a time, one
+    mapped task per partition); the manifest PUT itself is atomic, so readers never see a
+    half-written partition. Staged files of a writer that dies are never referenced and are
+    collected by the next commit of the partition.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layer: str,
+        dataset: str,
+        partition: str,
+        run_id: str,
+        batch: str | None = None,
+    ):
+        self.store, self.layer, self.dataset, self.partition = store, layer, dataset, partition
+        self.run_id, self.batch = run_id, batch
+        self.bucket = store.settings.lake_bucket
+        self.prefix = partition_prefix(layer, dataset, partition)
+        self.run_prefix = f"{self.prefix}run={_safe(run_id)}/" + (f"{_safe(batch)}/" if batch else "")
+        self.files: list[dict[str, Any]] = []
+        self.schema: list[str] = []
+        # A previous attempt of this same run may have left files: start the run prefix clean.
+        store.delete_keys(self.bucket, store.list_keys(self.bucket, self.run_prefix))
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0 and self.files:
+            return
+        self.schema = self.schema or table.schema.names
+        info = self.store.put_parquet(
+            self.bucket, f"{self.run_prefix}part-{len(self.files):05d}.parquet", table
+        )
+        if self.batch:
+            info["batch"] = self.batch
+        self.files.append(info)
+
+    @property
+    def rows(self) -> int:
+        return sum(f["rows"] for f in self.files)
+
+    def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
+        kept: list[dict[str, Any]] = []
+        if self.batch:
+            previous = read_manifest(self.store, self.layer, self.dataset, self.partition)
+            if previous is not None:
+                kept = [f for f in previous.files if f.get("batch") and f.get("batch") != self.batch]
+        all_files = sorted(kept, key=lambda f: (f["batch"], f["key"])) + self.files
+        content = hashlib.sha256("".join(f["sha256"] for f in all_files).encode()).hexdigest()
+        manifest = Manifest(
+            layer=self.layer,
+            dataset=self.dataset,
+            partition=self.partition,
+            run_id=self.run_id,
+            files=all_files,
+            rows=sum(f["rows"] for f in all_files),
+            content_sha256=content,
+            schema=self.schema,
+            committed_at=datetime.now(UTC).isoformat(),
+            extra=extra or {},
+        )
+        self.store.put_bytes(self.bucket, self.prefix + MANIFEST_NAME, manifest.to_json(), "application/json")
+        # Garbage-collect superseded and orphaned files (anything not named by the new manifest).
+        live = {f["key"] for f in all_files} | {self.prefix + MANIFEST_NAME}
+        self.store.delete_keys(
+            self.bucket, [k for k in self.store.list_keys(self.bucket, self.prefix) if k not in live]
+        )
+        return manifest
+
+    def abort(self) -> None:
+        self.store.delete_keys(self.bucket, [f["key"] for f in self.files])
+        self.files = []
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.:+=" else "_" for c in name)
 
 
 def read_manifest(store: ObjectStore, layer: str, dataset: str, partition: str) -> Manifest | None:

@@ -4,9 +4,17 @@ Leakage rules, in one place:
 - the test set is the LATEST ``train.test_fraction`` of the time range (``split_by_time``);
 - the model family is chosen by PR-AUC on a validation slice at the END of the training range
   (candidates are fitted on the part before it), then the winner is refitted on the whole training range;
-- the decision threshold is chosen on the training range only (F1-best on its labels, or the
-  score quantile matching ``contamination`` when the training range has no labels);
+- the decision threshold is chosen inside the training range only: F1-best on the validation slice's
+  labels (scores of the candidate that never saw it), else F1-best on the training labels, else the
+  score quantile matching ``contamination`` when the training range has no labels;
 - the test set is touched once, for reporting.
+
+Families: ``isolation_forest`` (unsupervised, learns "normal"; the one that works on unlabelled
+data such as NAB) and ``hist_gradient_boosting`` (supervised, fitted on the labelled rows of the
+training range; only a candidate when those rows hold enough anomalies). ``local_outlier_factor``
+is still available via ``train.families`` but off by default: its kd-tree scoring is ~50x slower.
+Each family may score a subset of the gold features (``AnomalyScorer.columns``): the model's input
+schema stays the whole gold feature set, so serving and the gate never depend on the family.
 
 The logged model is an ``AnomalyScorer`` (a tiny sklearn estimator defined here) wrapping the
 fitted sklearn Pipeline; its ``predict`` returns the anomaly score (higher = more anomalous), so the
@@ -30,17 +38,26 @@ from sklearn.base import BaseEstimator
 
 NON_FEATURE_COLUMNS = ("device", "ts", "event_date", "label", "is_anomaly")
 FAULT_TYPES = ("spike", "stuck", "drift", "dropout")
-FAMILIES = ("isolation_forest", "local_outlier_factor")
+FAMILIES = ("isolation_forest", "hist_gradient_boosting", "local_outlier_factor")
+DEFAULT_FAMILIES = ("isolation_forest", "hist_gradient_boosting")
+SUPERVISED_FAMILIES = ("hist_gradient_boosting",)
+# A supervised candidate needs at least this many labelled anomalies in the rows it is fitted on.
+MIN_SUPERVISED_POSITIVES = 10
+# Gold feature suffixes that describe a deviation from the recent past rather than a level: the
+# unsupervised families see only these by default (levels like co or hour_sin are mostly noise to
+# an isolation forest and drown the faults; see README "Model").
+DEVIATION_SUFFIXES = ("_roll_std", "_delta", "_zscore", "_flat_count", "_long_dev")
 DEFAULT_VALIDATION_FRACTION = 0.2
 GX_SUMMARY_TAG_MAX = 250
 TAG_VALUE_MAX = 5000  # MLflow caps tag values (8,000 chars); full JSON goes to artifacts
 
-# Exactly the type names skops reports as untrusted for our two families (skops 0.16,
+# Exactly the type names skops reports as untrusted for our families (skops 0.16,
 # scikit-learn 1.9). Anything else showing up is refused, not silently trusted (see _check_skops_types).
 SKOPS_TRUSTED_TYPES = [
     "pipelines.training.AnomalyScorer",
     "numpy.dtype",
     "sklearn.tree._tree.Tree",  # IsolationForest trees
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",  # HistGradientBoosting trees
     "sklearn.neighbors._kd_tree.KDTree",  # LocalOutlierFactor neighbour index
     "sklearn.metrics._dist_metrics.EuclideanDistance64",
 ]
@@ -51,18 +68,36 @@ Progress = Callable[[str], Any]
 class AnomalyScorer(BaseEstimator):
     """sklearn-compatible wrapper whose ``predict`` returns the anomaly score (higher = more anomalous).
 
-    ``score_samples`` of IsolationForest / LocalOutlierFactor is higher for normal points, so the score
-    is its negation. Top-level class so skops can serialise it (trusted as its dotted name).
+    Unsupervised detectors (IsolationForest / LocalOutlierFactor): ``score_samples`` is higher for
+    normal points, so the score is its negation. Classifiers: the predicted probability of an anomaly.
+    ``columns`` (optional) is the subset of input columns the pipeline uses. Top-level class so skops
+    can serialise it (trusted as its dotted name).
     """
 
-    def __init__(self, pipeline=None):
+    def __init__(self, pipeline=None, columns=None):
         self.pipeline = pipeline
+        self.columns = columns
+
+    def _select(self, X):
+        if self.columns is None or not hasattr(X, "loc"):
+            return X
+        return X[list(self.columns)]
 
     def fit(self, X, y=None):
-        self.pipeline.fit(X)
+        if self._supervised:
+            self.pipeline.fit(self._select(X), np.asarray(y, dtype=int))
+        else:
+            self.pipeline.fit(self._select(X))
         return self
 
+    @property
+    def _supervised(self) -> bool:
+        return hasattr(self.pipeline, "predict_proba") and not hasattr(self.pipeline, "score_samples")
+
     def predict(self, X):
+        X = self._select(X)
+        if self._supervised:
+            return np.asarray(self.pipeline.predict_proba(X)[:, 1], dtype=np.float64)
         return -np.asarray(self.pipeline.score_samples(X), dtype=np.float64)
 
 
@@ -94,6 +129,7 @@ class TrainResult:
     test_rows: int
     training_partitions: list[str]
     model_id: str | None = None
+    baseline_temp_above: float | None = None  # the threshold rule's T (params, or fitted on training)
 
     @property
     def beats_baseline(self) -> bool:
@@ -136,8 +172,33 @@ def split_by_time(gold: pd.DataFrame, test_fraction: float) -> tuple[pd.DataFram
     return train, test
 
 
+def model_families(params: dict) -> list[str]:
+    """Families compared in a run (``train.families``), validated against ``FAMILIES``."""
+    chosen = list(train_params(params).get("families", DEFAULT_FAMILIES))
+    unknown = [f for f in chosen if f not in FAMILIES]
+    if unknown or not chosen:
+        raise ValueError(f"train.families={chosen}: each must be one of {FAMILIES}; fix params.yaml")
+    return chosen
+
+
+def family_columns(family: str, feats: list[str], params: dict) -> list[str]:
+    """Gold features a family scores: ``train.<family>.features`` = "all" or "deviations" (suffixes).
+
+    Defaults: supervised families see all features (they learn which matter), unsupervised ones the
+    deviation features. Falls back to all features when the selection would be empty.
+    """
+    default = "all" if family in SUPERVISED_FAMILIES else "deviations"
+    choice = train_params(params).get(family, {}).get("features", default)
+    if choice == "all":
+        return list(feats)
+    if choice != "deviations":
+        raise ValueError(f"train.{family}.features={choice!r}: use 'all' or 'deviations'")
+    selected = [c for c in feats if c.endswith(DEVIATION_SUFFIXES)]
+    return selected or list(feats)
+
+
 def _pipeline(family: str, tp: dict):
-    from sklearn.ensemble import IsolationForest
+    from sklearn.ensemble import HistGradientBoostingClassifier, IsolationForest
     from sklearn.impute import SimpleImputer
     from sklearn.neighbors import LocalOutlierFactor
     from sklearn.pipeline import Pipeline
@@ -151,6 +212,15 @@ def _pipeline(family: str, tp: dict):
             contamination=cfg.get("contamination", "auto"),
             random_state=seed,
             n_jobs=1,
+        )
+    elif family == "hist_gradient_boosting":
+        cfg = tp.get("hist_gradient_boosting", {})
+        model = HistGradientBoostingClassifier(
+            max_iter=int(cfg.get("max_iter", 200)),
+            learning_rate=float(cfg.get("learning_rate", 0.1)),
+            max_leaf_nodes=int(cfg.get("max_leaf_nodes", 31)),
+            early_stopping=False,  # its internal split is random, not by time: keep the run deterministic
+            random_state=seed,
         )
     elif family == "local_outlier_factor":
         cfg = tp.get("local_outlier_factor", {})
@@ -169,21 +239,38 @@ def _pipeline(family: str, tp: dict):
     )
 
 
+def can_fit_supervised(df: pd.DataFrame) -> bool:
+    """Enough labelled anomalies and normals in ``df`` for a supervised family."""
+    y = df["is_anomaly"].dropna().astype(int)
+    return int(y.sum()) >= MIN_SUPERVISED_POSITIVES and int((y == 0).sum()) >= MIN_SUPERVISED_POSITIVES
+
+
 def fit_candidates(
-    train_df: pd.DataFrame, params: dict, families: Iterable[str] = FAMILIES
+    train_df: pd.DataFrame, params: dict, families: Iterable[str] | None = None
 ) -> dict[str, AnomalyScorer]:
     """Fit one seeded scorer per family on ``train_df``.
 
-    With ``train.exclude_known_anomalies`` (default true) rows labelled anomalous are left out of the
-    fit: the detectors learn "normal"; unlabelled rows stay in.
+    Unsupervised families: with ``train.exclude_known_anomalies`` (default true) rows labelled
+    anomalous are left out of the fit: the detectors learn "normal"; unlabelled rows stay in.
+    Supervised families: fitted on the labelled rows only, and skipped (absent from the result)
+    when those hold fewer than ``MIN_SUPERVISED_POSITIVES`` anomalies.
     """
     tp = train_params(params)
     feats = feature_columns(train_df)
-    fit_rows = train_df
+    normal_rows = train_df
     if tp.get("exclude_known_anomalies", True):
-        fit_rows = train_df[~(train_df["is_anomaly"].fillna(0).astype(int) == 1)]
-    X = fit_rows[feats]
-    return {family: AnomalyScorer(_pipeline(family, tp)).fit(X) for family in families}
+        normal_rows = train_df[~(train_df["is_anomaly"].fillna(0).astype(int) == 1)]
+    lab = labelled(train_df)
+    out: dict[str, AnomalyScorer] = {}
+    for family in families if families is not None else model_families(params):
+        scorer = AnomalyScorer(_pipeline(family, tp), columns=family_columns(family, feats, params))
+        if family in SUPERVISED_FAMILIES:
+            if not can_fit_supervised(train_df):
+                continue
+            out[family] = scorer.fit(lab[feats], lab["is_anomaly"].astype(int).to_numpy())
+        else:
+            out[family] = scorer.fit(normal_rows[feats])
+    return out
 
 
 def anomaly_scores(model, X: pd.DataFrame) -> np.ndarray:
@@ -258,6 +345,78 @@ def threshold_rule_metrics(df: pd.DataFrame, temp_above: float) -> dict:
     )
 
 
+def fit_threshold_rule(train_df: pd.DataFrame) -> float:
+    """The fairest fixed "temp above T" rule: T F1-best on the TRAINING range's labels (never the test)."""
+    lab = labelled(train_df)
+    scores, _ = threshold_rule_scores(lab, float("inf"))
+    best = choose_threshold(scores, lab["is_anomaly"].astype(int).to_numpy())
+    # evaluate() flags score >= threshold, the rule is strictly above: step just below the F1-best score
+    return float(np.nextafter(best, -np.inf))
+
+
+def label_from_windows(
+    df: pd.DataFrame, windows: Iterable[tuple[Any, Any]], label: str = "anomaly"
+) -> pd.DataFrame:
+    """Copy of ``df`` with label/is_anomaly set from labelled time windows (inclusive, e.g. NAB's).
+
+    Rows inside any window get ``label`` and is_anomaly 1; all other rows "normal" and 0.
+    Naive window bounds are read as UTC, like the NAB contract's timestamps.
+    """
+    ts = pd.to_datetime(df["ts"], utc=True)
+    inside = np.zeros(len(df), dtype=bool)
+    for start, end in windows:
+        lo, hi = pd.Timestamp(start), pd.Timestamp(end)
+        lo = lo.tz_localize("UTC") if lo.tzinfo is None else lo.tz_convert("UTC")
+        hi = hi.tz_localize("UTC") if hi.tzinfo is None else hi.tz_convert("UTC")
+        if hi < lo:
+            raise ValueError(f"window ({start}, {end}) ends before it starts; fix the windows file")
+        inside |= ((ts >= lo) & (ts <= hi)).to_numpy()
+    out = df.copy()
+    out["label"] = pd.Series(np.where(inside, label, "normal"), index=df.index, dtype="str")
+    out["is_anomaly"] = pd.array(inside.astype("int8"), dtype="Int8")
+    return out
+
+
+def window_metrics(
+    ts: pd.Series, alarm: np.ndarray, windows: Iterable[tuple[Any, Any]], gap: str = "1h"
+) -> dict[str, float]:
+    """NAB-style event scoring: a window counts as detected when any alarm falls inside it.
+
+    Alarms closer than ``gap`` form one alarm episode; an episode starting outside every window is a
+    false alarm. Only windows overlapping ``ts``'s range count. ``window_lead_hours_mean`` is how
+    long before a detected window's end its first alarm came (earlier = more time to act).
+    """
+    t = pd.Series(pd.to_datetime(ts, utc=True)).reset_index(drop=True)
+    alarm = np.asarray(alarm, dtype=bool)
+    bounds = []
+    for start, end in windows:
+        lo, hi = pd.Timestamp(start), pd.Timestamp(end)
+        lo = lo.tz_localize("UTC") if lo.tzinfo is None else lo
+        hi = hi.tz_localize("UTC") if hi.tzinfo is None else hi
+        if len(t) and hi >= t.min() and lo <= t.max():
+            bounds.append((lo, hi))
+    leads = []
+    for lo, hi in bounds:
+        hits = t[((t >= lo) & (t <= hi)).to_numpy() & alarm]
+        if len(hits):
+            leads.append((hi - hits.min()).total_seconds() / 3600)
+    alarm_times = t[alarm].sort_values()
+    starts = alarm_times[alarm_times.diff().isna() | (alarm_times.diff() > pd.Timedelta(gap))]
+    false_episodes = sum(not any(lo <= s <= hi for lo, hi in bounds) for s in starts)
+    days = max((t.max() - t.min()).total_seconds() / 86_400, 1e-9) if len(t) else float("nan")
+    detected = len(leads)
+    return {
+        "windows": float(len(bounds)),
+        "windows_detected": float(detected),
+        "window_recall": detected / len(bounds) if bounds else float("nan"),
+        "alarm_episodes": float(len(starts)),
+        "false_alarm_episodes": float(false_episodes),
+        "false_alarm_episodes_per_day": false_episodes / days,
+        "window_precision": (len(starts) - false_episodes) / len(starts) if len(starts) else 0.0,
+        "window_lead_hours_mean": float(np.mean(leads)) if leads else 0.0,
+    }
+
+
 def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in params.items():
@@ -269,10 +428,59 @@ def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _gx_results(gx: dict | None) -> list[dict]:
+    """One GX result (has "statistics"/"success") or {partition: result}, as a list of results."""
+    if not gx:
+        return []
+    if "statistics" in gx or "success" in gx:
+        return [gx]
+    return [r for _, r in sorted(gx.items()) if isinstance(r, dict)]
+
+
+def gx_summary_metrics(gx: dict | None, layer: str = "gold") -> dict[str, float]:
+    """Run metrics from the GX results of the training data: one result or {partition: result}.
+
+    ``gx_<layer>_success_percent_min`` is the worst partition; ``..._failed`` counts failed
+    expectations over all partitions, ``..._critical_failed`` those of critical severity.
+    """
+    results = _gx_results(gx)
+    if not results:
+        return {}
+    stats = [r.get("statistics", {}) for r in results]
+    outcomes = [o for r in results for o in r.get("outcomes", []) or []]
+    percents = [float(s["success_percent"]) for s in stats if s.get("success_percent") is not None]
+    p = f"gx_{layer}"
+    out = {
+        f"{p}_partitions": float(len(results)),
+        f"{p}_partitions_passed": float(sum(bool(r.get("success")) for r in results)),
+        f"{p}_evaluated": float(sum(int(s.get("evaluated_expectations", 0) or 0) for s in stats)),
+        f"{p}_failed": float(sum(int(s.get("unsuccessful_expectations", 0) or 0) for s in stats)),
+        f"{p}_critical_failed": float(
+            sum(1 for o in outcomes if not o.get("success") and o.get("severity") == "critical")
+        ),
+    }
+    if percents:
+        out[f"{p}_success_percent_min"] = min(percents)
+    return out
+
+
 def gx_summary_text(gx: dict | None) -> str | None:
-    """Short one-line summary of a GX result for a tag (the full JSON goes to artifacts)."""
+    """Short one-line summary of a GX result (or {partition: result}) for a tag; full JSON in artifacts."""
     if not gx:
         return None
+    results = _gx_results(gx)
+    if len(results) > 1 or (results and "partition" in results[0] and gx is not results[0]):
+        m = gx_summary_metrics(gx)
+        text = (
+            f"success={m['gx_gold_partitions_passed'] == m['gx_gold_partitions']}; "
+            f"partitions_passed={int(m['gx_gold_partitions_passed'])}/{int(m['gx_gold_partitions'])}; "
+            f"evaluated_expectations={int(m['gx_gold_evaluated'])}; "
+            f"unsuccessful_expectations={int(m['gx_gold_failed'])} "
+            f"(critical {int(m['gx_gold_critical_failed'])})"
+        )
+        if "gx_gold_success_percent_min" in m:
+            text += f"; success_percent_min={m['gx_gold_success_percent_min']:.1f}"
+        return text[:GX_SUMMARY_TAG_MAX]
     keys = ("success", "evaluated_expectations", "successful_expectations", "unsuccessful_expectations")
     stats = gx.get("statistics", gx)
     parts = [f"{k}={stats[k]}" for k in keys if k in stats]
@@ -331,36 +539,56 @@ def train_and_log(
     )
 
     # 1. family selection on the validation slice at the end of the training range
-    candidates = fit_candidates(fit_df, params)
+    requested = model_families(params)
+    candidates = fit_candidates(fit_df, params, families=requested)
+    for skipped in (f for f in requested if f not in candidates):
+        progress(
+            f"[train] candidate {skipped}: skipped (fewer than {MIN_SUPERVISED_POSITIVES} labelled anomalies)"
+        )
     val_lab = labelled(val_df)
     y_val = val_lab["is_anomaly"].astype(int).to_numpy()
     candidate_metrics: dict[str, float] = {}
+    val_scores: dict[str, np.ndarray] = {}
     for family, cand in candidates.items():
-        val_scores = anomaly_scores(cand, val_lab[feats])
-        ap = evaluate(val_scores, y_val, None, float("inf"))["pr_auc"]
+        val_scores[family] = anomaly_scores(cand, val_lab[feats])
+        ap = evaluate(val_scores[family], y_val, None, float("inf"))["pr_auc"]
         candidate_metrics[f"cand_{family}_pr_auc"] = ap
         progress(f"[train] candidate {family}: validation PR-AUC {ap:.4f}")
     valid_aps = {f: candidate_metrics[f"cand_{f}_pr_auc"] for f in candidates}
     valid_aps = {f: v for f, v in valid_aps.items() if not np.isnan(v)}
-    # Ties and a label-less validation slice fall back to the first family: deterministic.
-    family = max(valid_aps, key=lambda f: (valid_aps[f], -FAMILIES.index(f))) if valid_aps else FAMILIES[0]
+    # Ties and a label-less validation slice fall back to the first requested family: deterministic.
+    family = (
+        max(valid_aps, key=lambda f: (valid_aps[f], -requested.index(f)))
+        if valid_aps
+        else next(f for f in requested if f in candidates)
+    )
     progress(f"[train] kept {family}; refitting on the whole training range")
 
-    # 2. refit the winner on all training rows; threshold from training rows only
+    # 2. refit the winner on all training rows; threshold from the training range only
     model = fit_candidates(train_df, params, families=[family])[family]
-    train_lab = labelled(train_df)
     contamination = tp.get(family, {}).get("contamination", 0.05)
     contamination = 0.05 if contamination == "auto" else float(contamination)
-    threshold = choose_threshold(
-        anomaly_scores(model, train_lab[feats]), train_lab["is_anomaly"].astype(int).to_numpy(), contamination
-    )
+    if 0 < y_val.sum() < len(y_val):
+        # out-of-sample scores: a supervised model's in-sample probabilities are over-confident
+        threshold = choose_threshold(val_scores[family], y_val, contamination)
+        threshold_source = "f1_best_on_validation_labels"
+    else:
+        train_lab = labelled(train_df)
+        threshold = choose_threshold(
+            anomaly_scores(model, train_lab[feats]),
+            train_lab["is_anomaly"].astype(int).to_numpy(),
+            contamination,
+        )
+        threshold_source = "f1_best_on_train_labels_else_contamination_quantile"
 
     # 3. the held-out test range, touched once
     test_lab = labelled(test_df)
     y_test = test_lab["is_anomaly"].astype(int).to_numpy()
     test_scores = anomaly_scores(model, test_lab[feats])
     metrics = evaluate(test_scores, y_test, test_lab["label"], threshold)
-    temp_above = float(tp.get("threshold_rule", {}).get("temp_above", 32.0))
+    rule_cfg = tp.get("threshold_rule", {}).get("temp_above", 32.0)
+    # "fit": the best fixed threshold on the training range (for data where no field rule exists)
+    temp_above = fit_threshold_rule(train_df) if rule_cfg == "fit" else float(rule_cfg)
     baseline = threshold_rule_metrics(test_lab, temp_above)
     for fam, cand in candidates.items():  # informative only: not used for any choice
         refit = model if fam == family else cand
@@ -398,7 +626,8 @@ def train_and_log(
                 "train.validation_fraction": str(validation_fraction),
                 "model_family": family,
                 "feature_columns": ",".join(feats),
-                "threshold_choice": "f1_best_on_train_labels_else_contamination_quantile",
+                "threshold_choice": threshold_source,
+                "model_columns": ",".join(model.columns or feats)[:TAG_VALUE_MAX],
             }
         )
         mlflow.log_metrics(
@@ -406,7 +635,9 @@ def train_and_log(
                 **{k: v for k, v in metrics.items()},
                 **{f"baseline_threshold_{k}": v for k, v in baseline.items()},
                 **candidate_metrics,
+                **gx_summary_metrics(context.gx_summary),
                 "decision_threshold": threshold,
+                "threshold_rule_temp_above": temp_above,
                 "train_rows": float(len(train_df)),
                 "test_rows": float(len(test_df)),
             }
@@ -488,4 +719,5 @@ def train_and_log(
         test_rows=len(test_df),
         training_partitions=partitions,
         model_id=getattr(info, "model_id", None),
+        baseline_temp_above=temp_above,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,26 +29,63 @@ class LayerReport:
     quality: dict[str, Any] = field(default_factory=dict)
     manifest_key: str = ""
     content_sha256: str = ""
+    collapsed_duplicates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
+def contract_name(dataset: str) -> str:
+    """A dataset is named `<contract>[.<variant>]`: several datasets (sites, tenants, tests) may
+    share one source contract while keeping separate lake prefixes."""
+    return dataset.split(".", 1)[0]
+
+
 def _contract(dataset: str):
     from pipelines.contracts import load_contract
 
-    return load_contract(dataset)
+    return load_contract(contract_name(dataset))
 
 
-def _gate(df: pd.DataFrame, layer: str, contract, partition: str, progress: Progress, **kwargs) -> dict:
-    """Run the layer's GX suite; a critical failure raises before anything is published."""
-    from pipelines.quality import enforce, validate_partition
+def _gate(
+    df: pd.DataFrame,
+    layer: str,
+    contract,
+    partition: str,
+    progress: Progress,
+    *,
+    store: ObjectStore | None = None,
+    dataset: str | None = None,
+    **kwargs,
+) -> dict:
+    """Run the layer's GX suite; a critical failure raises before anything is published.
+
+    A failing result is still stored (and the Data Docs site refreshed) so the failure can be
+    browsed, not only read in the task log."""
+    from pipelines.quality import QualityGateError, enforce, validate_partition
 
     config = (load_params().get("quality") or {}).get(contract.name, {}).get(layer)
     result = validate_partition(df, layer, contract, partition, config=config, **kwargs)
     progress(result.summary())
-    enforce(result)
+    try:
+        enforce(result)
+    except QualityGateError:
+        if store is not None and dataset is not None:
+            _put_quality(store, layer, dataset, partition, result.to_dict())
+            publish_docs(store, progress)
+        raise
     return result.to_dict()
+
+
+def publish_docs(store: ObjectStore, progress: Progress = print) -> None:
+    """Rebuild the Data Docs site from every stored validation and upload it to the lake."""
+    from pipelines.quality import publish_data_docs
+
+    try:
+        key = publish_data_docs(store)
+        progress(f"[gx] Data Docs: s3://{store.settings.lake_bucket}/{key}")
+    except Exception as e:  # noqa: BLE001 - docs are a view; never fail a publish because of them
+        progress(f"[gx] Data Docs not refreshed: {e}")
 
 
 def _put_quality(store: ObjectStore, layer: str, dataset: str, partition: str, quality: dict) -> None:
@@ -82,60 +120,218 @@ def land_simulated_days(
 
 
 # -- bronze -------------------------------------------------------------------------------------
+class RowCountMismatch(RuntimeError):
+    pass
+
+
+def _arrow_frame(table: pa.Table) -> pd.DataFrame:
+    """Zero-copy pandas view (Arrow-backed columns) for gates that only read the data."""
+    return table.to_pandas(types_mapper=pd.ArrowDtype)
+
+
+@dataclass
+class BronzeReport:
+    """One delivery (landing date) ingested: the event-date partitions it touched."""
+
+    delivery_date: str
+    dataset: str
+    files: list[str]
+    rows: int
+    partitions: dict[str, int]  # event date -> rows of this delivery in it
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class SourceLineCounter(io.RawIOBase):
+    """Reads a delivered object through, counting its non-blank lines independently of the CSV
+    parser: the bronze gate checks that every delivered record became a bronze row."""
+
+    def __init__(self, raw):
+        self.raw, self.lines, self._partial = raw, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.raw.read(len(buffer))
+        if not chunk:
+            if self._partial.strip():
+                self.lines += 1
+            self._partial = b""
+            return 0
+        parts = (self._partial + chunk).split(b"\n")
+        self._partial = parts.pop()
+        self.lines += sum(1 for line in parts if line.strip())
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    @property
+    def records(self) -> int:
+        return max(self.lines - 1, 0)  # minus the header
+
+
+def open_landed(store: ObjectStore, bucket: str, key: str):
+    """A streaming, decompressed, line-counted reader over a landed object."""
+    import gzip
+
+    resp = store.client.get_object(bucket, key)
+    head = resp.read(2)
+    body = _Prefixed(head, resp)
+    stream = gzip.GzipFile(fileobj=body) if head == b"\x1f\x8b" else body
+    return resp, SourceLineCounter(stream)
+
+
+class _Prefixed(io.RawIOBase):
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head, b""
+            if size is None or size < 0:
+                return out + self.raw.read()
+            return out + self.raw.read(max(size - len(out), 0)) if size > len(out) else out
+        return self.raw.read(size if size and size > 0 else None)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def build_bronze(
-    partition: str,
+    delivery_date: str,
     run_id: str,
     *,
     dataset: str | None = None,
     store: ObjectStore | None = None,
     progress: Progress = print,
-) -> LayerReport:
-    from pipelines.layers.bronze import parse_landing_csv
+) -> BronzeReport:
+    """Ingest every file delivered on `delivery_date` into bronze, partitioned by EVENT date.
+
+    Late records (event date earlier than the delivery) land in their own event-date partition
+    next to what was delivered before; each delivery is one batch of the partition's manifest,
+    so re-running a delivery replaces exactly its records. All files are gated before anything
+    is committed: a critical failure publishes nothing.
+    """
+    from pipelines.layers.bronze import iter_landing_batches
+    from pipelines.layers.partitioning import split_by_event_date
 
     store = store or ObjectStore()
     dataset = dataset or store.settings.dataset
     contract = _contract(dataset)
     bucket = store.settings.landing_bucket
-    keys = [
-        k for k in store.list_keys(bucket, storage.landing_prefix(dataset, partition)) if not k.endswith("/")
-    ]
+    prefix = storage.landing_prefix(dataset, delivery_date)
+    keys = [k for k in store.list_keys(bucket, prefix) if not k.endswith("/")]
     if not keys:
         raise FileNotFoundError(
-            f"No landed files for {dataset} on {partition} under s3://{bucket}/"
-            f"{storage.landing_prefix(dataset, partition)}; land data first (`platform land`)."
+            f"No landed files for {dataset} delivered on {delivery_date} under s3://{bucket}/{prefix}; "
+            "land data first (`platform land`)."
         )
+    batch_id = f"delivery={delivery_date}"
     now = dt.datetime.now(dt.UTC)
-    tables, rows, expected = [], 0, 0
-    for key in keys:
-        data = store.get_bytes(bucket, key)
-        table = parse_landing_csv(
-            data,
-            source_key=f"s3://{bucket}/{key}",
-            source_etag=store.etag(bucket, key),
-            run_id=run_id,
-            ingested_at=now,
-            contract=contract,
-        )
-        tables.append(table)
-        rows += table.num_rows
-        progress(f"[bronze] {key}: {table.num_rows} records")
-    bronze = pa.concat_tables(tables, promote_options="default")
-    expected = rows
-    quality = _gate(bronze.to_pandas(), "bronze", contract, partition, progress, expected_row_count=expected)
-    manifest = storage.publish_partition(
-        store, "bronze", dataset, partition, bronze, run_id, extra={"sources": keys}
-    )
-    _put_quality(store, "bronze", dataset, partition, quality)
-    return LayerReport(
-        "bronze",
+    writers: dict[str, storage.PartitionWriter] = {}
+    qualities, rows = [], 0
+    try:
+        for key in keys:
+            resp, counter = open_landed(store, bucket, key)
+            file_rows = 0
+            try:
+                batches = iter_landing_batches(
+                    io.BufferedReader(counter, buffer_size=1 << 20),
+                    source_key=f"s3://{bucket}/{key}",
+                    source_etag=store.etag(bucket, key),
+                    run_id=run_id,
+                    ingested_at=now,
+                    contract=contract,
+                )
+                for batch in batches:
+                    table = pa.Table.from_batches([batch])
+                    qualities.append(
+                        _gate(
+                            _arrow_frame(table),
+                            "bronze",
+                            contract,
+                            delivery_date,
+                            progress,
+                            store=store,
+                            dataset=dataset,
+                        )
+                    )
+                    for event_date, part in split_by_event_date(table, contract, delivery_date).items():
+                        if event_date not in writers:
+                            writers[event_date] = storage.PartitionWriter(
+                                store, "bronze", dataset, event_date, run_id, batch_id
+                            )
+                        writers[event_date].write(part)
+                    file_rows += table.num_rows
+            finally:
+                resp.close()
+                resp.release_conn()
+            if file_rows != counter.records:
+                raise RowCountMismatch(
+                    f"s3://{bucket}/{key}: the file has {counter.records} non-blank data lines but bronze "
+                    f"parsed {file_rows} records [rule bronze.row_count]; a quoted field spanning lines or "
+                    "a parser bug would cause this: inspect the file, nothing was published"
+                )
+            rows += file_rows
+            progress(
+                f"[bronze] {key}: {file_rows} records (source has {counter.records}); "
+                f"event dates {sorted(writers)}"
+            )
+    except Exception:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for _, writer in sorted(writers.items()):
+        writer.commit(extra={"sources": keys, "delivery_date": delivery_date})
+    quality = qualities[-1] if len(qualities) == 1 else _merge_quality(qualities)
+    _put_quality(store, "bronze", dataset, delivery_date, quality)
+    late = [d for d in writers if d < delivery_date]
+    if late:
+        progress(f"[bronze] late records for earlier event dates {late}: merged into their partitions")
+    return BronzeReport(
+        delivery_date,
         dataset,
-        partition,
+        keys,
         rows,
-        manifest.rows,
+        {d: w.rows for d, w in sorted(writers.items())},
         quality=_short(quality),
-        manifest_key=storage.partition_prefix("bronze", dataset, partition) + storage.MANIFEST_NAME,
-        content_sha256=manifest.content_sha256,
     )
+
+
+def _merge_quality(results: list[dict]) -> dict:
+    merged = dict(results[0])
+    merged["success"] = all(r.get("success") for r in results)
+    merged["files"] = results
+    stats = [r.get("statistics") or {} for r in results]
+    merged["statistics"] = {
+        "evaluated_expectations": sum(s.get("evaluated_expectations", 0) for s in stats),
+        "successful_expectations": sum(s.get("successful_expectations", 0) for s in stats),
+        "unsuccessful_expectations": sum(s.get("unsuccessful_expectations", 0) for s in stats),
+    }
+    return merged
+
+
+def gold_targets(
+    partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None
+) -> list[str]:
+    """Gold partitions to rebuild after silver changed `partitions`: those, plus the following day
+    where it exists, because its first rolling windows read the changed day's tail."""
+    store = store or ObjectStore()
+    dataset = dataset or store.settings.dataset
+    existing = set(storage.list_partitions(store, "silver", dataset))
+    out = set(partitions)
+    for p in partitions:
+        nxt = (dt.date.fromisoformat(p) + dt.timedelta(days=1)).isoformat()
+        if nxt in existing:
+            out.add(nxt)
+    return sorted(out)
 
 
 # -- silver -------------------------------------------------------------------------------------
@@ -153,11 +349,13 @@ def build_silver(
     dataset = dataset or store.settings.dataset
     contract = _contract(dataset)
     bronze = storage.read_partition(store, "bronze", dataset, partition)
-    silver, quarantine = to_silver(bronze, contract)
+    silver, quarantine = to_silver(bronze, contract, partition=partition)
+    collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
     progress(
-        f"[silver] {partition}: {bronze.num_rows} in -> {len(silver)} silver, {len(quarantine)} quarantined"
+        f"[silver] {partition}: {bronze.num_rows} in -> {len(silver)} silver, {len(quarantine)} quarantined, "
+        f"{collapsed} identical re-deliveries collapsed"
     )
-    quality = _gate(silver, "silver", contract, partition, progress)
+    quality = _gate(silver, "silver", contract, partition, progress, store=store, dataset=dataset)
     # Quarantine first: a bad record is never lost, even if the silver publish fails next.
     storage.publish_partition(
         store,
@@ -181,6 +379,7 @@ def build_silver(
         quality=_short(quality),
         manifest_key=storage.partition_prefix("silver", dataset, partition) + storage.MANIFEST_NAME,
         content_sha256=manifest.content_sha256,
+        collapsed_duplicates=collapsed,
     )
 
 
@@ -198,21 +397,29 @@ def build_gold(
     store = store or ObjectStore()
     dataset = dataset or store.settings.dataset
     contract = _contract(dataset)
-    window = int(load_params()["gold"]["window"])
+    from pipelines.layers.gold import warmup_rows
+
+    gold_params = load_params()["gold"]
+    window, long_window = int(gold_params["window"]), int(gold_params.get("long_window", 240))
     silver = storage.read_partition(store, "silver", dataset, partition).to_pandas()
     # Warm-up: the previous day's tail, so rolling features at midnight see the readings before it.
     previous = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
     warmup = None
     if storage.read_manifest(store, "silver", dataset, previous) is not None:
         prev = storage.read_partition(store, "silver", dataset, previous).to_pandas()
-        warmup = prev.sort_values("ts").groupby("device", group_keys=False).tail(window)
-    gold = to_gold(silver, contract, window=window, warmup=warmup)
+        warmup = (
+            prev.sort_values("ts").groupby("device", group_keys=False).tail(warmup_rows(window, long_window))
+        )
+    gold = to_gold(silver, contract, window=window, warmup=warmup, long_window=long_window)
     reference = _gold_reference(store, dataset, partition)
-    quality = _gate(gold, "gold", contract, partition, progress, reference=reference)
+    quality = _gate(
+        gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset
+    )
     manifest = storage.publish_partition(
         store, "gold", dataset, partition, pa.Table.from_pandas(gold, preserve_index=False), run_id
     )
     _put_quality(store, "gold", dataset, partition, quality)
+    publish_docs(store, progress)
     progress(f"[gold] {partition}: {len(gold)} feature rows")
     return LayerReport(
         "gold",

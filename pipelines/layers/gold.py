@@ -19,17 +19,34 @@ META_COLUMNS = ("device", "ts", "event_date", "label", "is_anomaly")
 ROLLING_SUFFIXES = ("roll_mean", "roll_std", "roll_min", "roll_max")
 # Rolling std of a constant run comes out as ~1e-9 from float cancellation; treat it as exactly 0.
 _STD_EPSILON = 1e-9
+# Long-horizon baseline, in readings per device (4 h at the simulator's one reading a minute).
+LONG_WINDOW = 240
+
+
+def warmup_rows(window: int, long_window: int = LONG_WINDOW) -> int:
+    """Rows per device a caller should pass as ``warmup`` so no feature restarts at a partition edge."""
+    return max(window, long_window)
 
 
 def to_gold(
-    silver: pd.DataFrame, contract: Contract, window: int = 15, warmup: pd.DataFrame | None = None
+    silver: pd.DataFrame,
+    contract: Contract,
+    window: int = 15,
+    warmup: pd.DataFrame | None = None,
+    long_window: int = LONG_WINDOW,
 ) -> pd.DataFrame:
-    """Features per (device, ts): raw value, rolling mean/std/min/max, delta, z-score; hour_sin/cos.
+    """Features per (device, ts): raw value, rolling mean/std/min/max, delta, z-score, flat-line count,
+    long-horizon deviation; hour_sin/cos.
+
+    - ``{col}_flat_count``: readings in the last ``window`` whose value equals the previous reading
+      (a stuck sensor repeats its last value exactly; live sensors jitter);
+    - ``{col}_long_dev``: value minus the median of the last ``long_window`` readings (a slow drift
+      hides inside the short window but stands out against hours of history).
 
     Numeric columns are those of the contract that are not entirely null in `silver`; booleans become 0/1.
     """
-    if window < 1:
-        raise ValueError(f"window={window}: must be >= 1 reading")
+    if window < 1 or long_window < 1:
+        raise ValueError(f"window={window}, long_window={long_window}: both must be >= 1 reading")
     device, ts = contract.entity.column, contract.event_time.column
     frame = silver.assign(_warmup=False)
     if warmup is not None and len(warmup):
@@ -57,6 +74,12 @@ def to_gold(
         features[f"{col}_delta"] = by_device.diff().fillna(0.0)
         zscore = (value - mean) / std.where(std > 0)
         features[f"{col}_zscore"] = zscore.fillna(0.0)
+        # the first reading of a device has no previous one: not counted as flat
+        repeated = (by_device.diff() == 0).astype("float64")
+        flat = repeated.groupby(frame[device], sort=False).rolling(window, min_periods=1).sum()
+        features[f"{col}_flat_count"] = flat.reset_index(level=0, drop=True).sort_index()
+        long_median = by_device.rolling(long_window, min_periods=1).median()
+        features[f"{col}_long_dev"] = value - long_median.reset_index(level=0, drop=True).sort_index()
     for col in contract.bool_columns:
         if col not in silver or silver[col].isna().all():
             continue

@@ -36,6 +36,10 @@ class Rule:
     description: str  # what must hold, e.g. "temp within physical range [-40, 125] celsius"
     violations: Callable[[pd.DataFrame], pd.Series]  # True where a row breaks the rule
     explanation: str  # follows "<column>=<value> " in a quarantine reason
+    # The bounds a value must lie in, when the rule is a range: the GX silver suite builds its
+    # between-expectations from these, so quarantine and gate share one definition.
+    min_value: float | str | None = None
+    max_value: float | str | None = None
 
     def reasons(self, frame: pd.DataFrame, mask: pd.Series) -> pd.Series:
         values = (
@@ -46,8 +50,19 @@ class Rule:
         return f"{self.column}=" + values.astype(str) + f" {self.explanation}"
 
 
-def silver_rules(contract: Contract, *, now: datetime | None = None) -> list[Rule]:
-    """The contract's row rules, in the order quarantine reports them. Ranges come only from the contract."""
+def silver_rules(
+    contract: Contract,
+    *,
+    now: datetime | None = None,
+    partition: str | None = None,
+    future_tolerance: timedelta = FUTURE_TOLERANCE,
+) -> list[Rule]:
+    """The contract's row rules, in the order quarantine reports them. Ranges come only from the contract.
+
+    With `partition` (an event date, YYYY-MM-DD), rows whose event date is another day break
+    `outside_partition`: bronze routes records by event date, so such a row was misrouted and is
+    quarantined rather than published into a partition it does not belong to.
+    """
     rules: list[Rule] = []
     ts, device = contract.event_time.column, contract.entity.column
     required = [device, ts] + [c.name for c in contract.columns if c.required]
@@ -84,29 +99,61 @@ def silver_rules(contract: Contract, *, now: datetime | None = None) -> list[Rul
                     description=f"{col} within physical range {bounds}",
                     violations=lambda f, c=col, lo=lo, hi=hi: (f[c] < lo) | (f[c] > hi),
                     explanation=f"outside physical range {bounds}",
+                    min_value=lo,
+                    max_value=hi,
                 )
             )
-    limit = pd.Timestamp(now or datetime.now(UTC)) + FUTURE_TOLERANCE
+    limit = pd.Timestamp(now or datetime.now(UTC)) + future_tolerance
     limit = limit.tz_localize("UTC") if limit.tzinfo is None else limit.tz_convert("UTC")
     rules.append(
         Rule(
             name="future_timestamp",
             column=ts,
-            description=f"{ts} not after ingestion time (+{FUTURE_TOLERANCE})",
+            description=f"{ts} not after ingestion time (+{future_tolerance})",
             violations=lambda f: f[ts] > limit,
             explanation=(
-                f"is later than ingestion time + {FUTURE_TOLERANCE} ({limit.isoformat()}); "
+                f"is later than ingestion time + {future_tolerance} ({limit.isoformat()}); "
                 "check the device clock"
             ),
+            max_value=limit.isoformat(),
         )
     )
+    if partition is not None:
+        day = pd.Timestamp(_partition_date(partition))
+        start, end = day.tz_localize("UTC"), day.tz_localize("UTC") + pd.Timedelta(days=1)
+        rules.append(
+            Rule(
+                name="outside_partition",
+                column=ts,
+                description=f"{ts} on the partition's event date {day.date()} (UTC)",
+                violations=lambda f: (f[ts] < start) | (f[ts] >= end),
+                explanation=(
+                    f"is not on the partition's event date {day.date()} (UTC); land it under its "
+                    "own date (the lake will route rows by event date)"
+                ),
+            )
+        )
     return rules
 
 
+def _partition_date(partition: str) -> str:
+    """'2026-01-05' from '2026-01-05' or 'event_date=2026-01-05'."""
+    return str(partition).rsplit("=", 1)[-1]
+
+
 def to_silver(
-    bronze: pa.Table | pd.DataFrame, contract: Contract, *, now: datetime | None = None
+    bronze: pa.Table | pd.DataFrame,
+    contract: Contract,
+    *,
+    now: datetime | None = None,
+    partition: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(silver, quarantine) from a bronze table. `now` is the ingestion time used for future timestamps."""
+    """(silver, quarantine) from a bronze table. `now` is the ingestion time used for future timestamps.
+
+    `partition` is the event date being built; rows of another date are quarantined as
+    `outside_partition` (a guard: bronze already routes each record to its event date's partition,
+    so this only catches a misrouted record). Without it the check is skipped.
+    """
     raw = bronze.to_pandas() if isinstance(bronze, pa.Table) else bronze.reset_index(drop=True)
     delivered = [c for c in raw.columns]
     typed, type_errors = type_bronze(raw, contract)
@@ -137,7 +184,7 @@ def to_silver(
             + raw.loc[mask, _source_of(contract, col)].astype(str).map(repr)
             + f" is not a valid {_type_name(contract, col)}",
         )
-    for rule in silver_rules(contract, now=now):
+    for rule in silver_rules(contract, now=now, partition=partition):
         mask = rule.violations(typed).fillna(False).astype(bool) & ~malformed
         # A value that failed to parse is already reported as type:<col>; don't also call it missing.
         if rule.name.startswith("not_null:") and rule.column in type_errors:

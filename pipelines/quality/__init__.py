@@ -3,7 +3,13 @@
 Importing this package does not import GX (slow, chatty); GX loads on the first validation.
 """
 
-from pipelines.quality.docs import add_local_site, build_data_docs
+from pipelines.quality.docs import (
+    add_local_site,
+    build_data_docs,
+    download_data_docs,
+    publish_data_docs,
+    stored_validation_results,
+)
 from pipelines.quality.gate import (
     ExpectationOutcome,
     GateResult,
@@ -34,6 +40,9 @@ __all__ = [
     "add_local_site",
     "build_data_docs",
     "build_suite",
+    "download_data_docs",
+    "publish_data_docs",
+    "stored_validation_results",
     "enforce",
     "gold_feature_columns",
     "quality_context",

@@ -121,3 +121,110 @@ def _batch_identifier(raw: dict, i: int) -> str:
     batch = (raw.get("meta") or {}).get("active_batch_definition") or {}
     name = "-".join(str(batch[k]) for k in ("datasource_name", "data_asset_name") if batch.get(k))
     return name or f"batch-{i}"
+
+
+# -- the site in the object store -----------------------------------------------------------------
+DATA_DOCS_PREFIX = "data-docs/"
+VALIDATIONS_PREFIX = "quality/"  # where the lake jobs store each gate's GateResult.to_dict() JSON
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css",
+    ".js": "application/javascript",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+
+
+def stored_validation_results(store: Any, dataset: str | None = None) -> list[dict]:
+    """Every gate result the lake jobs stored (quality/<layer>/<dataset>/event_date=<d>/validation.json)."""
+    bucket = store.settings.lake_bucket
+    results = []
+    for key in store.list_keys(bucket, VALIDATIONS_PREFIX):
+        if not key.endswith(".json"):
+            continue
+        if dataset is not None and f"/{dataset}/" not in key:
+            continue
+        try:
+            results.append(json.loads(store.get_bytes(bucket, key)))
+        except json.JSONDecodeError:
+            continue  # a foreign file under quality/: not ours to render
+    return results
+
+
+def publish_data_docs(store: Any, results: list[dict] | None = None, prefix: str = DATA_DOCS_PREFIX) -> str:
+    """Build the Data Docs site from gate results and upload it to s3://<lake>/<prefix>.
+
+    `results` are `GateResult.to_dict()` dicts (default: every result stored in the lake). The
+    site replaces the previous one: stale pages are deleted after the new ones are written.
+    Returns the key of the uploaded index.html.
+    """
+    import tempfile
+
+    results = stored_validation_results(store) if results is None else results
+    bucket = store.settings.lake_bucket
+    with tempfile.TemporaryDirectory(prefix="data-docs-") as tmp:
+        reports = Path(tmp) / "reports"
+        reports.mkdir()
+        for i, result in enumerate(results):
+            (reports / f"{i:05d}.json").write_text(json.dumps(result, default=str), encoding="utf-8")
+        site = Path(tmp) / "site"
+        build_data_docs(reports, site)
+        written = set()
+        for path in sorted(site.rglob("*")):
+            if path.is_file():
+                key = prefix + path.relative_to(site).as_posix()
+                content_type = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+                store.put_bytes(bucket, key, path.read_bytes(), content_type)
+                written.add(key)
+    store.delete_keys(bucket, [k for k in store.list_keys(bucket, prefix) if k not in written])
+    return prefix + "index.html"
+
+
+def download_data_docs(store: Any, output_dir: Path, prefix: str = DATA_DOCS_PREFIX) -> Path:
+    """Copy the published site to `output_dir` and return its index.html (open it in a browser)."""
+    output_dir = Path(output_dir)
+    bucket = store.settings.lake_bucket
+    keys = store.list_keys(bucket, prefix)
+    if not keys:
+        raise FileNotFoundError(
+            f"No Data Docs under s3://{bucket}/{prefix}: run a lake job first (each gate publishes them)"
+        )
+    for key in keys:
+        target = output_dir / key[len(prefix) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.get_bytes(bucket, key))
+    return output_dir / "index.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.quality.docs [--out DIR] [--publish] [--open]`: the Data Docs, locally."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.quality.docs", description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=Path(".platform/data-docs"), help="local directory")
+    parser.add_argument("--publish", action="store_true", help="rebuild from stored results and upload first")
+    parser.add_argument("--open", action="store_true", help="open index.html in the default browser")
+    args = parser.parse_args(argv)
+    from pipelines.storage import ObjectStore
+
+    try:
+        store = ObjectStore()
+        if args.publish:
+            publish_data_docs(store)
+        index = download_data_docs(store, args.out)
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(index.resolve())
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(index.resolve().as_uri())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,11 +56,19 @@ class ExpectationOutcome:
 
     def describe(self) -> str:
         where = f" on column {self.column!r}" if self.column else ""
-        rule = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        rule = ", ".join(
+            f"{k}=<{len(v)} items>" if isinstance(v, list) and len(v) > 8 else f"{k}={v!r}"
+            for k, v in self.kwargs.items()
+        )
         text = f"{self.expectation}{where}" + (f" [{rule}]" if rule else "")
         if self.error:
             return f"{text}: could not be evaluated: {self.error}"
         parts = []
+        mismatch = self.examples[0] if self.examples and isinstance(self.examples[0], dict) else None
+        if mismatch and not self.success and ("unexpected" in mismatch or "missing" in mismatch):
+            # table-level column checks: the differing names, not the whole observed list
+            found = {k: v for k, v in mismatch.items() if v}
+            return f"{text}: " + ", ".join(f"{k} columns {v!r}" for k, v in found.items())
         if self.unexpected_count:
             parts.append(f"{self.unexpected_count} unexpected ({self.unexpected_percent:.3g}%)")
         if self.observed_value is not None:
@@ -240,7 +248,7 @@ def validate_partition(
         contract,
         config=config,
         reference=reference,
-        columns=list(df.columns) if layer == "gold" else None,
+        columns=list(df.columns) if layer in ("gold", "bronze") else None,
         expected_row_count=expected_row_count,
     )
     batch_definition = _batch_definition(ctx, suite.name)

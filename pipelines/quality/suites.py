@@ -58,6 +58,7 @@ LINEAGE_COLUMNS: tuple[str, ...] = (
     "_ingest_run_id",
     "_ingested_at",
 )
+PARSE_ERROR_COLUMN = "_parse_error"
 # Gold columns that are identifiers or labels, not model features.
 GOLD_NON_FEATURE_COLUMNS: frozenset[str] = frozenset({"device", "ts", "event_date", "label", "is_anomaly"})
 
@@ -67,7 +68,7 @@ DEFAULT_REFERENCE_K = 6.0
 DEFAULT_ANOMALY_RATE = (0.0, 0.5)
 
 # Checks that only warn unless the dataset config says otherwise.
-_DEFAULT_WARNING_TYPES = frozenset({"expect_column_mean_to_be_between"})
+_DEFAULT_WARNING_TYPES = frozenset({"expect_column_mean_to_be_between", "expect_table_columns_to_match_set"})
 
 # Contract type -> GX pandas `type_` (ExpectColumnValuesToBeOfType compares dtype.type; "str"
 # matches pandas 3's `str` dtype and, value by value, object columns holding Python str).
@@ -179,7 +180,7 @@ def build_suite(
         raise ValueError(f"unknown layer {layer!r}: expected one of {', '.join(LAYERS)}")
     builder = _SuiteBuilder(layer, contract.name, config)
     if layer == "bronze":
-        _bronze(builder, contract, expected_row_count)
+        _bronze(builder, contract, expected_row_count, columns)
     elif layer == "silver":
         _silver(builder, contract, now)
     else:
@@ -197,7 +198,9 @@ def _time_column(contract: Any) -> str:
     return getattr(event_time, "column", None) or "ts"
 
 
-def _bronze(b: _SuiteBuilder, contract: Any, expected_row_count: int | None) -> None:
+def _bronze(
+    b: _SuiteBuilder, contract: Any, expected_row_count: int | None, columns: Iterable[str] | None
+) -> None:
     import great_expectations.expectations as gxe
 
     # Bronze keeps the delivered header, so the check is on the *source* column names.
@@ -211,6 +214,18 @@ def _bronze(b: _SuiteBuilder, contract: Any, expected_row_count: int | None) -> 
         b.add(gxe.ExpectTableRowCountToEqual, value=int(expected_row_count))
     for name in LINEAGE_COLUMNS:
         b.add(gxe.ExpectColumnValuesToNotBeNull, column=name)
+    # Columns the contract does not know are kept in bronze as delivered and ignored by silver;
+    # this check (a warning unless configured otherwise) makes them visible in the report.
+    known = getattr(contract, "source_columns", None)
+    if known is not None:
+        if columns is not None:  # an optional column (e.g. the label) may be absent: not a finding
+            present = set(columns)
+            known = [c for c in known if c in present or c in required]
+        b.add(
+            gxe.ExpectTableColumnsToMatchSet,
+            column_set=[*known, PARSE_ERROR_COLUMN, *LINEAGE_COLUMNS],
+            exact_match=True,
+        )
 
 
 def _silver(b: _SuiteBuilder, contract: Any, now: dt.datetime | None) -> None:
@@ -226,14 +241,18 @@ def _silver(b: _SuiteBuilder, contract: Any, now: dt.datetime | None) -> None:
         gx_type = _SILVER_TYPES.get(str(col.type))
         if gx_type is not None:
             b.add(gxe.ExpectColumnValuesToBeOfType, column=col.name, type_=gx_type)
-        if getattr(col, "range", None) is not None:
-            lo, hi = col.range
+    # Ranges and the clock check come from the same rules that fill the quarantine (one definition:
+    # the contract, through pipelines.layers.silver.silver_rules), so gate and quarantine agree.
+    rules = _silver_row_rules(b, contract, now)
+    for rule in rules:
+        if rule.name.startswith("range:"):
             b.add(
                 gxe.ExpectColumnValuesToBeBetween,
-                column=col.name,
+                column=rule.column,
                 mostly_allowed=True,
-                min_value=None if lo is None else float(lo),
-                max_value=None if hi is None else float(hi),
+                min_value=rule.min_value,
+                max_value=rule.max_value,
+                extra_meta={"rule": rule.name},
             )
     label = getattr(contract, "label", None)
     label_column = getattr(label, "column", None) or "label"
@@ -248,11 +267,13 @@ def _silver(b: _SuiteBuilder, contract: Any, now: dt.datetime | None) -> None:
     else:
         b.add(gxe.ExpectColumnValuesToBeUnique, column=keys[0])
 
-    tolerance = float(
-        _section(b.config, "silver", "future_tolerance_seconds", DEFAULT_FUTURE_TOLERANCE_SECONDS)
+    (future,) = [r for r in rules if r.name == "future_timestamp"]
+    b.add(
+        gxe.ExpectColumnValuesToBeBetween,
+        column=ts,
+        max_value=future.max_value,
+        extra_meta={"rule": future.name},
     )
-    latest = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=tolerance)
-    b.add(gxe.ExpectColumnValuesToBeBetween, column=ts, max_value=latest.isoformat())
 
     known = _section(b.config, "silver", "known_devices")
     pattern = _section(b.config, "silver", "device_pattern")
@@ -263,6 +284,15 @@ def _silver(b: _SuiteBuilder, contract: Any, now: dt.datetime | None) -> None:
         b.add(gxe.ExpectColumnValuesToMatchRegex, column=device, mostly_allowed=True, regex=pattern)
     elif constant is not None:
         b.add(gxe.ExpectColumnValuesToBeInSet, column=device, value_set=[constant])
+
+
+def _silver_row_rules(b: _SuiteBuilder, contract: Any, now: dt.datetime | None) -> list:
+    from pipelines.layers.silver import silver_rules
+
+    tolerance = float(
+        _section(b.config, "silver", "future_tolerance_seconds", DEFAULT_FUTURE_TOLERANCE_SECONDS)
+    )
+    return silver_rules(contract, now=now, future_tolerance=dt.timedelta(seconds=tolerance))
 
 
 def gold_feature_columns(columns: Iterable[str]) -> list[str]:

@@ -230,6 +230,15 @@ def test_gold_does_not_look_ahead():
     assert not before[cols].iloc[5].equals(after[cols].iloc[5])
 
 
+def test_gold_flat_count_sees_a_stuck_sensor_and_long_dev_a_drift():
+    temps = [20.0, 20.4, 19.8, 20.1, 20.1, 20.1, 20.1, 20.1, 23.0, 26.0]
+    gold = to_gold(_silver_frame(temps), NAB, window=4, long_window=6)
+    assert gold["temp_flat_count"].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 3, 2]
+    # value minus the median of the last 6 readings, the current one included
+    assert gold["temp_long_dev"].iloc[-1] == pytest.approx(26.0 - 20.1)
+    assert gold["temp_long_dev"].iloc[0] == 0.0
+
+
 def test_gold_warmup_rows_feed_windows_and_are_dropped():
     full = _silver_frame([20.0, 21, 19, 22, 20, 21])
     whole = to_gold(full, NAB, window=3)
@@ -270,6 +279,8 @@ def test_nab_file_goes_bytes_to_gold_through_its_contract_alone(nab_csv):
         "temp_roll_max",
         "temp_delta",
         "temp_zscore",
+        "temp_flat_count",
+        "temp_long_dev",
         "hour_sin",
         "hour_cos",
     ]

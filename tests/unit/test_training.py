@@ -22,8 +22,9 @@ PARAMS = {
     "train": {
         "seed": 42,
         "test_fraction": 0.3,
+        "families": ["isolation_forest", "hist_gradient_boosting"],
         "isolation_forest": {"n_estimators": 50, "contamination": 0.05},
-        "local_outlier_factor": {"n_neighbors": 20, "contamination": 0.05},
+        "hist_gradient_boosting": {"max_iter": 50},
         "threshold_rule": {"temp_above": 32.0},
     }
 }
@@ -85,6 +86,30 @@ def make_gold(devices: int = 3, days: int = 2, seed: int = 7, freq: str = "1min"
     return df
 
 
+GX_BY_PARTITION = {  # the shape jobs/model.py passes: {partition: GateResult.to_dict()}
+    "2026-01-05": {
+        "partition": "2026-01-05",
+        "success": True,
+        "outcomes": [],
+        "statistics": {
+            "evaluated_expectations": 12,
+            "unsuccessful_expectations": 0,
+            "success_percent": 100.0,
+        },
+    },
+    "2026-01-06": {
+        "partition": "2026-01-06",
+        "success": False,
+        "outcomes": [{"success": False, "severity": "critical", "column": "temp"}],
+        "statistics": {
+            "evaluated_expectations": 12,
+            "unsuccessful_expectations": 1,
+            "success_percent": 91.66666,
+        },
+    },
+}
+
+
 # --------------------------------------------------------------------------- throwaway MLflow server
 
 
@@ -120,7 +145,10 @@ def test_split_rejects_bad_fraction(gold):
 def test_scores_higher_for_anomalies(gold):
     train, test = training.split_by_time(gold, 0.3)
     models = training.fit_candidates(train, PARAMS)
-    assert set(models) == {"isolation_forest", "local_outlier_factor"}
+    assert set(models) == {"isolation_forest", "hist_gradient_boosting"}
+    assert models["isolation_forest"].columns == [
+        c for c in training.feature_columns(gold) if c.endswith(training.DEVIATION_SUFFIXES)
+    ]
     lab = training.labelled(test)
     feats = training.feature_columns(gold)
     y = lab["is_anomaly"].astype(int).to_numpy()
@@ -143,6 +171,45 @@ def test_evaluate_and_rule():
     assert training.threshold_rule_metrics(df, 32.0)["recall_dropout"] == 0.0
 
 
+def test_supervised_family_needs_labelled_anomalies(gold):
+    unlabelled = gold.assign(is_anomaly=pd.array([pd.NA] * len(gold), dtype="Int8"))
+    models = training.fit_candidates(unlabelled, PARAMS)
+    assert set(models) == {"isolation_forest"}
+
+
+def test_gx_summary_metrics_single_and_by_partition():
+    assert training.gx_summary_metrics(None) == {}
+    m = training.gx_summary_metrics(GX_BY_PARTITION)
+    assert m["gx_gold_partitions"] == 2 and m["gx_gold_partitions_passed"] == 1
+    single = training.gx_summary_metrics(GX_BY_PARTITION["2026-01-05"])
+    assert single["gx_gold_partitions"] == 1 and single["gx_gold_failed"] == 0
+
+
+def test_label_from_windows_and_window_metrics():
+    ts = pd.Series(pd.date_range("2026-01-05", periods=10, freq="h", tz="UTC"))
+    df = pd.DataFrame({"ts": ts, "temp": np.arange(10.0)})
+    windows = [("2026-01-05 02:00:00", "2026-01-05 03:00:00"), ("2026-01-05 07:00:00", "2026-01-05 08:00:00")]
+    out = training.label_from_windows(df, windows)
+    assert out["is_anomaly"].tolist() == [0, 0, 1, 1, 0, 0, 0, 1, 1, 0]
+    assert set(out["label"]) == {"normal", "anomaly"}
+    alarm = np.zeros(10, dtype=bool)
+    alarm[[3, 5]] = True  # one window hit (1 h before its end), one false alarm
+    m = training.window_metrics(ts, alarm, windows)
+    assert m["windows"] == 2 and m["windows_detected"] == 1 and m["false_alarm_episodes"] == 1
+    assert m["window_lead_hours_mean"] == 0.0 and m["window_recall"] == 0.5
+    with pytest.raises(ValueError, match="ends before"):
+        training.label_from_windows(df, [("2026-01-05 03:00", "2026-01-05 01:00")])
+
+
+def test_fit_threshold_rule_uses_training_labels():
+    df = pd.DataFrame(
+        {"temp": [20.0, 21, 35, 36, 22], "is_anomaly": [0, 0, 1, 1, 0], "label": ["normal"] * 5}
+    )
+    t = training.fit_threshold_rule(df)
+    assert 22 <= t < 35
+    assert training.threshold_rule_metrics(df, t)["f1"] == 1.0
+
+
 def test_choose_threshold_uses_train_labels_only():
     scores = np.array([0.1, 0.2, 0.3, 0.9, 1.0])
     assert training.choose_threshold(scores, np.array([0, 0, 0, 1, 1])) == 0.9
@@ -159,10 +226,7 @@ def two_runs(gold, mlflow_uri):
         data_snapshot={"partitions": sorted(gold["event_date"].unique().tolist()), "content_hash": "abc123"},
         git_commit="deadbeef",
         dvc_lock_digest="md5:0123",
-        gx_summary={
-            "success": True,
-            "statistics": {"evaluated_expectations": 12, "successful_expectations": 12},
-        },
+        gx_summary=GX_BY_PARTITION,
         airflow_dag_id="train_dag",
         airflow_run_id="manual__1",
     )
@@ -212,7 +276,9 @@ def test_run_contents(two_runs, mlflow_uri, tmp_path):
         "f1",
         "baseline_threshold_pr_auc",
         "cand_isolation_forest_pr_auc",
-        "cand_local_outlier_factor_pr_auc",
+        "cand_hist_gradient_boosting_pr_auc",
+        "gx_gold_evaluated",
+        "gx_gold_success_percent_min",
         "recall_spike",
         "recall_drift",
     ):
@@ -222,7 +288,9 @@ def test_run_contents(two_runs, mlflow_uri, tmp_path):
     assert tags["airflow_dag_id"] == "train_dag" and tags["airflow_run_id"] == "manual__1"
     assert json.loads(tags["gold_snapshot"])["content_hash"] == "abc123"
     assert tags["training_partitions"].startswith("2026-01-05")
-    assert "success=True" in tags["gx_summary"]
+    assert "success=False" in tags["gx_summary"] and "partitions_passed=1/2" in tags["gx_summary"]
+    assert m["gx_gold_evaluated"] == 24 and m["gx_gold_failed"] == 1 and m["gx_gold_critical_failed"] == 1
+    assert m["gx_gold_success_percent_min"] == pytest.approx(100 * 11 / 12)
 
     # inputs with digests
     contexts = {}

@@ -1,0 +1,162 @@
+"""The rollout state machine: one JSON object in the lake (``serving/rollout.json``) read by the
+scoring service and the canary DAG, written with one atomic PUT; transitions are pure functions.
+
+States: ``running`` (at ``step_index``) -> ``promoted`` | ``rolled_back``. ``idle`` when none started.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from pipelines.canary.stages import CanaryPlan, Step
+
+ROLLOUT_KEY = "serving/rollout.json"
+IDLE, RUNNING, PROMOTED, ROLLED_BACK = "idle", "running", "promoted", "rolled_back"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    status: str = IDLE
+    rollout_id: str = ""
+    model_name: str = ""
+    champion_version: str = ""
+    challenger_version: str = ""
+    step_index: int = -1
+    step_name: str = ""
+    weight: int = 0  # percent of devices routed to the challenger
+    shadow: str = "none"  # none | challenger | champion
+    started_at: str = ""
+    step_started_at: str = ""
+    updated_at: str = ""
+    updated_by: str = ""
+    reason: str = ""
+    mlflow_run_id: str = ""
+    last_verdict: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.status == RUNNING
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RolloutState:
+        raw = json.loads(data)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+# --------------------------------------------------------------------------- pure transitions
+
+
+def _enter(state: RolloutState, step_index: int, step: Step, actor: str, reason: str) -> RolloutState:
+    at = now_iso()
+    return replace(
+        state,
+        step_index=step_index,
+        step_name=step.name,
+        weight=step.weight,
+        shadow=step.shadow,
+        step_started_at=at,
+        updated_at=at,
+        updated_by=actor,
+        reason=reason,
+    )
+
+
+def start(plan: CanaryPlan, champion: str, challenger: str, actor: str, reason: str = "") -> RolloutState:
+    base = RolloutState(
+        status=RUNNING,
+        rollout_id=f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+        model_name=plan.model_name,
+        champion_version=str(champion),
+        challenger_version=str(challenger),
+        started_at=now_iso(),
+    )
+    return _enter(base, 0, plan.steps[0], actor, reason or f"rollout of v{challenger} against v{champion}")
+
+
+def after_verdict(
+    state: RolloutState, plan: CanaryPlan, verdict: dict[str, Any], actor: str
+) -> tuple[RolloutState, str]:
+    """(new state, action) with action one of ``hold``, ``advance``, ``promote``, ``rollback``."""
+    if not state.active:
+        raise ValueError(f"rollout {state.rollout_id or '-'} is {state.status}, not running: nothing to step")
+    outcome = verdict["verdict"]
+    reasons = "; ".join(verdict.get("reasons", []))[:2000]
+    if outcome == "fail":
+        return abort(state, actor, f"step {state.step_name} failed: {reasons}", verdict), "rollback"
+    if outcome == "inconclusive":
+        at = now_iso()
+        return replace(state, updated_at=at, updated_by=actor, reason=reasons, last_verdict=verdict), "hold"
+    if state.step_index + 1 >= len(plan.steps):
+        return finish(state, actor, f"every step passed (last: {state.step_name})", verdict), "promote"
+    nxt = plan.steps[state.step_index + 1]
+    new = _enter(state, state.step_index + 1, nxt, actor, f"step {state.step_name} passed")
+    return replace(new, last_verdict=verdict), "advance"
+
+
+def abort(state: RolloutState, actor: str, reason: str, verdict: dict | None = None) -> RolloutState:
+    return replace(
+        state,
+        status=ROLLED_BACK,
+        weight=0,
+        shadow="none",
+        updated_at=now_iso(),
+        updated_by=actor,
+        reason=reason,
+        last_verdict=verdict if verdict is not None else state.last_verdict,
+    )
+
+
+def finish(state: RolloutState, actor: str, reason: str, verdict: dict | None = None) -> RolloutState:
+    return replace(
+        state,
+        status=PROMOTED,
+        weight=0,  # the challenger is now the champion: all traffic goes to `champion`
+        shadow="none",
+        updated_at=now_iso(),
+        updated_by=actor,
+        reason=reason,
+        last_verdict=verdict if verdict is not None else state.last_verdict,
+    )
+
+
+def with_weight(
+    state: RolloutState, weight: int, shadow: str | None, actor: str, reason: str
+) -> RolloutState:
+    if not 0 <= weight <= 100:
+        raise ValueError(f"weight {weight} must be within 0..100 (percent of devices)")
+    return replace(
+        state,
+        weight=int(weight),
+        shadow=state.shadow if shadow is None else shadow,
+        updated_at=now_iso(),
+        updated_by=actor,
+        reason=reason,
+    )
+
+
+# --------------------------------------------------------------------------- the lake object
+
+
+def read_state(store) -> RolloutState:
+    """The current state; ``idle`` when no rollout was ever started."""
+    bucket = store.settings.lake_bucket
+    if not store.exists(bucket, ROLLOUT_KEY):
+        return RolloutState()
+    return RolloutState.from_json(store.get_bytes(bucket, ROLLOUT_KEY))
+
+
+def write_state(store, state: RolloutState) -> None:
+    """One PUT of the whole object: readers see the old state or the new one, never a mix."""
+    store.put_bytes(store.settings.lake_bucket, ROLLOUT_KEY, state.to_json(), "application/json")

@@ -1,0 +1,41 @@
+"""The service's own settings: env vars with prefix PLATFORM_SERVING_ over params.yaml ``serving``.
+
+Endpoints and credentials of the stack (MLflow, the object store) come from pipelines.settings.
+"""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PLATFORM_SERVING_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8700
+    model_name: str | None = None  # default: params.yaml registry.model_name
+    # Admin endpoints (weights, reload) refuse every call until a token is configured.
+    admin_token: SecretStr | None = None
+    # When set, /score and /feedback also need `Authorization: Bearer <token>`.
+    scoring_token: SecretStr | None = None
+    max_records_per_request: int = 1000
+    max_body_bytes: int = 1_048_576
+    max_batch_rows: int = 1024
+    batch_wait_ms: float = 0.0  # extra wait to fill a batch; 0 = take what queued during the last predict
+    poll_seconds: float = 10.0  # registry aliases and rollout state
+    log_flush_seconds: float = 5.0
+    log_flush_rows: int = 20_000
+    log_buffer_max_rows: int = 2_000_000  # kept while the object store is down; oldest dropped beyond
+    s3_timeout_seconds: float = 5.0
+
+
+def serving_settings(params: dict | None = None) -> ServingSettings:
+    """Env (PLATFORM_SERVING_*) wins over params.yaml ``serving``, which wins over the defaults."""
+    settings = ServingSettings()
+    for key, value in ((params or {}).get("serving", {}) or {}).items():
+        if key in ServingSettings.model_fields and key not in settings.model_fields_set:
+            setattr(settings, key, value)
+    if settings.model_name is None:
+        settings.model_name = (params or {}).get("registry", {}).get("model_name", "iot-anomaly-detector")
+    return settings

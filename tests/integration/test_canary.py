@@ -1,0 +1,253 @@
+"""Canary promotion: the pure decision logic over simulated traffic, then whole rollouts through the
+real scoring service, prediction log, registry and lake (good challenger promoted, bad one rolled back).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import httpx
+import numpy as np
+import pytest
+
+from pipelines.canary import analysis, controller, history
+from pipelines.canary import state as st
+from pipelines.canary.stages import AnalysisConfig, CanaryPlan, Step
+from pipelines.serving.routing import route
+from tests.integration.test_serving import (
+    ServiceProcess,
+    records_of,
+    register_model,
+    set_alias,
+    traffic_frame,
+)
+
+CFG = AnalysisConfig(min_labels=100)
+SHADOW = Step("shadow", 0, "challenger", min_requests=300, bake_seconds=0)
+CANARY = Step("canary-10", 10, min_requests=300, bake_seconds=0)
+
+
+# --------------------------------------------------------------------------- simulated traffic
+
+
+def simulate(
+    rng, n=800, paired=False, slow=1.0, errors=0.001, noise=0.1, scramble=0.0
+) -> analysis.StepSample:
+    """Two models' traffic. ``scramble``: share of the challenger's scores replaced by noise (worse model)."""
+    y = rng.random(n) < 0.1
+    base = rng.normal(0, 1, n) + 2.5 * y
+
+    def role(score: np.ndarray, lat_scale: float, err: float, shift_noise: float) -> analysis.RoleSample:
+        s = score + rng.normal(0, shift_noise, n)
+        flagged = s >= 1.3
+        error = rng.random(n) < err
+        latency = rng.lognormal(np.log(8 * lat_scale), 0.3, n)
+        return analysis.RoleSample(
+            latency, error, s[~error], flagged[~error], y[~error].astype(int), flagged[~error]
+        )
+
+    champion_score = base if paired else rng.normal(0, 1, n) + 2.5 * (rng.random(n) < 0.1)
+    champ = role(base, 1.0, 0.001, 0.0)
+    chal_score = base.copy() if paired else champion_score
+    if not paired:  # a different population of devices, same distribution
+        y_other = rng.random(n) < 0.1
+        chal_score = rng.normal(0, 1, n) + 2.5 * y_other
+        y = y_other
+    k = int(scramble * n)
+    chal_score[:k] = rng.normal(0.8, 1.2, k)
+    chal = role(chal_score, slow, errors, noise)
+    agreement = None
+    if paired:
+        both = ~(np.isin(np.arange(n), []))
+        a = (base >= 1.3)[both]
+        b = (chal_score + 0 >= 1.3)[both]
+        agreement = a == b
+    return analysis.StepSample(champ, chal, agreement, elapsed_seconds=3600)
+
+
+@pytest.mark.parametrize("step,paired", [(SHADOW, True), (CANARY, False)], ids=["shadow", "canary"])
+def test_equal_models_are_rolled_back_in_at_most_5_percent_of_simulations(step, paired):
+    rng = np.random.default_rng(2026)
+    runs = 300
+    verdicts = [analysis.analyze_step(simulate(rng, paired=paired), step, CFG).verdict for _ in range(runs)]
+    fail_rate = verdicts.count("fail") / runs
+    assert fail_rate <= 0.05, (fail_rate, {v: verdicts.count(v) for v in set(verdicts)})
+    assert verdicts.count("pass") / runs >= 0.9
+
+
+@pytest.mark.parametrize(
+    "fault,kwargs,metric",
+    [
+        ("slow", {"slow": 3.0}, "latency_p99"),
+        ("errors", {"errors": 0.05}, "error_rate"),
+        ("worse predictions", {"scramble": 0.6}, "f1"),
+    ],
+)
+def test_a_bad_challenger_fails_the_first_step(fault, kwargs, metric):
+    rng = np.random.default_rng(7)
+    for step, paired in ((SHADOW, True), (CANARY, False)):
+        verdict = analysis.analyze_step(simulate(rng, paired=paired, **kwargs), step, CFG)
+        assert verdict.verdict == "fail", (fault, verdict.summary())
+        assert verdict.metrics[metric].verdict == "fail", verdict.summary()
+        # the numbers behind the verdict are there, not only the verdict
+        m = verdict.metrics[metric].__dict__
+        assert m["n_champion"] > 0 and m["challenger"] is not None and m["threshold"]
+
+
+def test_too_few_requests_or_bake_time_hold_the_step():
+    rng = np.random.default_rng(1)
+    small = analysis.analyze_step(simulate(rng, n=100, paired=True), SHADOW, CFG)
+    assert small.verdict == "inconclusive" and any("needs 300" in r for r in small.reasons)
+    sample = simulate(rng, paired=True)
+    sample.elapsed_seconds = 10
+    baking = analysis.analyze_step(sample, Step("shadow", 0, "challenger", 300, bake_seconds=600), CFG)
+    assert baking.verdict == "inconclusive" and "baking" in baking.reasons[0]
+
+
+def test_state_machine_walks_the_steps_and_aborts_on_fail():
+    plan = CanaryPlan(
+        steps=(SHADOW, CANARY, Step("full", 100, "champion", 300, 0)), analysis=CFG, model_name="m"
+    )
+    s = st.start(plan, "1", "2", actor="t")
+    assert (s.step_name, s.weight, s.shadow) == ("shadow", 0, "challenger")
+    s, action = st.after_verdict(s, plan, {"verdict": "inconclusive", "reasons": ["wait"]}, "t")
+    assert action == "hold" and s.step_name == "shadow"
+    s, action = st.after_verdict(s, plan, {"verdict": "pass"}, "t")
+    assert (action, s.step_name, s.weight) == ("advance", "canary-10", 10)
+    s2, action = st.after_verdict(s, plan, {"verdict": "fail", "reasons": ["latency"]}, "t")
+    assert (action, s2.status, s2.weight) == ("rollback", st.ROLLED_BACK, 0) and "latency" in s2.reason
+    s, _ = st.after_verdict(s, plan, {"verdict": "pass"}, "t")
+    s, action = st.after_verdict(s, plan, {"verdict": "pass"}, "t")
+    assert (action, s.status) == ("promote", st.PROMOTED)
+    with pytest.raises(ValueError, match="not running"):
+        st.after_verdict(s, plan, {"verdict": "pass"}, "t")
+
+
+def test_routing_is_sticky_and_monotonic_in_weight():
+    devices = [f"dev-{i}" for i in range(5000)]
+    at10 = {d for d in devices if route(d, 10, "r1") == "challenger"}
+    at50 = {d for d in devices if route(d, 50, "r1") == "challenger"}
+    assert at10 <= at50 and 0.08 < len(at10) / 5000 < 0.12 and 0.45 < len(at50) / 5000 < 0.55
+    assert all(route(d, 10, "r1") == route(d, 10, "r1") for d in devices[:100])
+    assert {route(d, 0, "r1") for d in devices} == {"champion"}
+
+
+# --------------------------------------------------------------------------- whole rollouts
+
+
+@pytest.fixture(scope="module")
+def canary_setup(settings):
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    uri = settings.mlflow_tracking_uri
+    name = "canary-e2e"
+    versions = {
+        "v1": register_model(uri, name, "good", seed=0),
+        "v2": register_model(uri, name, "good", seed=1),
+        "bad": register_model(uri, name, "bad", seed=2),
+    }
+    set_alias(uri, name, "champion", versions["v1"])
+    from pipelines.settings import load_params
+
+    params = copy.deepcopy(load_params())
+    params["canary"]["model_name"] = name
+    params["canary"]["experiment"] = "canary-tests"
+    for step in params["canary"]["steps"]:
+        step.update(min_requests=150, bake_minutes=0)
+    params["canary"]["analysis"]["min_labels"] = 100
+    return {"name": name, "uri": uri, "params": params, **versions}
+
+
+def drive(svc: ServiceProcess, n: int, seed: int) -> None:
+    """Send n records (50 per request) from 200 simulated devices, then their ground-truth labels."""
+    frame = traffic_frame(n, seed=seed)
+    labels = []
+    with httpx.Client(base_url=svc.url, timeout=30) as c:
+        for start in range(0, n, 50):
+            chunk = frame.iloc[start : start + 50]
+            rid = f"s{seed}-{start}"
+            r = c.post("/score", json={"records": records_of(chunk), "request_id": rid})
+            assert r.status_code == 200, r.text
+            labels += [
+                {"request_id": rid, "record_index": i, "is_anomaly": int(y)}
+                for i, y in enumerate(chunk["is_anomaly"])
+            ]
+        assert c.post("/feedback", json={"labels": labels}).status_code == 200
+    svc.flush()
+
+
+def run_step(svc, setup, state, n, seed) -> dict:
+    svc.wait_for(
+        lambda s: (
+            (s["rollout"] or {}).get("step_name") == state.step_name
+            and (s["rollout"] or {}).get("rollout_id") == state.rollout_id
+        ),
+        what=f"step {state.step_name}",
+    )
+    drive(svc, n, seed)
+    return controller.evaluate_step(actor="test-dag", params=setup["params"])
+
+
+def test_good_challenger_goes_from_shadow_to_champion_and_bad_one_is_rolled_back(canary_setup, store):
+    from mlflow import MlflowClient
+
+    setup = canary_setup
+    name, uri, params = setup["name"], setup["uri"], setup["params"]
+    client = MlflowClient(uri, registry_uri=uri)
+    set_alias(uri, name, "challenger", setup["v2"])
+    traffic = {"shadow": 400, "canary-10": 2500, "canary-50": 700, "full": 400}
+    with ServiceProcess(name) as svc:
+        svc.wait_for(lambda s: s["models"]["challenger"] == setup["v2"], what="challenger loaded")
+        state = controller.start_rollout(actor="test", reason="new model", params=params)
+        actions = []
+        for i, step in enumerate(["shadow", "canary-10", "canary-50", "full"]):
+            result = run_step(svc, setup, state, traffic[step], seed=10 + i)
+            actions.append(result["action"])
+            assert result["action"] in ("advance", "promote"), (step, result["verdict"])
+            state = st.read_state(store)
+        assert actions == ["advance", "advance", "advance", "promote"]
+        assert registry_aliases(client, name) == {"champion": setup["v2"], "previous": setup["v1"]}
+        tags = client.get_model_version(name, setup["v2"]).tags
+        assert tags["canary.status"] == "promoted" and tags["promoted.by"] == "test-dag"
+        svc.wait_for(lambda s: s["models"]["champion"] == setup["v2"], what="new champion served")
+
+        # a bad challenger (ranking inverted) is stopped at the first step that sees it: shadow
+        set_alias(uri, name, "challenger", setup["bad"])
+        svc.wait_for(lambda s: s["models"]["challenger"] == setup["bad"], what="bad challenger loaded")
+        state = controller.start_rollout(actor="test", params=params)
+        result = run_step(svc, setup, state, 400, seed=20)
+        assert result["action"] == "rollback", result["verdict"]
+        failed = {k for k, m in result["verdict"]["metrics"].items() if m["verdict"] == "fail"}
+        assert failed & {"f1", "agreement", "score_shift", "flag_rate"}, result["verdict"]
+        state = st.read_state(store)
+        assert (state.status, state.weight) == (st.ROLLED_BACK, 0)
+        tags = client.get_model_version(name, setup["bad"]).tags
+        assert tags["canary.failed_step"] == "shadow" and "failed" in tags["canary.failed_reason"]
+        assert registry_aliases(client, name) == {"champion": setup["v2"], "previous": setup["v1"]}
+        svc.wait_for(lambda s: s["models"]["challenger"] is None, what="challenger unloaded")
+
+    # manual rollback (no rollout running): champion <- previous, recorded with who and why
+    assert (
+        controller.rollback(actor="oncall", reason="pager", params=params)["aliases"]["champion"]
+        == setup["v1"]
+    )
+    events = controller.history_events(params=params)
+    kinds = [e["event"] for e in events if e["source"] == "canary-log"]
+    for expected in (
+        "rollout started",
+        "advanced to canary-10",
+        "promoted to champion",
+        "rolled back",
+        "champion rolled back to previous (manual)",
+    ):
+        assert expected in kinds, kinds
+    assert any(e["source"] == "version-tags" and e["actor"] == "oncall" for e in events)
+    assert all(e["actor"] for e in events if e["source"] == "canary-log")
+    status = controller.status(params=params)
+    assert status["state"]["status"] == "rolled_back" and "rolled_back" in status["note"]
+    assert history.read_events(store)
+
+
+def registry_aliases(client, name):
+    return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}

@@ -1,0 +1,386 @@
+"""The scoring service against the real stack: validation, routing, alias swaps and outages.
+
+The service runs as its own process (``python -m pipelines.serving``). For the outage test its
+object store and MLflow endpoints go through TCP proxies started here: stopping a proxy is a real
+connection-level outage for the service only, without breaking the session's shared stack.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import registry, training
+
+REPO = Path(__file__).resolve().parents[2]
+FEATURES = ["temp", "temp_roll_std"]
+ADMIN_TOKEN = "test-admin-" + os.urandom(4).hex()
+
+
+# --------------------------------------------------------------------------- tiny real models
+
+
+def traffic_frame(n: int, seed: int, devices: int = 200) -> pd.DataFrame:
+    """Simulated telemetry with known faults (10% anomalies)."""
+    rng = np.random.default_rng(seed)
+    anomalous = rng.random(n) < 0.1
+    return pd.DataFrame(
+        {
+            "device": [f"dev-{i}" for i in rng.integers(0, devices, n)],
+            "is_anomaly": anomalous.astype(int),
+            "temp": np.where(anomalous, rng.normal(35, 2, n), rng.normal(22, 1, n)),
+            "temp_roll_std": np.where(anomalous, rng.normal(1.5, 0.3, n), rng.normal(0.3, 0.05, n)),
+        }
+    )
+
+
+def register_model(uri: str, name: str, quality: str, seed: int = 0) -> str:
+    """A real IsolationForest logged, registered and tagged. good: fit on normal rows; bad: on anomalies."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.ensemble import IsolationForest
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import mlflow
+
+    train = traffic_frame(1000, seed=100)  # same data, new seed: an equally good retrain
+    rows = train[train["is_anomaly"] == (1 if quality == "bad" else 0)]
+    pipe = Pipeline(
+        [
+            ("impute", SimpleImputer()),
+            ("scale", StandardScaler()),
+            ("model", IsolationForest(n_estimators=100, random_state=seed)),
+        ]
+    )
+    model = training.AnomalyScorer(pipe).fit(rows[FEATURES])
+    scores = model.predict(train[FEATURES])
+    threshold = training.choose_threshold(scores, train["is_anomaly"].to_numpy())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serving-tests")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("decision_threshold", threshold)
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(train[FEATURES], scores),
+            serialization_format="skops",
+            skops_trusted_types=training.SKOPS_TRUSTED_TYPES,
+            pip_requirements=["scikit-learn", "skops"],
+        )
+    result = training.TrainResult(
+        run_id=run.info.run_id,
+        model_uri=info.model_uri,
+        model_family="isolation_forest",
+        metrics={},
+        baseline_metrics={},
+        threshold=threshold,
+        candidate_metrics={},
+        feature_columns=FEATURES,
+        experiment_id=run.info.experiment_id,
+        train_rows=len(rows),
+        test_rows=0,
+        training_partitions=["2026-01-05"],
+        model_id=info.model_id,
+    )
+    return str(registry.register_version(result, name, tracking_uri=uri).version)
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(name, alias, version)
+
+
+# --------------------------------------------------------------------------- a TCP proxy (outages)
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; ``stop()`` refuses and cuts connections, ``start()`` resumes."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> TcpProxy:
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", self.port))
+        lst.listen(64)
+        self._listener = lst
+        threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._listener:
+            try:  # wakes the thread blocked in accept(); close() alone would not on Linux
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self._conns.clear()
+
+    def _accept(self, lst: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = lst.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+# --------------------------------------------------------------------------- the service process
+
+
+class ServiceProcess:
+    def __init__(self, model_name: str, env: dict[str, str] | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(os.environ["PLATFORM_STATE_DIR"]) / "logs" / f"serving-{self.port}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "PLATFORM_SERVING_MODEL_NAME": model_name,
+            "PLATFORM_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
+            "PLATFORM_SERVING_POLL_SECONDS": "0.5",
+            "PLATFORM_SERVING_LOG_FLUSH_SECONDS": "0.5",
+            "PLATFORM_SERVING_S3_TIMEOUT_SECONDS": "2",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+        self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def __enter__(self) -> ServiceProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serving", "--port", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"service did not become healthy: {self.log.read_text()[-3000:]}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> dict:
+        deadline = time.time() + timeout
+        status: dict = {}
+        while time.time() < deadline:
+            status = httpx.get(self.url + "/status", timeout=5).json()
+            if predicate(status):
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; last status {status}")
+
+    def flush(self) -> None:
+        r = httpx.post(self.url + "/admin/flush", headers=self.admin, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def records_of(frame: pd.DataFrame) -> list[dict]:
+    return frame[["device", *FEATURES]].to_dict("records")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def uri(settings) -> str:
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    return settings.mlflow_tracking_uri
+
+
+@pytest.fixture(scope="module")
+def serving_model(uri) -> dict:
+    name = "serving-tests"
+    v1 = register_model(uri, name, "good", seed=0)
+    v2 = register_model(uri, name, "good", seed=1)
+    set_alias(uri, name, "champion", v1)
+    return {"name": name, "v1": v1, "v2": v2}
+
+
+@pytest.fixture(scope="module")
+def proxies(settings):
+    from urllib.parse import urlparse
+
+    s3 = TcpProxy(urlparse(settings.s3_endpoint_url).port).start()
+    ml = TcpProxy(urlparse(settings.mlflow_tracking_uri).port).start()
+    yield {"s3": s3, "mlflow": ml}
+    s3.stop()
+    ml.stop()
+
+
+@pytest.fixture(scope="module")
+def svc(serving_model, proxies):
+    """One service process for the module; it reaches the object store and MLflow through proxies."""
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxies['s3'].port}",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxies['mlflow'].port}",
+    }
+    with ServiceProcess(serving_model["name"], env) as service:
+        yield service
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_scores_validates_and_guards_admin(serving_model, svc):
+    if True:
+        frame = traffic_frame(20, seed=5)
+        r = httpx.post(svc.url + "/score", json={"records": records_of(frame), "request_id": "req-1"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["request_id"] == "req-1" and len(body["predictions"]) == 20
+        assert {p["model_version"] for p in body["predictions"]} == {serving_model["v1"]}
+        scores = np.array([p["score"] for p in body["predictions"]])
+        # anomalies score higher than normal readings (the model's own answer, not a stub)
+        assert scores[frame["is_anomaly"] == 1].mean() > scores[frame["is_anomaly"] == 0].mean()
+
+        bad = {"records": [{"device": "d", "temp": "hot"}, {"temp": 1.0, "temp_roll_std": None}]}
+        r = httpx.post(svc.url + "/score", json=bad)
+        assert r.status_code == 422
+        locs = {tuple(e["loc"]) for e in r.json()["detail"]}
+        assert ("body", "records", 0, "temp") in locs and ("body", "records", 0, "temp_roll_std") in locs
+        assert ("body", "records", 1, "device") in locs
+        too_many = {"records": records_of(traffic_frame(1001, seed=6))}
+        assert httpx.post(svc.url + "/score", json=too_many).status_code == 422
+        huge = b'{"records": [' + b" " * 1_100_000 + b"]}"
+        assert httpx.post(svc.url + "/score", content=huge).status_code == 413
+
+        assert httpx.post(svc.url + "/admin/reload").status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.post(svc.url + "/admin/reload", headers=wrong).status_code == 401
+        assert httpx.post(svc.url + "/admin/reload", headers=svc.admin).status_code == 200
+        r = httpx.post(svc.url + "/feedback", json={"labels": [{"request_id": "req-1", "is_anomaly": 1}]})
+        assert r.status_code == 200 and r.json() == {"accepted": 1}
+
+
+def test_keeps_answering_during_an_alias_change(serving_model, uri, svc):
+    name, v1, v2 = serving_model["name"], serving_model["v1"], serving_model["v2"]
+    svc.wait_for(lambda s: s["models"]["champion"] == v1, what="v1 served")
+    if True:
+        statuses: list[int] = []
+        versions: list[str] = []
+        stop = threading.Event()
+
+        def client_loop():
+            frame = traffic_frame(400, seed=7)
+            with httpx.Client(timeout=10) as c:
+                i = 0
+                while not stop.is_set():
+                    r = c.post(
+                        svc.url + "/score", json={"records": records_of(frame.iloc[i % 400 : i % 400 + 1])}
+                    )
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        versions.append(r.json()["predictions"][0]["model_version"])
+                    i += 1
+
+        threads = [threading.Thread(target=client_loop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        set_alias(uri, name, "champion", v2)
+        svc.wait_for(lambda s: s["models"]["champion"] == v2, what="the new champion")
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        set_alias(uri, name, "champion", v1)
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert versions[0] == v1 and versions[-1] == v2
+    switch = versions.index(v2)
+    assert set(versions[switch:]) <= {v1, v2}  # in-flight batches may finish on v1, none fail
+
+
+def test_keeps_serving_through_object_store_and_mlflow_outage(svc, proxies, store):
+    from pipelines.serving.predlog import PREDICTIONS, read_table
+
+    frame = traffic_frame(50, seed=8)
+    assert httpx.post(svc.url + "/score", json={"records": records_of(frame)}).status_code == 200
+    proxies["s3"].stop()
+    proxies["mlflow"].stop()
+    try:
+        svc.wait_for(
+            lambda s: {"mlflow", "rollout_state"} <= set(s["problems"]), what="degraded health naming both"
+        )
+        during = []
+        for i in range(30):
+            r = httpx.post(
+                svc.url + "/score",
+                json={"records": records_of(frame.iloc[[i]]), "request_id": f"outage-{i}"},
+                timeout=10,
+            )
+            during.append(r.status_code)
+        assert set(during) == {200}
+        health = httpx.get(svc.url + "/health").json()
+        assert health["status"] == "degraded" and health["models"]["champion"]
+        assert {"mlflow", "rollout_state"} <= set(health["problems"]), health
+    finally:
+        proxies["s3"].start()
+        proxies["mlflow"].start()
+    svc.wait_for(
+        lambda s: s["status"] == "ok" and s["prediction_log"]["pending"] == 0, timeout=40, what="recovery"
+    )
+    logged = read_table(store, PREDICTIONS, pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=10))
+    assert {f"outage-{i}" for i in range(30)} <= set(logged["request_id"])  # buffered, then written

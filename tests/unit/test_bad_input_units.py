@@ -1,0 +1,115 @@
+"""Bad input on tiny files, without servers: streaming bronze, delimiter sniffing, one rule definition."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+
+import pandas as pd
+import pytest
+
+from pipelines.contracts import load_contract
+from pipelines.layers.bronze import BronzeError, iter_landing_batches, parse_landing_csv
+from pipelines.layers.silver import silver_rules, to_silver
+from pipelines.quality import build_suite
+
+IOT = load_contract("iot_telemetry")
+AT = dt.datetime(2026, 1, 6, tzinfo=dt.UTC)
+HEADER = b"ts,device,co,humidity,light,lpg,motion,smoke,temp,fault\n"
+
+
+def row(ts=1767571200, temp="21.5") -> bytes:
+    return f"{ts},device-01,0.005,50,true,0.007,0,0.02,{temp},\n".encode()
+
+
+def parse(data: bytes, block_size: int = 1 << 20, key: str = "s3://landing/iot_telemetry/2026-01-05/a.csv"):
+    return parse_landing_csv(
+        data, source_key=key, source_etag="e", run_id="r", ingested_at=AT, contract=IOT, block_size=block_size
+    )
+
+
+def test_streaming_batches_keep_physical_line_numbers_across_blocks():
+    rows = [row(1767571200 + 60 * i) for i in range(2000)]
+    rows[500] = b"1767571200,device-01,0.1\n"  # malformed, line 502
+    data = b"\n" + HEADER + b"".join(rows[:1000]) + b"\n\n" + b"".join(rows[1000:])
+    batches = list(
+        iter_landing_batches(
+            io.BytesIO(data),
+            source_key="k",
+            source_etag="e",
+            run_id="r",
+            ingested_at=AT,
+            contract=IOT,
+            block_size=4096,
+        )
+    )
+    assert len(batches) > 10
+    lines = [line for b in batches for line in b["_source_line"].to_pylist()]
+    expected = list(range(3, 1003)) + list(range(1005, 2005))  # header on line 2, blank lines 1003-1004
+    assert lines == expected
+    errors = {
+        line: e
+        for b in batches
+        for line, e in zip(b["_source_line"].to_pylist(), b["_parse_error"].to_pylist(), strict=True)
+        if e
+    }
+    assert list(errors) == [503] and "found 3" in errors[503]
+
+
+def test_streaming_and_whole_file_parsing_agree():
+    data = HEADER + b"".join(row(1767571200 + 60 * i) for i in range(300)) + b"1,2\n"
+    small, large = parse(data, block_size=2048), parse(data)
+    assert small.drop(["_ingested_at"]).equals(large.drop(["_ingested_at"]))
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_wrong_delimiter_is_named(delimiter):
+    data = (HEADER + row()).replace(b",", delimiter.encode())
+    with pytest.raises(BronzeError) as err:
+        parse(data, key="landing/x.csv")
+    message = str(err.value)
+    assert f"file landing/x.csv uses {delimiter!r} but contract 'iot_telemetry' expects ','" in message
+    assert err.value.rule == "delimiter" and err.value.line == 1
+
+
+def test_utf8_error_names_the_line_even_in_a_later_block():
+    data = HEADER + b"".join(row(1767571200 + 60 * i) for i in range(5000)) + b"17675,dev\xff\n"
+    with pytest.raises(BronzeError, match=r"line 5002 is not valid UTF-8 \(byte 0xff\)"):
+        parse(data)
+
+
+def test_corrupt_gzip_is_a_clear_error():
+    with pytest.raises(BronzeError, match=r"gzip-compressed but is corrupt.*\[rule gzip\]"):
+        parse(b"\x1f\x8b\x08\x00garbage")
+
+
+def test_outside_partition_rule_quarantines_rows_of_another_day():
+    data = HEADER + row(1767571200) + row(1767571200 + 86_400)  # 2026-01-05 and 2026-01-06
+    silver, quarantine = to_silver(parse(data), IOT, now=AT + dt.timedelta(days=2), partition="2026-01-05")
+    assert len(silver) == 1
+    assert quarantine["rule"].tolist() == ["outside_partition"]
+    silver, quarantine = to_silver(parse(data), IOT, now=AT + dt.timedelta(days=2), partition="2026-01-06")
+    assert silver["ts"].tolist() == [pd.Timestamp("2026-01-06", tz="UTC")]
+    silver, quarantine = to_silver(parse(data), IOT, now=AT + dt.timedelta(days=2))  # no partition: no check
+    assert len(silver) == 2 and quarantine.empty
+
+
+def test_changing_a_contract_range_changes_quarantine_and_gate_alike():
+    narrowed = dataclasses.replace(
+        IOT,
+        columns=tuple(
+            dataclasses.replace(c, range=(0.0, 30.0)) if c.name == "temp" else c for c in IOT.columns
+        ),
+    )
+    for contract, expected in ((IOT, (-40.0, 125.0)), (narrowed, (0.0, 30.0))):
+        (rule,) = [r for r in silver_rules(contract) if r.name == "range:temp"]
+        assert (rule.min_value, rule.max_value) == expected
+        (check,) = [
+            e
+            for e in build_suite("silver", contract).expectations
+            if type(e).__name__ == "ExpectColumnValuesToBeBetween" and e.column == "temp"
+        ]
+        assert (check.min_value, check.max_value) == expected
+        _, quarantine = to_silver(parse(HEADER + row(temp="50")), contract, now=AT)
+        assert quarantine["rule"].tolist() == ([] if contract is IOT else ["range:temp"])
