@@ -1,0 +1,190 @@
+"""Lake throughput: landing → bronze → silver → gold on the embedded object store, beside the floor.
+
+    python benchmarks/lake_throughput.py --rows 1000000          # 1M rows over 2 delivery days
+    python benchmarks/lake_throughput.py --rows 10000000 --days 4
+
+Prints rows/s per layer and end to end, the pipeline process's peak RSS, the second day's cost
+against the first day's, and the floor measured in the same run: pyarrow reading the same raw
+CSV objects and writing them as Parquet to the same store. Targets (issue 3): end to end at
+least half the floor's rows/s; peak RSS under 1 GB at 10M rows; day 2 within 20% of day 1.
+
+Each phase runs in its own process so the pipeline's peak RSS is its own (not the simulator's).
+It starts a throwaway object store in a temp state directory and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DATASET = "iot_telemetry.bench"
+START = dt.date(2026, 2, 2)
+
+
+def _devices_for(rows: int, days: int, freq: int) -> int:
+    return max(1, round(rows / days / (86400 // freq)))
+
+
+def phase_land(rows: int, days: int, freq: int) -> dict:
+    from pipelines.jobs.lake import land_bytes
+    from pipelines.simulator import simulate_day_csv
+    from pipelines.storage import ObjectStore
+
+    store = ObjectStore()
+    devices = _devices_for(rows, days, freq)
+    landed, total = [], 0
+    for i in range(days):
+        day = START + dt.timedelta(days=i)
+        data = simulate_day_csv(day, devices=devices, freq_seconds=freq, seed=7)
+        land_bytes(store, DATASET, day.isoformat(), f"telemetry-{day}.csv", data)
+        n = data.count(b"\n") - 1
+        total += n
+        landed.append({"day": day.isoformat(), "rows": n, "mb": round(len(data) / 1e6, 1)})
+        print(f"  landed {day}: {n:,} rows, {len(data) / 1e6:.0f} MB ({devices} devices)", flush=True)
+        del data
+    return {"devices": devices, "rows": total, "landed": landed}
+
+
+def phase_floor(days: int) -> dict:
+    """pyarrow alone: read each raw CSV object, write it as Parquet to the same store."""
+    import io
+
+    import pyarrow.csv as pacsv
+
+    from pipelines.storage import ObjectStore, table_to_parquet_bytes
+
+    store = ObjectStore()
+    rows, t0 = 0, time.perf_counter()
+    for i in range(days):
+        day = (START + dt.timedelta(days=i)).isoformat()
+        key = f"{DATASET}/{day}/telemetry-{day}.csv"
+        table = pacsv.read_csv(io.BytesIO(store.get_bytes(store.settings.landing_bucket, key)))
+        store.put_bytes(store.settings.lake_bucket, f"floor/{day}.parquet", table_to_parquet_bytes(table))
+        rows += table.num_rows
+        del table
+    seconds = time.perf_counter() - t0
+    return {"rows": rows, "seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+def phase_pipeline(days: int) -> dict:
+    from pipelines.jobs import lake
+
+    quiet = lambda _m: None  # noqa: E731
+    # One-time cost of a task process (imports, GX context), reported apart from per-row work.
+    t = time.perf_counter()
+    from pipelines.quality import quality_context
+
+    quality_context()
+    warmup = time.perf_counter() - t
+    print(f"  process warm-up (imports, GX context): {warmup:.1f}s", flush=True)
+    per_day = []
+    for i in range(days):
+        day = (START + dt.timedelta(days=i)).isoformat()
+        timings = {}
+        t = time.perf_counter()
+        report = lake.build_bronze(day, f"bench-{day}", dataset=DATASET, progress=quiet)
+        timings["bronze"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for p in report.partitions:
+            lake.build_silver(p, f"bench-{day}", dataset=DATASET, progress=quiet)
+        timings["silver"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for p in lake.gold_targets(list(report.partitions), dataset=DATASET):
+            lake.build_gold(p, f"bench-{day}", dataset=DATASET, progress=quiet)
+        timings["gold"] = time.perf_counter() - t
+        per_day.append({"day": day, "rows": report.rows, **timings})
+        print(f"  {day}: {report.rows:,} rows  " + "  ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+              flush=True)
+    return {"per_day": per_day, "peak_rss_mb": _peak_rss_mb(), "warmup_s": warmup}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(phase: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--phase", phase, *args], capture_output=True, text=True)
+    sys.stdout.write("".join(line + "\n" for line in out.stdout.splitlines() if not line.startswith("{")))
+    if out.returncode != 0:
+        raise SystemExit(f"phase {phase} failed:\n{out.stderr[-4000:]}")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=2, help="delivery days the rows are spread over")
+    parser.add_argument("--freq-seconds", type=int, default=60)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.phase:
+        result = {
+            "land": lambda: phase_land(args.rows, args.days, args.freq_seconds),
+            "floor": lambda: phase_floor(args.days),
+            "pipeline": lambda: phase_pipeline(args.days),
+        }[args.phase]()
+        print(json.dumps(result))
+        return
+
+    from pipelines import services
+    from pipelines.settings import get_settings
+
+    state = Path(tempfile.mkdtemp(prefix="lake-bench-"))
+    os.environ["PLATFORM_STATE_DIR"] = str(state)
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.pop(var, None)
+    settings = services.ensure_credentials(get_settings())
+    services.write_stack_env(settings, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{services.free_port()}"})
+    print(f"object store in {state} ...", flush=True)
+    services.start_object_store(get_settings())
+    os.environ.update(get_settings().client_env())
+    try:
+        common = ["--rows", str(args.rows), "--days", str(args.days), "--freq-seconds", str(args.freq_seconds)]
+        print("landing simulated telemetry:", flush=True)
+        land = _child("land", *common)
+        print("floor (pyarrow CSV -> Parquet, same store):", flush=True)
+        floor = _child("floor", *common)
+        print("pipeline (bronze, silver, gold with their GX gates):", flush=True)
+        pipe = _child("pipeline", *common)
+    finally:
+        services.down(progress=lambda _m: None)
+
+    rows = land["rows"]
+    floor_rps = floor["rows"] / floor["seconds"]
+    layer_s = {k: sum(d[k] for d in pipe["per_day"]) for k in ("bronze", "silver", "gold")}
+    total_s = sum(layer_s.values())
+    e2e_rps = rows / total_s
+    day_cost = [d["bronze"] + d["silver"] + d["gold"] for d in pipe["per_day"]]
+    print()
+    print(f"rows {rows:,} over {args.days} delivery days ({land['devices']} devices, one reading a minute)")
+    print(f"{'stage':<22}{'seconds':>10}{'rows/s':>14}")
+    for layer, s in layer_s.items():
+        print(f"{layer:<22}{s:>10.1f}{rows / s:>14,.0f}")
+    print(f"{'end to end':<22}{total_s:>10.1f}{e2e_rps:>14,.0f}")
+    print(f"{'floor (pyarrow)':<22}{floor['seconds']:>10.1f}{floor_rps:>14,.0f}")
+    print(f"(not counted above: one-time process warm-up {pipe['warmup_s']:.1f}s, paid once per task process)")
+    print()
+    target = "met" if e2e_rps >= floor_rps / 2 else "NOT met"
+    print(f"end to end / floor: {e2e_rps / floor_rps:.2f} (target >= 0.50: {target})")
+    rss_target = "met" if pipe["peak_rss_mb"] < 1024 else "NOT met"
+    print(f"pipeline peak RSS: {pipe['peak_rss_mb']:.0f} MB (target < 1024 MB at 10M rows: {rss_target}); "
+          f"floor process {floor['peak_rss_mb']:.0f} MB")
+    if len(day_cost) >= 2:
+        ratio = day_cost[1] / day_cost[0]
+        print(f"day 2 cost / day 1 cost: {ratio:.2f} (target <= 1.20: {'met' if ratio <= 1.2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
