@@ -90,9 +90,7 @@ def publish_docs(store: ObjectStore, progress: Progress = print) -> None:
 
 def _put_quality(store: ObjectStore, layer: str, dataset: str, partition: str, quality: dict) -> None:
     key = f"quality/{layer}/{dataset}/event_date={partition}/validation.json"
-    store.put_bytes(
-        store.settings.lake_bucket, key, json.dumps(quality, default=str).encode(), "application/json"
-    )
+    store.put_bytes(store.settings.lake_bucket, key, json.dumps(quality, default=str).encode(), "application/json")
 
 
 # -- landing ------------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def build_bronze(
     so re-running a delivery replaces exactly its records. All files are gated before anything
     is committed: a critical failure publishes nothing.
     """
-    from pipelines.layers.bronze import iter_landing_batches
+    from pipelines.layers.bronze import is_json_lines, iter_landing_records
     from pipelines.layers.partitioning import split_by_event_date
 
     store = store or ObjectStore()
@@ -242,7 +240,7 @@ def build_bronze(
             resp, counter = open_landed(store, bucket, key)
             file_rows = 0
             try:
-                batches = iter_landing_batches(
+                batches = iter_landing_records(
                     io.BufferedReader(counter, buffer_size=1 << 20),
                     source_key=f"s3://{bucket}/{key}",
                     source_etag=store.etag(bucket, key),
@@ -273,16 +271,16 @@ def build_bronze(
             finally:
                 resp.close()
                 resp.release_conn()
-            if file_rows != counter.records:
+            source_records = counter.lines if is_json_lines(key) else counter.records
+            if file_rows != source_records:
                 raise RowCountMismatch(
-                    f"s3://{bucket}/{key}: the file has {counter.records} non-blank data lines but bronze "
+                    f"s3://{bucket}/{key}: the file has {source_records} non-blank data lines but bronze "
                     f"parsed {file_rows} records [rule bronze.row_count]; a quoted field spanning lines or "
                     "a parser bug would cause this: inspect the file, nothing was published"
                 )
             rows += file_rows
             progress(
-                f"[bronze] {key}: {file_rows} records (source has {counter.records}); "
-                f"event dates {sorted(writers)}"
+                f"[bronze] {key}: {file_rows} records (source has {source_records}); event dates {sorted(writers)}"
             )
     except Exception:
         for writer in writers.values():
@@ -318,9 +316,7 @@ def _merge_quality(results: list[dict]) -> dict:
     return merged
 
 
-def gold_targets(
-    partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None
-) -> list[str]:
+def gold_targets(partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None) -> list[str]:
     """Gold partitions to rebuild after silver changed `partitions`: those, plus the following day
     where it exists, because its first rolling windows read the changed day's tail."""
     store = store or ObjectStore()
@@ -407,14 +403,10 @@ def build_gold(
     warmup = None
     if storage.read_manifest(store, "silver", dataset, previous) is not None:
         prev = storage.read_partition(store, "silver", dataset, previous).to_pandas()
-        warmup = (
-            prev.sort_values("ts").groupby("device", group_keys=False).tail(warmup_rows(window, long_window))
-        )
+        warmup = prev.sort_values("ts").groupby("device", group_keys=False).tail(warmup_rows(window, long_window))
     gold = to_gold(silver, contract, window=window, warmup=warmup, long_window=long_window)
     reference = _gold_reference(store, dataset, partition)
-    quality = _gate(
-        gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset
-    )
+    quality = _gate(gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset)
     manifest = storage.publish_partition(
         store, "gold", dataset, partition, pa.Table.from_pandas(gold, preserve_index=False), run_id
     )
@@ -494,7 +486,6 @@ def partition_from_context(context: dict[str, Any]) -> str:
     start = context.get("data_interval_start") or context.get("logical_date")
     if start is None:
         raise ValueError(
-            "This run has no data interval or logical date: trigger it with "
-            'conf {"partition_date": "YYYY-MM-DD"}.'
+            'This run has no data interval or logical date: trigger it with conf {"partition_date": "YYYY-MM-DD"}.'
         )
     return start.date().isoformat()

@@ -36,9 +36,7 @@ class BronzeError(ValueError):
     The message names the file, the line and the rule; the same facts are attributes for callers.
     """
 
-    def __init__(
-        self, message: str, *, source_key: str = "", line: int | None = None, rule: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, source_key: str = "", line: int | None = None, rule: str = "") -> None:
         super().__init__(message)
         self.source_key = source_key
         self.line = line
@@ -47,9 +45,7 @@ class BronzeError(ValueError):
 
 def _fail(source_key: str, line: int | None, rule: str, problem: str, fix: str) -> BronzeError:
     where = f"{source_key} line {line}" if line else source_key
-    return BronzeError(
-        f"{where}: {problem} [rule {rule}]; {fix}", source_key=source_key, line=line, rule=rule
-    )
+    return BronzeError(f"{where}: {problem} [rule {rule}]; {fix}", source_key=source_key, line=line, rule=rule)
 
 
 # Delimiters a delivered file might use instead of the contract's; checked only to explain an error.
@@ -168,9 +164,7 @@ class _LandingStream(io.RawIOBase):
             if b"\n" in stripped or self._eof:
                 break
             if len(self._pending) > _MAX_HEADER_BYTES:
-                raise _fail(
-                    self.source_key, 1, "csv_header", "first line is longer than 1 MB", "is this a CSV file?"
-                )
+                raise _fail(self.source_key, 1, "csv_header", "first line is longer than 1 MB", "is this a CSV file?")
             self._pending += self._read_chunk()
         skipped = self._pending[: len(self._pending) - len(stripped)]
         first = stripped.split(b"\n", 1)[0].rstrip(b"\r")
@@ -235,9 +229,7 @@ def iter_landing_batches(
     stream = _LandingStream(file_obj, source_key)
     first, header_line = stream.read_first_line()
     if not first.strip():
-        raise _fail(
-            source_key, None, "not_empty", "file is empty", "re-deliver it with a header and data rows"
-        )
+        raise _fail(source_key, None, "not_empty", "file is empty", "re-deliver it with a header and data rows")
     header = _read_header(first, source_key, contract, header_line)
 
     bad_rows: dict[int, str] = {}  # record number -> problem (None numbers are appended at the end)
@@ -256,9 +248,7 @@ def iter_landing_batches(
         reader = pacsv.open_csv(
             stream,
             read_options=pacsv.ReadOptions(use_threads=False, block_size=block_size),
-            parse_options=pacsv.ParseOptions(
-                delimiter=contract.delimiter, invalid_row_handler=keep_malformed
-            ),
+            parse_options=pacsv.ParseOptions(delimiter=contract.delimiter, invalid_row_handler=keep_malformed),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in header},
                 strings_can_be_null=False,  # bronze keeps "" and "NA" exactly as delivered
@@ -297,9 +287,7 @@ def iter_landing_batches(
     rest = sorted(bad_rows)
     if rest or unnumbered:
         empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in header})
-        out = _bronze_batch(
-            empty, header, np.array([], np.int64), stream, rest, bad_rows, lineage, unnumbered
-        )
+        out = _bronze_batch(empty, header, np.array([], np.int64), stream, rest, bad_rows, lineage, unnumbered)
         emitted += out.num_rows
         yield out
     if emitted == 0:
@@ -470,3 +458,115 @@ def _sniff_delimiter(first: str, required: list[str], expected: str) -> str | No
         if hits > best_hits:
             best, best_hits = candidate, hits
     return best
+
+
+# -- JSON lines ---------------------------------------------------------------------------------
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+
+
+def is_json_lines(source_key: str) -> bool:
+    return source_key.lower().endswith(JSONL_SUFFIXES)
+
+
+def iter_landing_jsonl_batches(
+    file_obj: BinaryIO,
+    *,
+    source_key: str,
+    source_etag: str,
+    run_id: str,
+    ingested_at: datetime,
+    contract: Contract,
+    batch_rows: int = 100_000,
+) -> Iterator[pa.RecordBatch]:
+    """Stream a JSON-lines delivery (one object per line, maybe gzipped) as bronze record batches.
+
+    Values are kept as delivered text (JSON scalars rendered as JSON: true, 21.5, "device-01"
+    without quotes); keys become columns, missing keys are null. A line that is not a JSON
+    object is kept with `_parse_error` and its line number, and silver quarantines it.
+    """
+    import gzip
+    import json
+
+    head = file_obj.read(2)
+    raw: BinaryIO = io.BufferedReader(_Prefixed(head, file_obj), 1 << 20)  # type: ignore[assignment]
+    if head == b"\x1f\x8b":
+        raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+    lineage = _Lineage(source_key, source_etag, run_id, ingested_at)
+    columns: list[str] = []
+    rows: list[dict] = []
+    lines: list[int] = []
+    errors: list[str | None] = []
+    emitted = 0
+    checked = False
+
+    def flush() -> pa.RecordBatch:
+        nonlocal checked
+        if not checked:
+            missing = [c for c in contract.required_source_columns if c not in columns]
+            if missing:
+                raise _fail(
+                    source_key,
+                    lines[0] if lines else None,
+                    "required_columns",
+                    f"records have no {missing} (keys found: {columns})",
+                    "deliver every required field or fix the contract's source names",
+                )
+            checked = True
+        data = {c: pa.array([r.get(c) for r in rows], pa.string()) for c in columns}
+        n = len(rows)
+        return pa.RecordBatch.from_pydict(
+            data
+            | {
+                PARSE_ERROR_COLUMN: pa.array(errors, pa.string()),
+                "_source_key": pa.repeat(pa.scalar(lineage.source_key, pa.string()), n),
+                "_source_etag": pa.repeat(pa.scalar(lineage.source_etag, pa.string()), n),
+                "_source_line": pa.array(lines, pa.int64()),
+                "_ingest_run_id": pa.repeat(pa.scalar(lineage.run_id, pa.string()), n),
+                "_ingested_at": pa.repeat(pa.scalar(lineage.ingested_at, pa.timestamp("us", tz="UTC")), n),
+            }
+        )
+
+    for number, line in enumerate(raw, start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _fail(
+                source_key, number, "utf8", f"byte {e.start} is not UTF-8", "re-deliver the file encoded as UTF-8"
+            ) from None
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            values = {
+                k: (v if isinstance(v, str) else json.dumps(v)) if v is not None else None for k, v in record.items()
+            }
+            error = None
+        except ValueError as e:
+            values, error = {}, f"not a JSON object ({e}): {text[:_MAX_RAW_TEXT]!r}"
+        for key in values:
+            if key not in columns:
+                columns.append(key)
+        rows.append(values)
+        lines.append(number)
+        errors.append(error)
+        if len(rows) >= batch_rows:
+            batch = flush()
+            emitted += batch.num_rows
+            yield batch
+            rows, lines, errors = [], [], []
+    if rows:
+        batch = flush()
+        emitted += batch.num_rows
+        yield batch
+    if emitted == 0:
+        raise _fail(source_key, None, "not_empty", "file has no records", "re-deliver it with its readings")
+
+
+def iter_landing_records(file_obj: BinaryIO, *, source_key: str, **kwargs) -> Iterator[pa.RecordBatch]:
+    """Bronze batches of any supported delivery: CSV (maybe gzipped) or JSON lines, by file name."""
+    if is_json_lines(source_key):
+        kwargs.pop("block_size", None)
+        return iter_landing_jsonl_batches(file_obj, source_key=source_key, **kwargs)
+    return iter_landing_batches(file_obj, source_key=source_key, **kwargs)

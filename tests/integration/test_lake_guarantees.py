@@ -15,9 +15,7 @@ DATASET = "iot_telemetry.lake_tests"  # same contract as production, its own lak
 
 
 def _csv(rows: list[tuple]) -> bytes:
-    frame = pd.DataFrame(
-        rows, columns=["ts", "device", "co", "humidity", "light", "lpg", "motion", "smoke", "temp"]
-    )
+    frame = pd.DataFrame(rows, columns=["ts", "device", "co", "humidity", "light", "lpg", "motion", "smoke", "temp"])
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     return buf.getvalue().encode()
@@ -28,9 +26,7 @@ def _epoch(day: str, minute: int) -> int:
 
 
 def _readings(day: str, minutes: range, device: str = "device-01", temp: float = 21.0) -> list[tuple]:
-    return [
-        (_epoch(day, m), device, 0.004, 50.0, "true", 0.007, "false", 0.02, temp + m / 100) for m in minutes
-    ]
+    return [(_epoch(day, m), device, 0.004, 50.0, "true", 0.007, "false", 0.02, temp + m / 100) for m in minutes]
 
 
 def _run(delivery: str, store, run_id: str) -> lake.BronzeReport:
@@ -70,8 +66,7 @@ def test_records_are_filed_by_event_date_and_late_data_merges(two_deliveries, st
 
 def test_rerunning_a_delivery_replaces_exactly_its_records(two_deliveries, store):
     before = {
-        p: storage.read_manifest(store, "silver", DATASET, p).content_sha256
-        for p in ("2025-03-01", "2025-03-02")
+        p: storage.read_manifest(store, "silver", DATASET, p).content_sha256 for p in ("2025-03-01", "2025-03-02")
     }
     for attempt in range(2):
         _run("2025-03-02", store, f"rerun-{attempt}")
@@ -85,9 +80,7 @@ def test_rerunning_a_delivery_replaces_exactly_its_records(two_deliveries, store
 def test_redelivered_correction_wins_over_the_original(two_deliveries, store):
     # The vendor re-sends 2025-03-01 minute 5 with a corrected value in a later delivery.
     fixed = [(_epoch("2025-03-01", 5), "device-01", 0.004, 50.0, "true", 0.007, "false", 0.02, 30.5)]
-    lake.land_bytes(
-        store, DATASET, "2025-03-03", "fix.csv", _csv(fixed + _readings("2025-03-03", range(0, 10)))
-    )
+    lake.land_bytes(store, DATASET, "2025-03-03", "fix.csv", _csv(fixed + _readings("2025-03-03", range(0, 10))))
     _run("2025-03-03", store, "run-3")
     silver = storage.read_partition(store, "silver", DATASET, "2025-03-01").to_pandas()
     assert len(silver) == 90
@@ -124,3 +117,60 @@ def test_nab_file_ingests_through_its_contract_alone(store, nab_csv):
     silver = storage.read_partition(store, "silver", dataset, "2014-01-07").to_pandas()
     assert silver["device"].unique().tolist() == ["machine_temperature"]
     assert 15 < silver["temp"].median() < 45  # Celsius after the contract's unit conversion
+
+
+def test_csv_gzip_csv_and_json_lines_deliveries_give_the_same_silver(store):
+    """Landing accepts CSV, gzip-compressed CSV and JSON lines (maybe gzipped); bronze keeps each as
+    delivered, and silver is the same whatever the format."""
+    import gzip
+    import json
+
+    rows = _readings("2025-05-01", range(0, 30))
+    header = ["ts", "device", "co", "humidity", "light", "lpg", "motion", "smoke", "temp"]
+    records = [dict(zip(header, r, strict=True)) for r in rows]
+    for r in records:  # JSON producers send real booleans
+        r["light"], r["motion"] = r["light"] == "true", r["motion"] == "true"
+    jsonl = "\n".join(json.dumps(r) for r in records).encode() + b"\n"
+    deliveries = {
+        "csv": ("d.csv", _csv(rows)),
+        "gzip-csv": ("d.csv.gz", gzip.compress(_csv(rows))),
+        "jsonl": ("d.jsonl", jsonl),
+        "gzip-jsonl": ("d.jsonl.gz", gzip.compress(jsonl)),
+    }
+    silvers = {}
+    for variant, (name, data) in deliveries.items():
+        dataset = f"iot_telemetry.formats_{variant.replace('-', '_')}"
+        lake.land_bytes(store, dataset, "2025-05-01", name, data)
+        report = lake.build_bronze("2025-05-01", "fmt", dataset=dataset, store=store, progress=lambda s: None)
+        assert report.partitions == {"2025-05-01": 30}, variant
+        lake.build_silver("2025-05-01", "fmt", dataset=dataset, store=store, progress=lambda s: None)
+        silver = storage.read_partition(store, "silver", dataset, "2025-05-01").to_pandas()
+        silvers[variant] = silver.drop(columns=["_source_key", "_source_line"])
+        bronze = storage.read_partition(store, "bronze", dataset, "2025-05-01").to_pandas()
+        assert bronze["_source_line"].tolist() == list(range(2, 32) if "csv" in variant else range(1, 31))
+    for variant, frame in silvers.items():
+        pd.testing.assert_frame_equal(frame, silvers["csv"], check_dtype=False, obj=variant)
+
+
+def test_malformed_json_line_is_quarantined_with_its_line(store):
+    dataset = "iot_telemetry.formats_bad_json"
+    good = {
+        "ts": _epoch("2025-05-02", 0),
+        "device": "device-01",
+        "co": 0.004,
+        "humidity": 50.0,
+        "light": True,
+        "lpg": 0.007,
+        "motion": False,
+        "smoke": 0.02,
+        "temp": 21.0,
+    }
+    import json
+
+    data = (json.dumps(good) + "\n{not json\n").encode()
+    lake.land_bytes(store, dataset, "2025-05-02", "bad.jsonl", data)
+    lake.build_bronze("2025-05-02", "fmt", dataset=dataset, store=store, progress=lambda s: None)
+    lake.build_silver("2025-05-02", "fmt", dataset=dataset, store=store, progress=lambda s: None)
+    quarantine = storage.read_partition(store, "quarantine", dataset, "2025-05-02").to_pandas()
+    assert quarantine["rule"].tolist() == ["parse_error"] and quarantine["_source_line"].astype(int).tolist() == [2]
+    assert storage.read_partition(store, "silver", dataset, "2025-05-02").num_rows == 1
