@@ -51,8 +51,7 @@ def _print_status(info: dict) -> None:
         print(f"  {name:24s} {state}{health}  {s['url'] or ''}")
     print(f"  MLflow UI:  {info['endpoints']['mlflow']}")
     print(
-        f"  Airflow UI: {info['endpoints']['airflow']}  (user admin, password in "
-        f"{info['airflow_admin_password_file']})"
+        f"  Airflow UI: {info['endpoints']['airflow']}  (user admin, password in {info['airflow_admin_password_file']})"
     )
 
 
@@ -73,15 +72,11 @@ def cmd_land(args) -> int:
                 file=sys.stderr,
             )
             return 2
-        key = land_bytes(
-            store, args.dataset or store.settings.dataset, args.date, path.name, path.read_bytes()
-        )
+        key = land_bytes(store, args.dataset or store.settings.dataset, args.date, path.name, path.read_bytes())
         print(f"landed s3://{store.settings.landing_bucket}/{key}")
         return 0
     p = load_params()["simulate"]
-    land_simulated_days(
-        dt.date.fromisoformat(args.start or p["start_date"]), args.days or p["days"], store=store
-    )
+    land_simulated_days(dt.date.fromisoformat(args.start or p["start_date"]), args.days or p["days"], store=store)
     return 0
 
 
@@ -91,9 +86,7 @@ def cmd_layer(args) -> int:
 
     build = {"bronze": lake.build_bronze, "silver": lake.build_silver, "gold": lake.build_gold}[args.layer]
     for partition in args.dates:
-        report = build(
-            partition, args.run_id or f"cli__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}", dataset=args.dataset
-        )
+        report = build(partition, args.run_id or f"cli__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}", dataset=args.dataset)
         print(json.dumps(report.to_dict(), default=str))
     return 0
 
@@ -169,9 +162,7 @@ def cmd_demo(args) -> int:
         if not args.keep_up:
             services.down()
         else:
-            print(
-                "\nThe stack is still up: `platform status`; stop it with `platform down` (or `make down`)."
-            )
+            print("\nThe stack is still up: `platform status`; stop it with `platform down` (or `make down`).")
     return 0
 
 
@@ -212,6 +203,11 @@ def build_summary() -> dict:
                 "latest_version": latest.version,
                 "run_id": latest.run_id,
                 "artifact_uri": run.info.artifact_uri,
+                # Proxied artifacts: the server stores mlflow-artifacts:/<path> under its S3 destination.
+                "artifact_location": run.info.artifact_uri.replace(
+                    "mlflow-artifacts:", settings.mlflow_artifact_root.rstrip("/"), 1
+                ).replace("artifacts//", "artifacts/"),
+                "model_family": run.data.params.get("model_family"),
                 "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())},
                 "trained_on": run.data.tags.get("training_partitions") or run.data.tags.get("gold_snapshot"),
                 "gate": {k: v for k, v in latest.tags.items() if k.startswith("gate.")},
@@ -248,16 +244,23 @@ def format_summary(s: dict) -> str:
     if "error" in m:
         out.append(f"  (not available: {m['error']})")
     else:
-        out.append(f"  latest version {m['latest_version']}, aliases {m.get('aliases')}")
-        out.append(f"  run {m['run_id']}  artifacts {m['artifact_uri']}")
-        keys = [
-            k
-            for k in m["metrics"]
-            if k in ("precision", "recall", "f1", "pr_auc") or k.startswith("baseline_threshold_")
-        ]
-        out.append("  metrics: " + ", ".join(f"{k}={m['metrics'][k]}" for k in keys))
-        out.append(f"  gate: {m.get('gate')}")
-        out.append(f"  trained on: {m.get('trained_on')}")
+        out.append(f"  version {m['latest_version']} ({m.get('model_family')}), aliases {m.get('aliases')}")
+        out.append(f"  run {m['run_id']}")
+        out.append(f"  artifacts in the object store: {m.get('artifact_location')}")
+        metrics = m["metrics"]
+        out.append(f"  {'held-out later time range':<28}{'precision':>10}{'recall':>8}{'f1':>8}{'pr_auc':>8}")
+        for label, prefix in (("model", ""), ("rule: temp above threshold", "baseline_threshold_")):
+            vals = [metrics.get(prefix + k, float("nan")) for k in ("precision", "recall", "f1", "pr_auc")]
+            out.append(f"  {label:<28}" + "".join(f"{v:>{w}.3f}" for v, w in zip(vals, (10, 8, 8, 8), strict=True)))
+        per_fault = {k.removeprefix("recall_"): v for k, v in metrics.items() if k.startswith("recall_")}
+        if per_fault:
+            out.append("  recall per fault type: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_fault.items())))
+        gate = m.get("gate") or {}
+        out.append(
+            f"  offline gate: {'passed' if gate.get('gate.passed') == 'true' else 'FAILED'} "
+            f"({gate.get('gate.reason', 'n/a')})"
+        )
+        out.append(f"  trained on gold partitions: {m.get('trained_on')}")
     out += [
         "",
         "browse:",
@@ -296,9 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id")
     p.set_defaults(func=cmd_layer)
 
-    p = sub.add_parser(
-        "run", help="run the lakehouse DAG for dates, then the training DAG (airflow dags test)"
-    )
+    p = sub.add_parser("run", help="run the lakehouse DAG for dates, then the training DAG (airflow dags test)")
     p.add_argument("dates", nargs="*")
     p.add_argument("--start")
     p.add_argument("--days", type=int, default=1)
