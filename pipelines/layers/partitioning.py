@@ -27,11 +27,38 @@ def event_dates(batch: pa.Table | pa.RecordBatch, contract: Contract) -> pd.Seri
 def split_by_event_date(table: pa.Table, contract: Contract, delivery_date: str) -> dict[str, pa.Table]:
     """Group a delivered batch by event date; unreadable timestamps go to the delivery's own date,
     where silver quarantines them with the rule they break (nothing is dropped)."""
+    import numpy as np
+
     if table.num_rows == 0:
         return {}
-    dates = event_dates(table, contract).fillna(delivery_date).to_numpy()
+    et = contract.event_time
+    days = None
+    if et.source_format == "epoch_seconds" and et.source in table.schema.names:
+        days = _epoch_day_numbers(table.column(et.source))
+    if days is None:  # the shared parser's path: any format, messy values
+        dates = event_dates(table, contract).fillna(delivery_date).to_numpy()
+        return {day: table.filter(pa.array(dates == day)) for day in sorted(set(dates))}
+    unique = np.unique(days)
+    if len(unique) == 1:  # the usual delivery: one day, no copy
+        return {str(np.datetime64(int(unique[0]), "D")): table}
     out: dict[str, pa.Table] = {}
-    for day in sorted(set(dates)):
-        mask = pa.array(dates == day)
-        out[day] = table.filter(mask)
+    for day in unique:
+        name = str(np.datetime64(int(day), "D"))
+        out[name] = table.filter(pa.array(days == day))
     return out
+
+
+def _epoch_day_numbers(column):
+    """Days since 1970 per record, vectorised in Arrow/numpy for clean epoch-second columns
+    (the common case). None when any value needs the shared parser's judgement."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    try:
+        seconds = pc.cast(column, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
+        return None
+    values = seconds.to_numpy(zero_copy_only=False)
+    if seconds.null_count or not np.isfinite(values).all() or np.abs(values).max(initial=0) > 9.2e12:
+        return None
+    return np.floor(values / 86400).astype("int64")
