@@ -171,12 +171,19 @@ class _LandingStream(io.RawIOBase):
         return first.decode("utf-8"), skipped.count(b"\n") + 1
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        if not self._pending:
-            self._pending = self._read_chunk()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
+        # Fill the whole buffer (pyarrow asks for block_size bytes): a short read per 1 MiB chunk
+        # would make pyarrow emit tiny record batches and multiply per-batch costs downstream.
+        view, filled = memoryview(buffer), 0
+        while filled < len(view):
+            if not self._pending:
+                self._pending = self._read_chunk()
+                if not self._pending:
+                    break
+            n = min(len(view) - filled, len(self._pending))
+            view[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return filled
 
     def record_lines(self, records: np.ndarray) -> np.ndarray:
         """Physical line numbers of 1-based record numbers (header = record 1)."""

@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.quality.suites import CRITICAL, WARNING, Layer, build_suite, quiet_gx_logging
+from pipelines.quality.suites import (
+    CRITICAL,
+    NONFINITE_FEATURES_COLUMN,
+    WARNING,
+    Layer,
+    build_suite,
+    gold_feature_columns,
+    nonfinite_features,
+    quiet_gx_logging,
+    suite_name,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -31,6 +41,9 @@ EXAMPLES_PER_EXPECTATION = 5
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
 
 _context: Any = None
+# (id(context), suite name) -> (context, what the suite was built from, its validation definition):
+# bronze gates every record batch of a file with the same suite, so it is stored once, not per batch.
+_definitions: dict[tuple[int, str], tuple[Any, Any, Any]] = {}
 
 
 class QualityGateError(RuntimeError):
@@ -177,6 +190,32 @@ def _remove_empty_dir(path: str | None) -> None:
             pass
 
 
+def _patch_gx_hot_spots() -> None:
+    """Two GX 1.x costs that scale with rows and check nothing, removed without changing a result.
+
+    - GX md5-hashes every row of each batch for a `pandas_data_fingerprint` batch marker that
+      nothing here reads; on Arrow-backed string columns (bronze) it cost more than all checks.
+    - Before every column mean/sum/std GX tests each value with `isinstance(v, Decimal)` in a
+      Python loop (50M calls for 50 gold features x 1M rows, ~20 s); a numeric numpy array
+      cannot hold a Decimal, so only object arrays need the scan.
+    """
+    import great_expectations.util as gx_util
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    pandas_execution_engine.HASH_THRESHOLD = 0
+    scan = gx_util.does_ndarray_contain_decimal_dtype
+    if getattr(scan, "_object_arrays_only", False):
+        return
+
+    def contains_decimal(data: Any) -> bool:
+        if getattr(getattr(data, "dtype", None), "kind", "O") != "O":
+            return False
+        return scan(data)
+
+    contains_decimal._object_arrays_only = True  # type: ignore[attr-defined]
+    gx_util.does_ndarray_contain_decimal_dtype = contains_decimal
+
+
 def disable_progress_bars(context: Any) -> None:
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -215,9 +254,47 @@ def _replace_validation_definition(ctx: Any, suite: Any, batch_definition: Any) 
         except DataContextError:
             pass
     suite = ctx.suites.add(suite)
-    return ctx.validation_definitions.add(
-        gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
+    return ctx.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite))
+
+
+def _validation_definition(
+    ctx: Any,
+    layer: Layer,
+    contract: Any,
+    config: dict | None,
+    reference: pd.DataFrame | None,
+    columns: list[str] | None,
+    expected_row_count: int | None,
+) -> Any:
+    """The stored validation definition for this suite, rebuilt only when its inputs changed.
+
+    Silver's suite reads the clock and gold's a reference window, so those are rebuilt per call
+    (once per partition); bronze, called once per record batch, reuses its definition.
+    """
+    key = None
+    if layer == "bronze" or (layer == "gold" and reference is None):
+        key = (
+            layer,
+            id(contract),
+            json.dumps(config, sort_keys=True, default=str),
+            tuple(columns or ()),
+            expected_row_count,
+        )
+    cache_key = (id(ctx), suite_name(layer, contract.name))
+    cached = _definitions.get(cache_key)
+    if key is not None and cached is not None and cached[0] is ctx and cached[1] == key:
+        return cached[2]
+    suite = build_suite(
+        layer,
+        contract,
+        config=config,
+        reference=reference,
+        columns=columns,
+        expected_row_count=expected_row_count,
     )
+    definition = _replace_validation_definition(ctx, suite, _batch_definition(ctx, suite.name))
+    _definitions[cache_key] = (ctx, key, definition)
+    return definition
 
 
 def validate_partition(
@@ -243,25 +320,26 @@ def validate_partition(
     ctx = context if context is not None else quality_context()
     if context is not None:
         disable_progress_bars(ctx)
-    suite = build_suite(
-        layer,
-        contract,
-        config=config,
-        reference=reference,
-        columns=list(df.columns) if layer in ("gold", "bronze") else None,
-        expected_row_count=expected_row_count,
-    )
-    batch_definition = _batch_definition(ctx, suite.name)
-    definition = _replace_validation_definition(ctx, suite, batch_definition)
+    _patch_gx_hot_spots()
+    columns = list(df.columns) if layer in ("gold", "bronze") else None
+    if layer == "gold":
+        # The derived NaN/inf column the gold suite's finiteness check reads; a cheap shallow copy.
+        df = df.assign(**{NONFINITE_FEATURES_COLUMN: nonfinite_features(df, gold_feature_columns(columns))})
+    definition = _validation_definition(ctx, layer, contract, config, reference, columns, expected_row_count)
     run_id = RunIdentifier(run_name=f"{partition}", run_time=dt.datetime.now(dt.UTC))
     batch_parameters = {"dataframe": df}
 
     if ctx.list_data_docs_sites():
         from great_expectations.checkpoint import UpdateDataDocsAction
+        from great_expectations.exceptions import DataContextError
 
+        try:  # a reused definition may still have the previous run's checkpoint
+            ctx.checkpoints.delete(name=definition.name)
+        except DataContextError:
+            pass
         checkpoint = ctx.checkpoints.add(
             gx.Checkpoint(
-                name=suite.name,
+                name=definition.name,
                 validation_definitions=[definition],
                 actions=[UpdateDataDocsAction(name="update_data_docs")],
                 result_format=RESULT_FORMAT,
@@ -270,9 +348,7 @@ def validate_partition(
         checkpoint_result = checkpoint.run(batch_parameters=batch_parameters, run_id=run_id)
         validation = next(iter(checkpoint_result.run_results.values()))
     else:
-        validation = definition.run(
-            batch_parameters=batch_parameters, result_format=RESULT_FORMAT, run_id=run_id
-        )
+        validation = definition.run(batch_parameters=batch_parameters, result_format=RESULT_FORMAT, run_id=run_id)
 
     raw = _jsonable(validation.to_json_dict())
     outcomes = [_outcome(r) for r in raw.get("results", [])]

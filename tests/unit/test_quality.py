@@ -193,8 +193,41 @@ def test_gold_nan_or_inf_feature_fails(contract, bad_value):
     df.loc[4, "temp_zscore"] = bad_value
     result = validate_partition(df, "gold", contract, PARTITION)
     assert not result.success
-    assert {o.column for o in result.critical_failures} == {"temp_zscore"}
+    # one check over the whole feature matrix; its examples name the row, the feature and the value
+    (bad,) = result.critical_failures
+    assert (bad.expectation, bad.column, bad.unexpected_count) == (
+        "expect_column_values_to_be_null",
+        "_nonfinite_features",
+        1,
+    )
+    assert bad.examples == [f"device-0 2026-01-05 00:04:00+00:00: temp_zscore={bad_value}"]
+    with pytest.raises(QualityGateError, match=f"temp_zscore={bad_value}"):
+        enforce(result)
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_gold_finiteness_honours_mostly_and_severity_config(contract):
+    df = gold_frame()
+    df.loc[4, "temp_zscore"] = np.nan  # 1 row of 10
+    lenient = {"mostly": {"expect_column_values_to_not_be_null": 0.8}}
+    assert validate_partition(df, "gold", contract, PARTITION, config=lenient).success
+    strict = {"mostly": {"expect_column_values_to_not_be_null": 1.0}}
+    assert not validate_partition(df, "gold", contract, PARTITION, config=strict).success
+    warn = {"severity": {"expect_column_values_to_be_null": "warning"}}
+    result = validate_partition(df, "gold", contract, PARTITION, config=warn)
+    assert result.success and result.warnings[0].unexpected_count == 1
+
+
+def test_bronze_gate_per_batch_reuses_its_suite_and_still_sees_each_batch(contract):
+    clean = bronze_frame(contract)
+    assert validate_partition(clean, "bronze", contract, PARTITION).success
+    bad = bronze_frame(contract)
+    bad.loc[1, "_source_line"] = None
+    result = validate_partition(bad, "bronze", contract, PARTITION)
+    (failure,) = failed(result, "expect_column_values_to_not_be_null", "_source_line")
+    assert failure.unexpected_count == 1
+    assert validate_partition(clean.drop(columns=["temp"]), "bronze", contract, PARTITION).success is False
+    assert validate_partition(clean, "bronze", contract, PARTITION).success
 
 
 def test_gold_drift_and_anomaly_rate_warn(contract):
@@ -269,9 +302,7 @@ def test_data_docs_site_is_built(contract, tmp_path):
 
 def test_future_check_uses_build_time_clock(contract):
     suite = build_suite("silver", contract, now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
-    (ts_check,) = [
-        e for e in suite.expectations if getattr(e, "column", None) == "ts" and hasattr(e, "max_value")
-    ]
+    (ts_check,) = [e for e in suite.expectations if getattr(e, "column", None) == "ts" and hasattr(e, "max_value")]
     assert pd.Timestamp(ts_check.max_value) == pd.Timestamp("2026-01-01T00:05:00Z")  # default tolerance 300 s
 
 
