@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: demo test up down status lint bench clean
+.PHONY: demo test up down status lint bench clean repro browser
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## the main job end to end on embedded defaults (KEEP_UP=1 leaves the stack running)
 	$(BIN)/platform demo $(if $(KEEP_UP),--keep-up,)
 
-test: $(STAMP)  ## the test suite (starts and stops its own services on free ports)
+test: $(STAMP) browser  ## the test suite (starts and stops its own services on free ports)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+browser:  ## Debian's headless Chromium for the UI tests (Playwright's own browser download is not used)
+	@command -v chromium >/dev/null 2>&1 || test -x "$${PLATFORM_CHROMIUM:-/nonexistent}" || { \
+	  echo "installing Debian chromium for the UI tests"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 up: $(STAMP)    ## start the stack with the Airflow and MLflow UIs
 	$(BIN)/platform up
@@ -40,3 +46,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .platform
+
+repro: $(STAMP)  ## rebuild the DVC pipeline (data/, metrics/, plots/) from params.yaml and code
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.canary_cli import register_commands as canary_commands
 
     canary_commands(sub)  # platform serve, platform canary ...
+    from pipelines.reproduce_cli import register_commands as reproduce_commands
+
+    reproduce_commands(sub)  # platform stage <name>, platform reproduce, platform dvc-remote
     return parser
 
 

@@ -118,9 +118,6 @@ def land_simulated_days(
 
 
 # -- bronze -------------------------------------------------------------------------------------
-BRONZE_BLOCK_BYTES = 64 << 20
-
-
 class RowCountMismatch(RuntimeError):
     pass
 
@@ -250,9 +247,6 @@ def build_bronze(
                     run_id=run_id,
                     ingested_at=now,
                     contract=contract,
-                    # ~64 MB of CSV per batch (~900k readings): large enough that the gate's fixed
-                    # cost is amortised, small enough to keep bronze's memory bounded.
-                    block_size=BRONZE_BLOCK_BYTES,
                 )
                 for batch in batches:
                     table = pa.Table.from_batches([batch])

@@ -363,6 +363,15 @@ def _gold(b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | None, colum
         features = [c.name for c in contract.columns if str(c.type) == "float64"]
     features = list(features)
 
+    # Structure: rows exist, the entity/time keys are set and unique, every expected feature exists.
+    b.add(gxe.ExpectTableRowCountToBeBetween, min_value=1)
+    for key in ("device", "ts"):
+        b.add(gxe.ExpectColumnValuesToNotBeNull, column=key)
+    b.add(gxe.ExpectCompoundColumnsToBeUnique, column_list=["device", "ts"])
+    if reference is not None:
+        for name in features:
+            b.add(gxe.ExpectColumnToExist, column=name)
+
     # NaN and +/-inf in any feature, in one expectation over the whole feature matrix: the gate
     # adds the derived column (see `nonfinite_features`), null where every feature is finite and
     # naming the offending features and values elsewhere. One check instead of two per feature
