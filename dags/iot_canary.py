@@ -12,8 +12,9 @@ One run evaluates **one step** of the rollout of the `challenger` version agains
   *Inconclusive* → hold, *Fail* → weight 0, version tagged with the reason.
 
 The rollout state lives in `s3://lake/serving/rollout.json` (the scoring service reads it too);
-the current stage is in the task log and in the XCom `stage` of `evaluate` (the Airflow 3 task
-SDK cannot set the run note of the running DAG run), and in `platform canary status`.
+the current stage is the **run's note** in the Airflow UI (task code can't write notes in Airflow
+3, so the `canary_run_notes` plugin copies the `evaluate` task's `note` when the run ends), in the
+task log, and in `platform canary status`.
 Logic lives in `pipelines.canary.controller`; this file only wires tasks.
 """
 
@@ -64,7 +65,6 @@ def iot_canary():
         from pipelines.canary import controller
 
         result = controller.evaluate_step(actor=f"airflow:{context['dag'].dag_id}/{context['run_id']}")
-        context["ti"].xcom_push(key="stage", value=result["note"])
         return result
 
     evaluate(start_if_ready())

@@ -1,11 +1,15 @@
 """
-### IoT anomaly detector: train → register → offline gate
+### IoT anomaly detector: train (and evaluate) → register → offline gate
 
 Scheduled by the **gold Asset**: every publish of a gold partition by `iot_lakehouse`
 queues a run. It trains the candidate model families on all published gold partitions
 (held-out later time range for evaluation), logs everything to MLflow (params, metrics,
 model with signature, plots, the datasets with digests, lineage tags), registers a new
-version of `iot-anomaly-detector` and runs the offline gate:
+version of `iot-anomaly-detector` and runs the offline gate. Evaluation on the held-out later time
+range runs inside `train` on purpose: its metrics, plots and datasets belong to the same MLflow run
+as the model, which a separate task could only reopen.
+
+The gate:
 
 * the first version becomes `champion`;
 * later versions are scored against the champion on the same evaluation set and get the
@@ -51,12 +55,18 @@ def iot_training():
         return train_model(conf.get("partitions"), dag_id=context["dag"].dag_id, run_id=context["run_id"])
 
     @task
-    def register_and_gate(trained: dict) -> dict:
-        from pipelines.jobs.model import register_and_gate as register
+    def register(trained: dict) -> dict:
+        from pipelines.jobs.model import register as register_version
 
-        return register(trained)
+        return register_version(trained)
 
-    register_and_gate(train())
+    @task
+    def gate(registered: dict) -> dict:
+        from pipelines.jobs.model import gate as offline_gate
+
+        return offline_gate(registered)
+
+    gate(register(train()))
 
 
 iot_training()

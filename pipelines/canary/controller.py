@@ -36,7 +36,15 @@ def _client(settings):
 
 
 def _aliases(client, name: str) -> dict[str, str]:
-    return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return {}  # nothing registered yet: no roles, nothing to roll out
+        raise
+    return {k: str(v) for k, v in (model.aliases or {}).items()}
 
 
 def _tag(client, name: str, version: str, tags: dict[str, Any]) -> None:

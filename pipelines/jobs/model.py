@@ -46,28 +46,41 @@ def train(
     return {**dataclasses.asdict(result), "partitions": list(snapshot["partitions"])}
 
 
-def register_and_gate(trained: dict[str, Any], *, progress: Progress = print) -> dict[str, Any]:
+def register(trained: dict[str, Any], *, progress: Progress = print) -> dict[str, Any]:
+    """A new version of the use case's registered model, from a training run."""
     from pipelines import registry
-    from pipelines.jobs.lake import read_gold
-    from pipelines.training import TrainResult, split_by_time
+    from pipelines.training import TrainResult
 
     settings = get_settings()
-    params = load_params()
-    model_name = params["registry"]["model_name"]
+    model_name = load_params()["registry"]["model_name"]
     fields = {f.name for f in dataclasses.fields(TrainResult)}
     result = TrainResult(**{k: v for k, v in trained.items() if k in fields})
     version = registry.register_version(result, model_name, tracking_uri=settings.mlflow_tracking_uri)
     progress(f"[register] {model_name} version {version.version} from run {result.run_id}")
-    gold, _ = read_gold(trained["partitions"])
+    return {"model_name": model_name, "version": str(version.version), "partitions": trained["partitions"]}
+
+
+def gate(registered: dict[str, Any], *, progress: Progress = print) -> dict[str, Any]:
+    """The offline gate: challenger vs champion on the same held-out set; sets aliases if it passes."""
+    from pipelines import registry
+    from pipelines.jobs.lake import read_gold
+    from pipelines.training import split_by_time
+
+    settings = get_settings()
+    params = load_params()
+    model_name, version = registered["model_name"], registered["version"]
+    gold, _ = read_gold(registered["partitions"])
     _, eval_df = split_by_time(gold, params["train"]["test_fraction"])
-    decision = registry.offline_gate(
-        model_name, version.version, eval_df, params, tracking_uri=settings.mlflow_tracking_uri
-    )
+    decision = registry.offline_gate(model_name, version, eval_df, params, tracking_uri=settings.mlflow_tracking_uri)
     progress(f"[gate] passed={decision.passed}: {decision.reason}")
     return {
         "model_name": model_name,
-        "version": str(version.version),
+        "version": version,
         "gate_passed": decision.passed,
         "gate_reason": decision.reason,
         "aliases": registry.describe_aliases(model_name, tracking_uri=settings.mlflow_tracking_uri),
     }
+
+
+def register_and_gate(trained: dict[str, Any], *, progress: Progress = print) -> dict[str, Any]:
+    return gate(register(trained, progress=progress), progress=progress)

@@ -63,8 +63,7 @@ def test_rerunning_a_date_is_idempotent(pipeline_run, store, settings):
     from pipelines.orchestration import LAKEHOUSE_DAG, logical_date_for_partition, run_dag
 
     before = {
-        layer: storage.read_manifest(store, layer, settings.dataset, DATES[1])
-        for layer in ("bronze", "silver", "gold")
+        layer: storage.read_manifest(store, layer, settings.dataset, DATES[1]) for layer in ("bronze", "silver", "gold")
     }
     run_dag(LAKEHOUSE_DAG, logical_date_for_partition(DATES[1]))
     for layer, m in before.items():
@@ -116,9 +115,22 @@ def test_cli_status_json_lists_every_endpoint(stack):
 
 def test_canary_dag_runs_through_airflow_and_reports_no_rollout_without_a_challenger(pipeline_run, settings):
     """The canary DAG is wired for real: with only a champion it holds, and says why, in its log."""
+    import sqlite3
+
     from pipelines.orchestration import run_dag
 
     result = run_dag("iot_canary")
     assert result.succeeded
     log = open(result.log_file).read()
     assert "no rollout" in log.lower(), log[-3000:]
+    # The stage is the run's note in the Airflow UI (set by plugins/canary_run_notes.py).
+    db = settings.airflow_sql_alchemy_conn.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        notes = [
+            row[0]
+            for row in conn.execute(
+                "SELECT n.content FROM dag_run r JOIN dag_run_note n ON n.dag_run_id = r.id "
+                "WHERE r.dag_id = 'iot_canary'"
+            )
+        ]
+    assert notes and notes[-1].startswith("no rollout"), notes
