@@ -200,7 +200,7 @@ def test_airflow_shows_every_dag_with_its_docs(trained):
     for dag_id in DAGS:
         assert "###" not in trained["docs"][dag_id], "docs should render as Markdown, not raw text"
     assert "landing → bronze → silver → gold" in trained["docs"]["iot_lakehouse"]
-    assert "train → register → offline gate" in trained["docs"]["iot_training"]
+    assert "train (and evaluate) → register → offline gate" in trained["docs"]["iot_training"]
     assert len(trained["docs"]["iot_canary"].strip()) > len("Dag Documentation") + 50
 
 
