@@ -137,3 +137,12 @@ def test_canary_dag_runs_through_airflow_and_shows_its_stage_as_the_run_note(pip
     stage = json.loads(stage)
     assert stage, "evaluate must describe the stage"
     assert note == stage[:1000], (note, stage)
+
+
+def test_data_docs_are_published_to_the_object_store(pipeline_run, store, settings):
+    """GX Data Docs for every stored validation, as a static site in the lake (open it locally with
+    `python -m pipelines.quality.docs --open`)."""
+    keys = store.list_keys(settings.lake_bucket, "data-docs/")
+    assert "data-docs/index.html" in keys
+    index = store.get_bytes(settings.lake_bucket, "data-docs/index.html").decode()
+    assert "iot_telemetry" in index and len([k for k in keys if k.endswith(".html")]) > len(DATES)
