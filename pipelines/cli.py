@@ -91,37 +91,30 @@ def cmd_layer(args) -> int:
     return 0
 
 
+def run_dates(dates: list[str], *, train: bool = True, label: str = "run") -> None:
+    """The lakehouse DAG once per delivery date, then the training DAG once (airflow dags test)."""
+    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, logical_date_for_partition, run_dag
+
+    for i, d in enumerate(dates, 1):
+        print(f"[{label}] {i}/{len(dates)} delivery date {d}")
+        run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d))
+    if train:
+        run_dag(TRAINING_DAG)
+
+
 def cmd_run(args) -> int:
     """Run the lakehouse DAG for each date, then the training DAG once, through Airflow."""
-    from pipelines.orchestration import (
-        LAKEHOUSE_DAG,
-        TRAINING_DAG,
-        logical_date_for_partition,
-        run_dag,
-    )
-
-    dates = _dates(args.start, args.days) if args.start else args.dates
-    for d in dates:
-        run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d))
-    if not args.skip_training:
-        run_dag(TRAINING_DAG)
+    run_dates(_dates(args.start, args.days) if args.start else args.dates, train=not args.skip_training)
     return 0
 
 
 def cmd_backfill(args) -> int:
     """Reprocess history on request: every delivery date in [start, end], then train once."""
-    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, logical_date_for_partition, run_dag
-
     first, last = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)
     if last < first:
         print(f"error: end {last} is before start {first}", file=sys.stderr)
         return 2
-    dates = _dates(args.start, (last - first).days + 1)
-    for i, d in enumerate(dates, 1):
-        print(f"[backfill] {i}/{len(dates)} delivery date {d}")
-        run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d))
-    if not args.skip_training:
-        run_dag(TRAINING_DAG)
+    run_dates(_dates(args.start, (last - first).days + 1), train=not args.skip_training, label="backfill")
     return 0
 
 
@@ -143,7 +136,6 @@ def cmd_demo(args) -> int:
     """The main job end to end: stack up, land simulated telemetry, run the DAGs, summarise."""
     from pipelines import services
     from pipelines.jobs.lake import land_simulated_days
-    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, logical_date_for_partition, run_dag
 
     p = load_params()["simulate"]
     dates = _dates(args.start or p["start_date"], args.days or p["days"])
@@ -153,9 +145,7 @@ def cmd_demo(args) -> int:
         print(f"== 2/4 landing simulated IoT telemetry for {dates[0]} .. {dates[-1]}")
         land_simulated_days(dt.date.fromisoformat(dates[0]), len(dates))
         print("== 3/4 running the Airflow DAGs")
-        for d in dates:
-            run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d))
-        run_dag(TRAINING_DAG)
+        run_dates(dates, label="demo")
         print("== 4/4 summary")
         print(format_summary(build_summary()))
     finally:

@@ -47,6 +47,28 @@ def _contract(dataset: str):
     return load_contract(contract_name(dataset))
 
 
+def _resolve(store: ObjectStore | None, dataset: str | None) -> tuple[ObjectStore, str]:
+    """The store and dataset a job works on: the given ones, else the settings' defaults."""
+    store = store or ObjectStore()
+    return store, dataset or store.settings.dataset
+
+
+def _layer_report(
+    layer: str, dataset: str, partition: str, rows_in: int, manifest, quality: dict, **extra
+) -> LayerReport:
+    return LayerReport(
+        layer,
+        dataset,
+        partition,
+        rows_in,
+        manifest.rows,
+        quality=_short(quality),
+        manifest_key=storage.partition_prefix(layer, dataset, partition) + storage.MANIFEST_NAME,
+        content_sha256=manifest.content_sha256,
+        **extra,
+    )
+
+
 def _gate(
     df: pd.DataFrame,
     layer: str,
@@ -174,32 +196,13 @@ def open_landed(store: ObjectStore, bucket: str, key: str):
     """A streaming, decompressed, line-counted reader over a landed object."""
     import gzip
 
+    from pipelines.layers.bronze import PrefixedStream
+
     resp = store.client.get_object(bucket, key)
     head = resp.read(2)
-    body = _Prefixed(head, resp)
+    body = PrefixedStream(head, resp)
     stream = gzip.GzipFile(fileobj=body) if head == b"\x1f\x8b" else body
     return resp, SourceLineCounter(stream)
-
-
-class _Prefixed(io.RawIOBase):
-    def __init__(self, head: bytes, raw):
-        self.head, self.raw = head, raw
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self.head:
-            out, self.head = self.head, b""
-            if size is None or size < 0:
-                return out + self.raw.read()
-            return out + self.raw.read(max(size - len(out), 0)) if size > len(out) else out
-        return self.raw.read(size if size and size > 0 else None)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def build_bronze(
@@ -220,8 +223,7 @@ def build_bronze(
     from pipelines.layers.bronze import is_json_lines, iter_landing_records
     from pipelines.layers.partitioning import split_by_event_date
 
-    store = store or ObjectStore()
-    dataset = dataset or store.settings.dataset
+    store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
     bucket = store.settings.landing_bucket
     prefix = storage.landing_prefix(dataset, delivery_date)
@@ -319,8 +321,7 @@ def _merge_quality(results: list[dict]) -> dict:
 def gold_targets(partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None) -> list[str]:
     """Gold partitions to rebuild after silver changed `partitions`: those, plus the following day
     where it exists, because its first rolling windows read the changed day's tail."""
-    store = store or ObjectStore()
-    dataset = dataset or store.settings.dataset
+    store, dataset = _resolve(store, dataset)
     existing = set(storage.list_partitions(store, "silver", dataset))
     out = set(partitions)
     for p in partitions:
@@ -341,8 +342,7 @@ def build_silver(
 ) -> LayerReport:
     from pipelines.layers.silver import to_silver
 
-    store = store or ObjectStore()
-    dataset = dataset or store.settings.dataset
+    store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
     bronze = storage.read_partition(store, "bronze", dataset, partition)
     silver, quarantine = to_silver(bronze, contract, partition=partition)
@@ -365,16 +365,14 @@ def build_silver(
         store, "silver", dataset, partition, pa.Table.from_pandas(silver, preserve_index=False), run_id
     )
     _put_quality(store, "silver", dataset, partition, quality)
-    return LayerReport(
+    return _layer_report(
         "silver",
         dataset,
         partition,
         bronze.num_rows,
-        manifest.rows,
+        manifest,
+        quality,
         quarantined=len(quarantine),
-        quality=_short(quality),
-        manifest_key=storage.partition_prefix("silver", dataset, partition) + storage.MANIFEST_NAME,
-        content_sha256=manifest.content_sha256,
         collapsed_duplicates=collapsed,
     )
 
@@ -390,8 +388,7 @@ def build_gold(
 ) -> LayerReport:
     from pipelines.layers.gold import to_gold
 
-    store = store or ObjectStore()
-    dataset = dataset or store.settings.dataset
+    store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
     from pipelines.layers.gold import warmup_rows
 
@@ -413,16 +410,7 @@ def build_gold(
     _put_quality(store, "gold", dataset, partition, quality)
     publish_docs(store, progress)
     progress(f"[gold] {partition}: {len(gold)} feature rows")
-    return LayerReport(
-        "gold",
-        dataset,
-        partition,
-        len(silver),
-        manifest.rows,
-        quality=_short(quality),
-        manifest_key=storage.partition_prefix("gold", dataset, partition) + storage.MANIFEST_NAME,
-        content_sha256=manifest.content_sha256,
-    )
+    return _layer_report("gold", dataset, partition, len(silver), manifest, quality)
 
 
 def _gold_reference(store: ObjectStore, dataset: str, partition: str) -> pd.DataFrame | None:
@@ -443,8 +431,7 @@ def read_gold(
     partitions: list[str] | None = None, *, dataset: str | None = None, store: ObjectStore | None = None
 ) -> tuple[pd.DataFrame, dict]:
     """All (or the given) gold partitions and a snapshot naming exactly what was read."""
-    store = store or ObjectStore()
-    dataset = dataset or store.settings.dataset
+    store, dataset = _resolve(store, dataset)
     partitions = partitions or storage.list_partitions(store, "gold", dataset)
     if not partitions:
         raise storage.StorageError(f"No gold partitions for {dataset}: run the lakehouse DAG first.")
@@ -468,8 +455,7 @@ def read_gold(
 def read_quality(
     layer: str, partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None
 ) -> dict[str, Any]:
-    store = store or ObjectStore()
-    dataset = dataset or store.settings.dataset
+    store, dataset = _resolve(store, dataset)
     out = {}
     for p in partitions:
         key = f"quality/{layer}/{dataset}/event_date={p}/validation.json"

@@ -67,9 +67,9 @@ class _LandingStream(io.RawIOBase):
         super().__init__()
         head = source.read(2)
         if head == GZIP_MAGIC:
-            self._source: BinaryIO = gzip.GzipFile(fileobj=_Prefixed(head, source), mode="rb")
+            self._source: BinaryIO = gzip.GzipFile(fileobj=PrefixedStream(head, source), mode="rb")
         else:
-            self._source = _Prefixed(head, source)
+            self._source = PrefixedStream(head, source)
         self.source_key = source_key
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._pending = b""  # bytes read but not yet handed to pyarrow (header look-ahead)
@@ -194,7 +194,7 @@ class _LandingStream(io.RawIOBase):
         return records + np.searchsorted(gaps - np.arange(len(gaps)), records, side="right")
 
 
-class _Prefixed(io.RawIOBase):
+class PrefixedStream(io.RawIOBase):
     """`prefix` then the rest of `source`: bytes already read to sniff the format are not lost."""
 
     def __init__(self, prefix: bytes, source: BinaryIO) -> None:
@@ -359,14 +359,19 @@ def _bronze_batch(
         errors, line_array = errors.take(order), all_lines.take(order)
     else:
         line_array = pa.array(lines, pa.int64())
-    n = len(line_array)
+    return _with_lineage(columns, errors, line_array, lineage)
+
+
+def _with_lineage(columns: dict, errors: pa.Array, lines: pa.Array, lineage: _Lineage) -> pa.RecordBatch:
+    """Delivered columns + `_parse_error` + the lineage columns, the one bronze batch layout."""
+    n = len(lines)
     return pa.RecordBatch.from_pydict(
         columns
         | {
             PARSE_ERROR_COLUMN: errors,
             "_source_key": pa.repeat(pa.scalar(lineage.source_key, pa.string()), n),
             "_source_etag": pa.repeat(pa.scalar(lineage.source_etag, pa.string()), n),
-            "_source_line": line_array,
+            "_source_line": lines,
             "_ingest_run_id": pa.repeat(pa.scalar(lineage.run_id, pa.string()), n),
             "_ingested_at": pa.repeat(pa.scalar(lineage.ingested_at, pa.timestamp("us", tz="UTC")), n),
         }
@@ -495,7 +500,7 @@ def iter_landing_jsonl_batches(
     import json
 
     head = file_obj.read(2)
-    raw: BinaryIO = io.BufferedReader(_Prefixed(head, file_obj), 1 << 20)  # type: ignore[assignment]
+    raw: BinaryIO = io.BufferedReader(PrefixedStream(head, file_obj), 1 << 20)  # type: ignore[assignment]
     if head == b"\x1f\x8b":
         raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
     lineage = _Lineage(source_key, source_etag, run_id, ingested_at)
@@ -520,18 +525,7 @@ def iter_landing_jsonl_batches(
                 )
             checked = True
         data = {c: pa.array([r.get(c) for r in rows], pa.string()) for c in columns}
-        n = len(rows)
-        return pa.RecordBatch.from_pydict(
-            data
-            | {
-                PARSE_ERROR_COLUMN: pa.array(errors, pa.string()),
-                "_source_key": pa.repeat(pa.scalar(lineage.source_key, pa.string()), n),
-                "_source_etag": pa.repeat(pa.scalar(lineage.source_etag, pa.string()), n),
-                "_source_line": pa.array(lines, pa.int64()),
-                "_ingest_run_id": pa.repeat(pa.scalar(lineage.run_id, pa.string()), n),
-                "_ingested_at": pa.repeat(pa.scalar(lineage.ingested_at, pa.timestamp("us", tz="UTC")), n),
-            }
-        )
+        return _with_lineage(data, pa.array(errors, pa.string()), pa.array(lines, pa.int64()), lineage)
 
     for number, line in enumerate(raw, start=1):
         if not line.strip():
