@@ -387,6 +387,7 @@ def build_gold(
     progress: Progress = print,
 ) -> LayerReport:
     from pipelines.layers.gold import to_gold
+    from pipelines.quality.suites import reference_profile
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
@@ -405,7 +406,13 @@ def build_gold(
     reference = _gold_reference(store, dataset, partition)
     quality = _gate(gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset)
     manifest = storage.publish_partition(
-        store, "gold", dataset, partition, pa.Table.from_pandas(gold, preserve_index=False), run_id
+        store,
+        "gold",
+        dataset,
+        partition,
+        pa.Table.from_pandas(gold, preserve_index=False),
+        run_id,
+        extra={"reference_profile": reference_profile(gold)},
     )
     _put_quality(store, "gold", dataset, partition, quality)
     publish_docs(store, progress)
@@ -413,11 +420,16 @@ def build_gold(
     return _layer_report("gold", dataset, partition, len(silver), manifest, quality)
 
 
-def _gold_reference(store: ObjectStore, dataset: str, partition: str) -> pd.DataFrame | None:
-    """The latest earlier gold partition: the reference window for drift bounds."""
+def _gold_reference(store: ObjectStore, dataset: str, partition: str) -> pd.DataFrame | dict | None:
+    """The latest earlier gold partition's feature profile: the reference window for drift bounds.
+
+    Its manifest carries the profile; a partition published before profiles existed is read whole."""
     earlier = [p for p in storage.list_partitions(store, "gold", dataset) if p < partition]
     if not earlier:
         return None
+    manifest = storage.read_manifest(store, "gold", dataset, earlier[-1])
+    if manifest is not None and manifest.extra.get("reference_profile"):
+        return manifest.extra["reference_profile"]
     return storage.read_partition(store, "gold", dataset, earlier[-1]).to_pandas()
 
 

@@ -262,7 +262,7 @@ def _validation_definition(
     layer: Layer,
     contract: Any,
     config: dict | None,
-    reference: pd.DataFrame | None,
+    reference: pd.DataFrame | dict | None,
     columns: list[str] | None,
     expected_row_count: int | None,
 ) -> Any:
@@ -304,7 +304,7 @@ def validate_partition(
     partition: str,
     *,
     config: dict | None = None,
-    reference: pd.DataFrame | None = None,
+    reference: pd.DataFrame | dict | None = None,
     context: Any = None,
     expected_row_count: int | None = None,
 ) -> GateResult:

@@ -161,7 +161,7 @@ def build_suite(
     contract: Any,
     *,
     config: dict | None = None,
-    reference: pd.DataFrame | None = None,
+    reference: pd.DataFrame | dict | None = None,
     columns: Iterable[str] | None = None,
     expected_row_count: int | None = None,
     now: dt.datetime | None = None,
@@ -348,17 +348,35 @@ def nonfinite_features(df: pd.DataFrame, features: Iterable[str] | None = None) 
     return out
 
 
-def _gold(b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | None, columns: Iterable[str] | None) -> None:
-    import great_expectations.expectations as gxe
+def reference_profile(gold: pd.DataFrame) -> dict[str, Any]:
+    """What the drift check needs of a reference gold partition: its columns and, per feature,
+    mean, std and count of its finite values. Stored in the gold manifest, so the next
+    partition's gate reads a few hundred bytes instead of the whole previous partition."""
     import numpy as np
 
+    features = {}
+    for name in gold_feature_columns(gold.columns):
+        values = gold[name].to_numpy(dtype="float64", na_value=np.nan)
+        values = values[np.isfinite(values)]
+        if values.size:
+            features[name] = {"mean": float(values.mean()), "std": float(values.std()), "rows": int(values.size)}
+    return {"columns": list(gold.columns), "features": features}
+
+
+def _gold(
+    b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | dict | None, columns: Iterable[str] | None
+) -> None:
+    import great_expectations.expectations as gxe
+
+    if reference is not None and not isinstance(reference, dict):
+        reference = reference_profile(reference)
     has_labels = True
     if columns is not None:
         columns = list(columns)
         features: Iterable[str] = gold_feature_columns(columns)
         has_labels = "is_anomaly" in columns
     elif reference is not None:
-        features = gold_feature_columns(reference.columns)
+        features = gold_feature_columns(reference["columns"])
     else:
         features = [c.name for c in contract.columns if str(c.type) == "float64"]
     features = list(features)
@@ -385,16 +403,13 @@ def _gold(b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | None, colum
         **({"mostly": mostly} if mostly is not None else {}),
     )
 
-    if reference is not None and len(reference):
+    if reference is not None and reference["features"]:
         k = float(_section(b.config, "gold", "reference_k", DEFAULT_REFERENCE_K))
         for name in features:
-            if name not in reference.columns:
+            stats = reference["features"].get(name)
+            if stats is None:
                 continue
-            values = reference[name].to_numpy(dtype="float64", na_value=np.nan)
-            values = values[np.isfinite(values)]
-            if values.size == 0:
-                continue
-            mean, std = float(values.mean()), float(values.std())
+            mean, std = stats["mean"], stats["std"]
             # A constant reference feature would give a zero-width band: allow rounding noise.
             half_width = max(k * std, 1e-9 * max(1.0, abs(mean)))
             b.add(
@@ -403,7 +418,7 @@ def _gold(b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | None, colum
                 min_value=mean - half_width,
                 max_value=mean + half_width,
                 # Where the band came from, for the reader of Data Docs and of the gate report.
-                extra_meta={"reference": {"mean": mean, "std": std, "k": k, "rows": int(values.size)}},
+                extra_meta={"reference": {"mean": mean, "std": std, "k": k, "rows": stats["rows"]}},
             )
 
     if has_labels:

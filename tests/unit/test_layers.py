@@ -79,9 +79,7 @@ def test_missing_column_error_lists_what_was_found():
 
 
 def test_silver_types_columns_and_normalises_labels():
-    silver, quarantine = to_silver(
-        bronze(HEADER + row() + row(ts="1767571260.5", light="0", fault="Spike")), IOT
-    )
+    silver, quarantine = to_silver(bronze(HEADER + row() + row(ts="1767571260.5", light="0", fault="Spike")), IOT)
     assert quarantine.empty
     assert list(silver.columns) == [*IOT.silver_columns, "_source_key", "_source_line"]
     assert str(silver["ts"].dtype) == "datetime64[us, UTC]"
@@ -129,16 +127,12 @@ def test_silver_quarantines_rule_breakers_with_rule_and_reason():
 
 def test_silver_deduplicates_keeping_the_latest_delivery():
     first = bronze(HEADER + row(temp="20") + row(ts="1767571260"), key="a.csv", at=INGESTED)
-    again = bronze(
-        HEADER + row(temp="22") + row(ts="1767571260"), key="b.csv", at=INGESTED + dt.timedelta(hours=1)
-    )
+    again = bronze(HEADER + row(temp="22") + row(ts="1767571260"), key="b.csv", at=INGESTED + dt.timedelta(hours=1))
     combined = pa.concat_tables([first, again])
     silver, quarantine = to_silver(combined, IOT, now=INGESTED + dt.timedelta(days=1))
     assert silver["temp"].tolist() == [22.0, 21.5]
     assert silver["_source_key"].tolist()[0] == "b.csv"
-    assert quarantine["rule"].tolist() == ["duplicate_key"] and quarantine["_source_key"].tolist() == [
-        "a.csv"
-    ]
+    assert quarantine["rule"].tolist() == ["duplicate_key"] and quarantine["_source_key"].tolist() == ["a.csv"]
     assert "b.csv line 2" in quarantine["reason"].iloc[0]
     assert silver.attrs["collapsed_duplicates"] == 1  # the identical second reading
     assert len(silver) + len(quarantine) + silver.attrs["collapsed_duplicates"] == combined.num_rows
@@ -165,9 +159,7 @@ def test_silver_rules_come_from_the_contract_and_pass_on_silver():
 
 
 def test_nab_fahrenheit_is_converted_to_celsius():
-    silver, _ = to_silver(
-        bronze(b"timestamp,value\n2013-12-02 21:15:00,212\n2013-12-02 21:20:00,32\n", NAB), NAB
-    )
+    silver, _ = to_silver(bronze(b"timestamp,value\n2013-12-02 21:15:00,212\n2013-12-02 21:20:00,32\n", NAB), NAB)
     assert silver["temp"].tolist() == [100.0, 0.0]
     assert silver["device"].tolist() == ["machine_temperature"] * 2
     assert silver["ts"].iloc[0] == pd.Timestamp("2013-12-02 21:15", tz="UTC")
@@ -187,6 +179,54 @@ def _silver_frame(temps, labels=None, device="d1"):
             "event_date": ts.date,
         }
     )
+
+
+def _per_device_reference(silver: pd.DataFrame, col: str, window: int, long_window: int) -> pd.DataFrame:
+    """The features of one column computed the obvious way: device by device, pandas rolling."""
+    out = []
+    for _, g in silver.sort_values(["device", "ts"]).groupby("device", sort=True):
+        v = g[col].ffill().fillna(0.0)
+        r = v.rolling(window, min_periods=1)
+        out.append(
+            pd.DataFrame(
+                {
+                    "device": g["device"],
+                    "ts": g["ts"],
+                    "mean": r.mean(),
+                    "std": r.std().fillna(0.0),
+                    "min": r.min(),
+                    "max": r.max(),
+                    "delta": v.diff().fillna(0.0),
+                    "flat": (v.diff() == 0).astype(float).rolling(window, min_periods=1).sum(),
+                    "long_dev": v - v.rolling(long_window, min_periods=1).median(),
+                }
+            )
+        )
+    return pd.concat(out).sort_values(["device", "ts"]).reset_index(drop=True)
+
+
+def test_gold_rolling_features_equal_a_device_by_device_computation():
+    rng = np.random.default_rng(3)
+    frames = [
+        _silver_frame(20 + rng.normal(0, 1, n).round(1), device=f"d{i}") for i, n in enumerate([1, 2, 7, 40, 120])
+    ]
+    silver = pd.concat(frames, ignore_index=True)
+    silver.loc[rng.choice(len(silver), 25, replace=False), "temp"] = np.nan
+    shuffled = silver.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    gold = to_gold(shuffled, NAB, window=5, long_window=30).sort_values(["device", "ts"]).reset_index(drop=True)
+    expected = _per_device_reference(silver, "temp", window=5, long_window=30)
+    assert gold["device"].tolist() == expected["device"].tolist()
+    for ours, theirs in [
+        ("temp_roll_mean", "mean"),
+        ("temp_roll_min", "min"),
+        ("temp_roll_max", "max"),
+        ("temp_delta", "delta"),
+        ("temp_flat_count", "flat"),
+        ("temp_long_dev", "long_dev"),
+    ]:
+        np.testing.assert_allclose(gold[ours], expected[theirs], rtol=1e-12, atol=1e-12, err_msg=ours)
+    std = expected["std"].where(expected["std"] > 1e-9 * (1 + expected["mean"].abs()), 0.0)
+    np.testing.assert_allclose(gold["temp_roll_std"], std, rtol=1e-12, atol=1e-12)
 
 
 def test_gold_features_are_finite_float_and_named():
