@@ -331,6 +331,31 @@ def gold_targets(partitions: list[str], *, dataset: str | None = None, store: Ob
     return sorted(out)
 
 
+# -- device buckets -----------------------------------------------------------------------------
+def _bucket_rows() -> int:
+    return int((load_params().get("lake") or {}).get("bucket_rows", 500_000))
+
+
+def _device_buckets(files: list[bytes], device_column: str | None, bucket_rows: int | None) -> list[list | None]:
+    """Devices of a partition grouped into buckets of at most `lake.bucket_rows` rows; [None]
+    (one bucket, everything) when the data has no device column (a single-entity contract)."""
+    from pipelines.layers.partitioning import plan_device_buckets
+
+    if device_column is None:
+        return [None]
+    import pyarrow.parquet as pq
+
+    if not any(device_column in pq.read_schema(io.BytesIO(blob)).names for blob in files):
+        return [None]
+    return plan_device_buckets(storage.rows_per_value(files, device_column), bucket_rows or _bucket_rows())
+
+
+def _bucket_label(bucket: list | None, index: int, total: int) -> str:
+    if bucket is None or total == 1:
+        return ""
+    return f" bucket {index + 1}/{total} ({len(bucket)} devices)"
+
+
 # -- silver -------------------------------------------------------------------------------------
 def build_silver(
     partition: str,
@@ -339,40 +364,65 @@ def build_silver(
     dataset: str | None = None,
     store: ObjectStore | None = None,
     progress: Progress = print,
+    bucket_rows: int | None = None,
 ) -> LayerReport:
+    """Type, check and deduplicate one bronze partition into silver, quarantining rule breakers.
+
+    Works through the partition in buckets of whole devices (`lake.bucket_rows`): deduplication
+    is per (device, ts), so a bucket holds everything a decision needs and memory stays bounded
+    whatever the partition's size. Every bucket is gated before anything is committed; silver and
+    quarantine are then committed (quarantine first, so a bad record is never lost)."""
     from pipelines.layers.silver import to_silver
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
-    bronze = storage.read_partition(store, "bronze", dataset, partition)
-    silver, quarantine = to_silver(bronze, contract, partition=partition)
-    collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
+    files = storage.read_partition_files(store, "bronze", dataset, partition)
+    buckets = _device_buckets(files, contract.entity.source, bucket_rows)
+    silver_writer = storage.PartitionWriter(store, "silver", dataset, partition, run_id)
+    quarantine_writer = storage.PartitionWriter(store, "quarantine", dataset, partition, run_id)
+    qualities, rows_in, quarantined, collapsed, empty_quarantine = [], 0, 0, 0, None
+    try:
+        for i, bucket in enumerate(buckets):
+            bronze = storage.decode_rows(files, contract.entity.source, bucket)
+            silver, quarantine = to_silver(bronze, contract, partition=partition)
+            rows_in += bronze.num_rows
+            del bronze
+            n_collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
+            progress(
+                f"[silver] {partition}{_bucket_label(bucket, i, len(buckets))}: {len(silver)} silver, "
+                f"{len(quarantine)} quarantined, {n_collapsed} identical re-deliveries collapsed"
+            )
+            qualities.append(_gate(silver, "silver", contract, partition, progress, store=store, dataset=dataset))
+            if len(quarantine):
+                quarantine_writer.write(pa.Table.from_pandas(quarantine.astype(str), preserve_index=False))
+            elif empty_quarantine is None:
+                empty_quarantine = pa.Table.from_pandas(quarantine, preserve_index=False)
+            silver_writer.write(pa.Table.from_pandas(silver, preserve_index=False))
+            quarantined, collapsed = quarantined + len(quarantine), collapsed + n_collapsed
+            del silver, quarantine
+        if not quarantine_writer.files and empty_quarantine is not None:
+            quarantine_writer.write(empty_quarantine)  # an empty, committed quarantine: "checked, none"
+    except Exception:
+        silver_writer.abort()
+        quarantine_writer.abort()
+        raise
+    quality = qualities[0] if len(qualities) == 1 else _merge_quality(qualities)
+    # Quarantine first: a bad record is never lost, even if the silver commit fails next.
+    quarantine_writer.commit()
+    manifest = silver_writer.commit()
+    _put_quality(store, "silver", dataset, partition, quality)
     progress(
-        f"[silver] {partition}: {bronze.num_rows} in -> {len(silver)} silver, {len(quarantine)} quarantined, "
+        f"[silver] {partition}: {rows_in} in -> {manifest.rows} silver, {quarantined} quarantined, "
         f"{collapsed} identical re-deliveries collapsed"
     )
-    quality = _gate(silver, "silver", contract, partition, progress, store=store, dataset=dataset)
-    # Quarantine first: a bad record is never lost, even if the silver publish fails next.
-    storage.publish_partition(
-        store,
-        "quarantine",
-        dataset,
-        partition,
-        pa.Table.from_pandas(quarantine.astype(str) if len(quarantine) else quarantine, preserve_index=False),
-        run_id,
-    )
-    manifest = storage.publish_partition(
-        store, "silver", dataset, partition, pa.Table.from_pandas(silver, preserve_index=False), run_id
-    )
-    _put_quality(store, "silver", dataset, partition, quality)
     return _layer_report(
         "silver",
         dataset,
         partition,
-        bronze.num_rows,
+        rows_in,
         manifest,
         quality,
-        quarantined=len(quarantine),
+        quarantined=quarantined,
         collapsed_duplicates=collapsed,
     )
 
@@ -385,39 +435,61 @@ def build_gold(
     dataset: str | None = None,
     store: ObjectStore | None = None,
     progress: Progress = print,
+    bucket_rows: int | None = None,
 ) -> LayerReport:
-    from pipelines.layers.gold import to_gold
-    from pipelines.quality.suites import reference_profile
+    """Model features for one silver partition, device bucket by device bucket (bounded memory).
+
+    Each bucket's rolling windows are warmed up with the same devices' last readings of the
+    previous day; every bucket is gated against the previous gold partition's feature profile
+    before the partition is committed."""
+    from pipelines.layers.gold import to_gold, warmup_rows
+    from pipelines.quality.suites import combine_profiles, reference_profile
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
-    from pipelines.layers.gold import warmup_rows
-
+    device = contract.entity.column
     gold_params = load_params()["gold"]
     window, long_window = int(gold_params["window"]), int(gold_params.get("long_window", 240))
-    silver = storage.read_partition(store, "silver", dataset, partition).to_pandas()
+    files = storage.read_partition_files(store, "silver", dataset, partition)
     # Warm-up: the previous day's tail, so rolling features at midnight see the readings before it.
     previous = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
-    warmup = None
-    if storage.read_manifest(store, "silver", dataset, previous) is not None:
-        prev = storage.read_partition(store, "silver", dataset, previous).to_pandas()
-        warmup = prev.sort_values("ts").groupby("device", group_keys=False).tail(warmup_rows(window, long_window))
-    gold = to_gold(silver, contract, window=window, warmup=warmup, long_window=long_window)
-    reference = _gold_reference(store, dataset, partition)
-    quality = _gate(gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset)
-    manifest = storage.publish_partition(
-        store,
-        "gold",
-        dataset,
-        partition,
-        pa.Table.from_pandas(gold, preserve_index=False),
-        run_id,
-        extra={"reference_profile": reference_profile(gold)},
+    previous_files = (
+        storage.read_partition_files(store, "silver", dataset, previous)
+        if storage.read_manifest(store, "silver", dataset, previous) is not None
+        else []
     )
+    buckets = _device_buckets(files, device, bucket_rows)
+    reference = _gold_reference(store, dataset, partition)
+    writer = storage.PartitionWriter(store, "gold", dataset, partition, run_id)
+    qualities, profiles, rows_in = [], [], 0
+    try:
+        for i, bucket in enumerate(buckets):
+            silver = storage.decode_rows(files, device, bucket).to_pandas()
+            warmup = None
+            if previous_files:
+                prev = storage.decode_rows(previous_files, device, bucket).to_pandas()
+                tail = warmup_rows(window, long_window)
+                warmup = prev.sort_values("ts").groupby(device, group_keys=False).tail(tail)
+                del prev
+            gold = to_gold(silver, contract, window=window, warmup=warmup, long_window=long_window)
+            rows_in += len(silver)
+            del silver, warmup
+            qualities.append(
+                _gate(gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset)
+            )
+            profiles.append(reference_profile(gold))
+            writer.write(pa.Table.from_pandas(gold, preserve_index=False))
+            progress(f"[gold] {partition}{_bucket_label(bucket, i, len(buckets))}: {len(gold)} feature rows")
+            del gold
+    except Exception:
+        writer.abort()
+        raise
+    quality = qualities[0] if len(qualities) == 1 else _merge_quality(qualities)
+    manifest = writer.commit(extra={"reference_profile": combine_profiles(profiles)})
     _put_quality(store, "gold", dataset, partition, quality)
     publish_docs(store, progress)
-    progress(f"[gold] {partition}: {len(gold)} feature rows")
-    return _layer_report("gold", dataset, partition, len(silver), manifest, quality)
+    progress(f"[gold] {partition}: {manifest.rows} feature rows")
+    return _layer_report("gold", dataset, partition, rows_in, manifest, quality)
 
 
 def _gold_reference(store: ObjectStore, dataset: str, partition: str) -> pd.DataFrame | dict | None:

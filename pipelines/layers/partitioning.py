@@ -62,3 +62,25 @@ def _epoch_day_numbers(column):
     if seconds.null_count or not np.isfinite(values).all() or np.abs(values).max(initial=0) > 9.2e12:
         return None
     return np.floor(values / 86400).astype("int64")
+
+
+def plan_device_buckets(rows_per_device: dict[str | None, int], max_rows: int) -> list[list[str | None]]:
+    """Devices grouped into buckets of about `max_rows` rows, in sorted device order, each device
+    in exactly one bucket (a device larger than `max_rows` gets a bucket of its own). Rows without
+    a device go into the first bucket, where silver quarantines them.
+
+    Contiguous ranges of sorted devices keep the concatenated output of the buckets in the same
+    (device, ts) order as one unbucketed pass would produce."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows}: a bucket must hold at least one row")
+    named = sorted(d for d in rows_per_device if d is not None)
+    buckets: list[list[str | None]] = [[None]] if None in rows_per_device else [[]]
+    filled = rows_per_device.get(None, 0)
+    for device in named:
+        rows = rows_per_device[device]
+        if buckets[-1] and filled + rows > max_rows:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(device)
+        filled += rows
+    return [b for b in buckets if b]

@@ -25,6 +25,7 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 _TRUE = frozenset({"true", "1", "t", "yes", "y"})
 _FALSE = frozenset({"false", "0", "f", "no", "n"})
 _MISSING = frozenset({"", "nan", "na", "n/a", "null", "none"})
+_MISSING_SPELLINGS = pa.array(sorted({v for m in _MISSING for v in (m, m.upper(), m.capitalize())} | {"NaN", "N/a"}))
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def to_silver(
     typed, type_errors = type_bronze(raw, contract)
 
     rule_names = pd.Series(pd.NA, index=raw.index, dtype="object")
-    reasons = pd.Series([[] for _ in range(len(raw))], index=raw.index, dtype="object")
+    reasons: dict[int, list[str]] = {}  # only rows that broke a rule: usually few
 
     def record(mask: pd.Series, name: str, why: pd.Series) -> None:
         mask = mask.fillna(False).astype(bool)
@@ -167,7 +168,7 @@ def to_silver(
             return
         rule_names[mask & rule_names.isna()] = name
         for i, text in why.items():
-            reasons[i].append(text)
+            reasons.setdefault(i, []).append(text)
 
     malformed = (
         raw[PARSE_ERROR_COLUMN].notna() if PARSE_ERROR_COLUMN in raw else pd.Series(False, index=raw.index)
@@ -197,7 +198,9 @@ def to_silver(
 
     quarantine = raw[failed].copy()
     quarantine["rule"] = rule_names[failed].astype(str)
-    quarantine["reason"] = reasons[failed].map("; ".join).astype(str)
+    quarantine["reason"] = pd.Series(
+        ["; ".join(reasons.get(i, ())) for i in quarantine.index], index=quarantine.index, dtype="str"
+    )
     if len(duplicates):
         dup = raw.loc[duplicates.index].copy()
         dup["rule"] = "duplicate_key"
@@ -229,16 +232,16 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
 
     for spec in contract.columns:
         text = _text(raw, spec.source)
-        missing = _is_missing(text)
         if spec.type == "float64":
-            values = pd.to_numeric(text.where(~missing), errors="coerce").astype("float64")
-            errors[spec.name] = values.isna() & ~missing
+            values, errors[spec.name], _ = _parse_float(text)
             if spec.needs_conversion:
                 values = pd.Series(
                     convert_units(values.to_numpy(), spec.source_unit, spec.unit), index=raw.index
                 )
             out[spec.name] = values
-        elif spec.type == "bool":
+            continue
+        missing = _is_missing(text)
+        if spec.type == "bool":
             lowered = text.str.strip().str.lower()
             values = pd.Series(pd.NA, index=raw.index, dtype="boolean")
             values[lowered.isin(_TRUE)] = True
@@ -268,6 +271,10 @@ def _deduplicate(valid: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame,
     ordered = valid.assign(_position=np.arange(len(valid))).sort_values(
         [*keys, "_delivery_order", "_source_line", "_position"], na_position="first", kind="stable"
     )
+    if not _adjacent_keys_repeat(ordered, keys):  # the usual delivery: nothing to collapse or supersede
+        silver = ordered[contract.silver_columns + list(SILVER_LINEAGE)].reset_index(drop=True)
+        silver["ts"] = silver["ts"].astype("datetime64[us, UTC]")
+        return silver, ordered.iloc[0:0].assign(reason=pd.Series(dtype="str")), 0
     exact = ordered.duplicated([*keys, *payload], keep="last")
     collapsed = int(exact.sum())
     ordered = ordered[~exact]
@@ -294,6 +301,17 @@ def _deduplicate(valid: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame,
     return silver, duplicates, collapsed
 
 
+def _adjacent_keys_repeat(ordered: pd.DataFrame, keys: list[str]) -> bool:
+    """Whether any two consecutive rows of a key-sorted frame share their key (nulls equal)."""
+    if len(ordered) < 2:
+        return False
+    same = np.ones(len(ordered) - 1, dtype=bool)
+    for key in keys:
+        codes = pd.factorize(ordered[key], use_na_sentinel=False)[0]
+        same &= codes[1:] == codes[:-1]
+    return bool(same.any())
+
+
 def _text(raw: pd.DataFrame, column: str) -> pd.Series:
     if column not in raw:  # optional delivered column absent from this file
         return pd.Series(pd.NA, index=raw.index, dtype="str")
@@ -301,20 +319,52 @@ def _text(raw: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _is_missing(text: pd.Series) -> pd.Series:
-    return text.isna() | text.str.strip().str.lower().isin(_MISSING)
+    """Null or a missing-value token, ignoring case and surrounding blanks.
+
+    Checked on the distinct values only: a delivered column repeats few distinct strings where
+    it matters (device ids, flags) and the check is a hash lookup where it does not (readings)."""
+    codes, uniques = pd.factorize(text, use_na_sentinel=True)
+    if len(uniques) == 0:
+        return pd.Series(True, index=text.index)
+    token = pd.Series(uniques, dtype="str").str.strip().str.lower().isin(_MISSING).to_numpy()
+    return pd.Series((codes < 0) | token[np.maximum(codes, 0)] & (codes >= 0), index=text.index)
+
+
+def _parse_float(text: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(float64 values, mask of values that are not numbers, mask of missing values).
+
+    Missing values become null, not errors. Arrow's parser takes the common case (clean numbers,
+    usual spellings of missing) in one pass; it accepts a subset of what pandas accepts, so a
+    column it rejects (blanks around numbers, an odd spelling of missing, a bad value) is parsed
+    again by pandas, which reports the bad values one by one."""
+    import pyarrow.compute as pc
+
+    arrow = pa.array(text.array)
+    quick_missing = pc.fill_null(pc.is_in(arrow, value_set=_MISSING_SPELLINGS), True)
+    try:
+        parsed = pc.cast(pc.if_else(quick_missing, pa.scalar(None, arrow.type), arrow), pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        missing = _is_missing(text)
+        values = pd.to_numeric(text.where(~missing), errors="coerce").astype("float64")
+        return values, values.isna() & ~missing, missing
+    values = pd.Series(parsed.to_numpy(zero_copy_only=False), index=text.index, dtype="float64")
+    missing = pd.Series(quick_missing.to_numpy(zero_copy_only=False), index=text.index)
+    nan = values.isna() & ~missing
+    if nan.any():  # parsed as NaN: "nan" in another case is missing, "-nan" is not a number (as in pandas)
+        missing |= nan & _is_missing(text.where(nan, ""))
+    return values, values.isna() & ~missing, missing
 
 
 def _parse_time(text: pd.Series, source_format: str, timezone: str) -> tuple[pd.Series, pd.Series]:
-    missing = _is_missing(text)
-    cleaned = text.str.strip().where(~missing)
     if source_format == EPOCH_SECONDS:
-        seconds = pd.to_numeric(cleaned, errors="coerce")
+        seconds, _, missing = _parse_float(text)
         micros = (seconds * 1_000_000).round()
         out_of_bounds = micros.abs() > 9.2e18
         micros = micros.where(np.isfinite(micros) & ~out_of_bounds)
         ts = pd.to_datetime(micros.astype("Int64"), unit="us", utc=True)
     else:
-        ts = pd.to_datetime(cleaned, format=source_format, errors="coerce")
+        missing = _is_missing(text)
+        ts = pd.to_datetime(text.str.strip().where(~missing), format=source_format, errors="coerce")
         if ts.dt.tz is None:
             ts = ts.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
         ts = ts.dt.tz_convert("UTC")

@@ -363,6 +363,23 @@ def reference_profile(gold: pd.DataFrame) -> dict[str, Any]:
     return {"columns": list(gold.columns), "features": features}
 
 
+def combine_profiles(profiles: list[dict[str, Any]]) -> dict[str, Any]:
+    """One profile from the profiles of disjoint parts of a partition (device buckets): pooled
+    mean and population std of each feature, as if computed over the whole partition."""
+    import math
+
+    if len(profiles) == 1:
+        return profiles[0]
+    features: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(n for p in profiles for n in p["features"]):
+        parts = [p["features"][name] for p in profiles if name in p["features"]]
+        rows = sum(part["rows"] for part in parts)
+        mean = sum(part["mean"] * part["rows"] for part in parts) / rows
+        second = sum((part["std"] ** 2 + part["mean"] ** 2) * part["rows"] for part in parts) / rows
+        features[name] = {"mean": mean, "std": math.sqrt(max(second - mean**2, 0.0)), "rows": rows}
+    return {"columns": profiles[0]["columns"], "features": features}
+
+
 def _gold(
     b: _SuiteBuilder, contract: Any, reference: pd.DataFrame | dict | None, columns: Iterable[str] | None
 ) -> None:

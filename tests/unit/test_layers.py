@@ -11,6 +11,7 @@ import pytest
 from pipelines.contracts import load_contract
 from pipelines.layers.bronze import LINEAGE_COLUMNS, BronzeError, bronze_row_count, parse_landing_csv
 from pipelines.layers.gold import META_COLUMNS, feature_columns, to_gold
+from pipelines.layers.partitioning import plan_device_buckets
 from pipelines.layers.silver import silver_rules, to_silver
 from pipelines.simulator import simulate_day_csv
 
@@ -326,3 +327,13 @@ def test_nab_file_goes_bytes_to_gold_through_its_contract_alone(nab_csv):
     ]
     assert np.isfinite(gold[feature_columns(gold)].to_numpy()).all()
     assert gold["is_anomaly"].isna().all()
+
+
+def test_device_buckets_keep_devices_whole_sorted_and_bounded():
+    rows = {"d3": 30, "d1": 50, "d2": 60, None: 5, "d4": 200}
+    buckets = plan_device_buckets(rows, max_rows=100)
+    assert buckets == [[None, "d1"], ["d2", "d3"], ["d4"]]  # d4 alone is over the bound: its own bucket
+    assert sorted((d for b in buckets for d in b), key=str) == sorted(rows, key=str)
+    assert plan_device_buckets({"a": 1}, max_rows=10) == [["a"]]
+    with pytest.raises(ValueError):
+        plan_device_buckets(rows, max_rows=0)
