@@ -12,6 +12,7 @@ those partitions, in parallel (dynamic task mapping).
 | `silver` (mapped) | bronze partition (all deliveries) | `lake/silver/...` typed, deduplicated; bad records → `lake/quarantine/...` with the rule broken | GX silver suite (types, keys, ranges, no future) |
 | `plan_gold` | touched partitions | the gold partitions to rebuild (touched + the next day, whose windows read them) | |
 | `gold` (mapped) | silver partition (+ previous day as warm-up) | `lake/gold/...` model features | GX gold suite (no NaN/inf, drift bounds) |
+| `data_docs` | every stored GX validation | `lake/data-docs/` (the Data Docs site, rebuilt once per run) | |
 
 Every partition is published atomically through a `_manifest.json` commit object; re-running a
 date replaces exactly its records (idempotent). A critical quality failure fails the task before
@@ -83,7 +84,13 @@ def iot_lakehouse():
 
         return build_gold(partition, context["run_id"]).to_dict()
 
-    gold.expand(partition=plan_gold(silver.expand(partition=bronze())))
+    @task
+    def data_docs(reports: list[dict]) -> str:
+        from pipelines.jobs.lake import publish_docs
+
+        return publish_docs()
+
+    data_docs(gold.expand(partition=plan_gold(silver.expand(partition=bronze()))))
 
 
 iot_lakehouse()

@@ -99,15 +99,22 @@ def _gate(
     return result.to_dict()
 
 
-def publish_docs(store: ObjectStore, progress: Progress = print) -> None:
-    """Rebuild the Data Docs site from every stored validation and upload it to the lake."""
+def publish_docs(store: ObjectStore | None = None, progress: Progress = print) -> str:
+    """Rebuild the Data Docs site from every stored validation and upload it to the lake.
+
+    Called once per lakehouse run after its gold partitions (and by a failing gate, so the failure
+    can be browsed): not per partition, where parallel tasks would rebuild the same site side by side."""
     from pipelines.quality import publish_data_docs
 
+    store = store or ObjectStore()
     try:
         key = publish_data_docs(store)
-        progress(f"[gx] Data Docs: s3://{store.settings.lake_bucket}/{key}")
+        url = f"s3://{store.settings.lake_bucket}/{key}"
+        progress(f"[gx] Data Docs: {url}")
+        return url
     except Exception as e:  # noqa: BLE001 - docs are a view; never fail a publish because of them
         progress(f"[gx] Data Docs not refreshed: {e}")
+        return ""
 
 
 def _put_quality(store: ObjectStore, layer: str, dataset: str, partition: str, quality: dict) -> None:
@@ -263,6 +270,9 @@ def build_bronze(
                             dataset=dataset,
                         )
                     )
+                    if contract.entity.source in table.column_names:
+                        # device order inside each file: silver's device buckets skip row groups
+                        table = table.sort_by(contract.entity.source)
                     for event_date, part in split_by_event_date(table, contract, delivery_date).items():
                         if event_date not in writers:
                             writers[event_date] = storage.PartitionWriter(
@@ -378,13 +388,14 @@ def build_silver(
     contract = _contract(dataset)
     files = storage.read_partition_files(store, "bronze", dataset, partition)
     buckets = _device_buckets(files, contract.entity.source, bucket_rows)
+    now = dt.datetime.now(dt.UTC)  # one clock for the future-timestamp rule of every bucket
     silver_writer = storage.PartitionWriter(store, "silver", dataset, partition, run_id)
     quarantine_writer = storage.PartitionWriter(store, "quarantine", dataset, partition, run_id)
     qualities, rows_in, quarantined, collapsed, empty_quarantine = [], 0, 0, 0, None
     try:
         for i, bucket in enumerate(buckets):
             bronze = storage.decode_rows(files, contract.entity.source, bucket)
-            silver, quarantine = to_silver(bronze, contract, partition=partition)
+            silver, quarantine = to_silver(bronze, contract, partition=partition, now=now)
             rows_in += bronze.num_rows
             del bronze
             n_collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
@@ -392,7 +403,9 @@ def build_silver(
                 f"[silver] {partition}{_bucket_label(bucket, i, len(buckets))}: {len(silver)} silver, "
                 f"{len(quarantine)} quarantined, {n_collapsed} identical re-deliveries collapsed"
             )
-            qualities.append(_gate(silver, "silver", contract, partition, progress, store=store, dataset=dataset))
+            qualities.append(
+                _gate(silver, "silver", contract, partition, progress, store=store, dataset=dataset, now=now)
+            )
             if len(quarantine):
                 quarantine_writer.write(pa.Table.from_pandas(quarantine.astype(str), preserve_index=False))
             elif empty_quarantine is None:
@@ -487,7 +500,6 @@ def build_gold(
     quality = qualities[0] if len(qualities) == 1 else _merge_quality(qualities)
     manifest = writer.commit(extra={"reference_profile": combine_profiles(profiles)})
     _put_quality(store, "gold", dataset, partition, quality)
-    publish_docs(store, progress)
     progress(f"[gold] {partition}: {manifest.rows} feature rows")
     return _layer_report("gold", dataset, partition, rows_in, manifest, quality)
 

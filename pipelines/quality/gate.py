@@ -265,6 +265,7 @@ def _validation_definition(
     reference: pd.DataFrame | dict | None,
     columns: list[str] | None,
     expected_row_count: int | None,
+    now: dt.datetime | None = None,
 ) -> Any:
     """The stored validation definition for this suite, rebuilt only when its inputs changed.
 
@@ -272,13 +273,21 @@ def _validation_definition(
     (once per partition); bronze, called once per record batch, reuses its definition.
     """
     key = None
-    if layer == "bronze" or (layer == "gold" and reference is None):
+    # Reusable when nothing time- or data-dependent changed: bronze always; silver for one clock
+    # reading (the device buckets of one partition); gold for one reference profile.
+    if (
+        layer == "bronze"
+        or (layer == "silver" and now is not None)
+        or (layer == "gold" and (reference is None or isinstance(reference, dict)))
+    ):
         key = (
             layer,
             id(contract),
             json.dumps(config, sort_keys=True, default=str),
             tuple(columns or ()),
             expected_row_count,
+            now.isoformat() if now is not None else None,
+            json.dumps(reference, sort_keys=True) if isinstance(reference, dict) else None,
         )
     cache_key = (id(ctx), suite_name(layer, contract.name))
     cached = _definitions.get(cache_key)
@@ -291,6 +300,7 @@ def _validation_definition(
         reference=reference,
         columns=columns,
         expected_row_count=expected_row_count,
+        now=now,
     )
     definition = _replace_validation_definition(ctx, suite, _batch_definition(ctx, suite.name))
     _definitions[cache_key] = (ctx, key, definition)
@@ -307,8 +317,12 @@ def validate_partition(
     reference: pd.DataFrame | dict | None = None,
     context: Any = None,
     expected_row_count: int | None = None,
+    now: dt.datetime | None = None,
 ) -> GateResult:
     """Validate one partition of one layer; never raises on bad data (see `enforce`).
+
+    `now` (silver) is the clock for the no-future-timestamps check, default the current time: the
+    device buckets of one partition pass the same one, so they share one suite.
 
     With a `context` that has Data Docs sites configured, the validation runs through a GX
     Checkpoint whose UpdateDataDocsAction refreshes those sites.
@@ -325,7 +339,7 @@ def validate_partition(
     if layer == "gold":
         # The derived NaN/inf column the gold suite's finiteness check reads; a cheap shallow copy.
         df = df.assign(**{NONFINITE_FEATURES_COLUMN: nonfinite_features(df, gold_feature_columns(columns))})
-    definition = _validation_definition(ctx, layer, contract, config, reference, columns, expected_row_count)
+    definition = _validation_definition(ctx, layer, contract, config, reference, columns, expected_row_count, now)
     run_id = RunIdentifier(run_name=f"{partition}", run_time=dt.datetime.now(dt.UTC))
     batch_parameters = {"dataframe": df}
 
