@@ -41,17 +41,26 @@ def test_lakehouse_publishes_assets_that_schedule_training(dagbag):
     assert "iot_telemetry_gold" in str(training.timetable.asset_condition)
 
 
+HEAVY_MODULES = ("pandas", "pyarrow", "sklearn", "mlflow", "great_expectations", "pipelines", "minio", "scipy")
+
+
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
-def test_dag_file_parses_in_under_a_second(dag_file):
-    # Measured in a fresh interpreter with Airflow already imported, as the dag-processor does.
+def test_dag_file_parse_loads_no_heavy_module(dag_file):
+    """The dag-processor re-parses every file often: parsing must not load the data stack.
+
+    Checked by what parsing loads (deterministic), not by a stopwatch: the parse time itself is
+    a speed figure, and those belong in benchmarks, not in tests that flake on a busy machine."""
     code = (
-        "import time, runpy, airflow.sdk, airflow.timetables.interval\n"
-        f"t = time.perf_counter(); runpy.run_path({str(dag_file)!r}); print(time.perf_counter() - t)"
+        "import sys, runpy, airflow.sdk, airflow.timetables.interval\n"
+        "before = set(sys.modules)\n"
+        f"runpy.run_path({str(dag_file)!r})\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    seconds = float(out.stdout.strip().splitlines()[-1])
-    assert seconds < 1.0, f"{dag_file.name} took {seconds:.2f}s to parse: move heavy imports into tasks"
+    loaded = set(out.stdout.strip().splitlines()[-1].split()) if out.stdout.strip() else set()
+    heavy = sorted(loaded & set(HEAVY_MODULES))
+    assert not heavy, f"parsing {dag_file.name} loaded {heavy}: move those imports into the task functions"
 
 
 def test_dag_files_do_not_import_heavy_libraries_at_top_level():
