@@ -116,17 +116,22 @@ def to_gold(
 
     label = frame["label"] if "label" in frame else pd.Series(pd.NA, index=frame.index, dtype="str")
     event_date = frame["event_date"] if "event_date" in frame else frame[ts].dt.date
-    gold = pd.DataFrame(
-        {
-            "device": frame[device].astype("str"),
-            "ts": frame[ts].astype("datetime64[us, UTC]"),
-            "event_date": event_date,
-            "label": label.astype("str"),
-            "is_anomaly": anomaly_flags(label),
-        }
-        | {name: pd.Series(values, index=frame.index).astype("float64") for name, values in features.items()}
-    )
-    return gold[~frame["_warmup"].to_numpy()].reset_index(drop=True)
+    # Drop the warm-up rows from each column before assembling the frame: one copy, not two.
+    keep = ~frame["_warmup"].to_numpy()
+    out_index = pd.RangeIndex(int(keep.sum()))
+
+    def kept(values, dtype=None) -> pd.Series:
+        return pd.Series(values[keep], index=out_index, dtype=dtype)
+
+    meta = {
+        "device": kept(frame[device].astype("str").array, "str"),
+        "ts": kept(frame[ts].astype("datetime64[us, UTC]").array),
+        "event_date": kept(event_date.array),
+        "label": kept(label.astype("str").array, "str"),
+        "is_anomaly": kept(anomaly_flags(label).array),
+    }
+    numbers = {name: kept(np.asarray(values, dtype="float64")) for name, values in features.items()}
+    return pd.DataFrame(meta | numbers)
 
 
 class DeviceWindow(BaseIndexer):
