@@ -43,11 +43,7 @@ class Rule:
     max_value: float | str | None = None
 
     def reasons(self, frame: pd.DataFrame, mask: pd.Series) -> pd.Series:
-        values = (
-            frame.loc[mask, self.column]
-            .astype(object)
-            .where(frame.loc[mask, self.column].notna(), "<missing>")
-        )
+        values = frame.loc[mask, self.column].astype(object).where(frame.loc[mask, self.column].notna(), "<missing>")
         return f"{self.column}=" + values.astype(str) + f" {self.explanation}"
 
 
@@ -113,8 +109,7 @@ def silver_rules(
             description=f"{ts} not after ingestion time (+{future_tolerance})",
             violations=lambda f: f[ts] > limit,
             explanation=(
-                f"is later than ingestion time + {future_tolerance} ({limit.isoformat()}); "
-                "check the device clock"
+                f"is later than ingestion time + {future_tolerance} ({limit.isoformat()}); check the device clock"
             ),
             max_value=limit.isoformat(),
         )
@@ -170,9 +165,7 @@ def to_silver(
         for i, text in why.items():
             reasons.setdefault(i, []).append(text)
 
-    malformed = (
-        raw[PARSE_ERROR_COLUMN].notna() if PARSE_ERROR_COLUMN in raw else pd.Series(False, index=raw.index)
-    )
+    malformed = raw[PARSE_ERROR_COLUMN].notna() if PARSE_ERROR_COLUMN in raw else pd.Series(False, index=raw.index)
     record(malformed, "parse_error", "malformed line: " + raw.loc[malformed, PARSE_ERROR_COLUMN].astype(str))
     # A malformed line has no fields to check; reporting each as missing would bury the real reason.
     type_errors = {c: m & ~malformed for c, m in type_errors.items()}
@@ -235,9 +228,7 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
         if spec.type == "float64":
             values, errors[spec.name], _ = _parse_float(text)
             if spec.needs_conversion:
-                values = pd.Series(
-                    convert_units(values.to_numpy(), spec.source_unit, spec.unit), index=raw.index
-                )
+                values = pd.Series(convert_units(values.to_numpy(), spec.source_unit, spec.unit), index=raw.index)
             out[spec.name] = values
             continue
         missing = _is_missing(text)
@@ -257,9 +248,7 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
         out[col] = raw[col] if col in raw else pd.NA
     out["_source_line"] = out["_source_line"].astype("Int64")
     # Ordering for "the latest delivery wins"; absent lineage (hand-built frames) means row order.
-    out["_delivery_order"] = (
-        pd.to_datetime(raw["_ingested_at"], utc=True) if "_ingested_at" in raw else pd.NaT
-    )
+    out["_delivery_order"] = pd.to_datetime(raw["_ingested_at"], utc=True) if "_ingested_at" in raw else pd.NaT
     errors = {c: m.fillna(False).astype(bool) for c, m in errors.items() if m.any()}
     return out, errors
 
