@@ -181,6 +181,7 @@ def test_airflow_talks_to_postgres_redis_and_its_own_execution_api(services):
             continue
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:"), name
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow"), name
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://airflow:"), name
         assert (
             env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
             and "@redis:6379" in env["AIRFLOW__CELERY__BROKER_URL"]
@@ -200,7 +201,8 @@ def test_mlflow_runs_the_repo_server_script_on_postgres(services):
     assert script == "/opt/platform/mlflow/server.sh"
     assert (REPO / "mlflow" / "server.sh").exists()
     env = _env(mlflow)
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:")
+    # psycopg2 named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the image lacks
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:")
     assert env["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
     # clients in other containers reach it as http://mlflow:5000: MLflow must accept that Host header
     import fnmatch
