@@ -12,12 +12,14 @@ those partitions, in parallel (dynamic task mapping).
 | `silver` (mapped) | bronze partition (all deliveries) | `lake/silver/...` typed, deduplicated; bad records → `lake/quarantine/...` with the rule broken | GX silver suite (types, keys, ranges, no future) |
 | `plan_gold` | touched partitions | the gold partitions to rebuild (touched + the next day, whose windows read them) | |
 | `gold` (mapped) | silver partition (+ previous day as warm-up) | `lake/gold/...` model features | GX gold suite (no NaN/inf, drift bounds) |
+| `gold_published` | the gold reports | the gold Asset event (its extra names the partitions): schedules `iot_training` once the whole run's gold is committed | |
 | `data_docs` | every stored GX validation | `lake/data-docs/` (the Data Docs site, rebuilt once per run) | |
 
 Every partition is published atomically through a `_manifest.json` commit object; re-running a
 date replaces exactly its records (idempotent). A critical quality failure fails the task before
 anything is published and stops everything downstream; GX results are stored under
-`lake/quality/`. Updating the gold Asset schedules `iot_training`.
+`lake/quality/`. Updating the gold Asset (once per run, after all its gold partitions) schedules
+`iot_training`.
 
 **Backfill** (reprocess history on request): Airflow UI → *Trigger* → *Backfill*, or
 `airflow backfill create --dag-id iot_lakehouse --from-date 2026-01-05 --to-date 2026-01-08`,
@@ -78,19 +80,27 @@ def iot_lakehouse():
 
         return gold_targets(list(partitions))
 
-    @task(outlets=[GOLD], map_index_template="{{ partition }}")
+    @task(map_index_template="{{ partition }}")
     def gold(partition: str, **context) -> dict:
         from pipelines.jobs.lake import build_gold
 
         return build_gold(partition, context["run_id"]).to_dict()
 
+    @task(outlets=[GOLD])
+    def gold_published(reports: list[dict], **context) -> list[str]:
+        # One Asset event per run, once every gold partition of the run is committed: an event per
+        # mapped gold task would start training after the first, on a half-rebuilt gold layer.
+        partitions = sorted(r["partition"] for r in reports)
+        context["outlet_events"][GOLD].extra = {"partitions": partitions}
+        return partitions
+
     @task
-    def data_docs(reports: list[dict]) -> str:
+    def data_docs(partitions: list[str]) -> str:
         from pipelines.jobs.lake import publish_docs
 
         return publish_docs()
 
-    data_docs(gold.expand(partition=plan_gold(silver.expand(partition=bronze()))))
+    data_docs(gold_published(gold.expand(partition=plan_gold(silver.expand(partition=bronze())))))
 
 
 iot_lakehouse()

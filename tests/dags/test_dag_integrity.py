@@ -37,6 +37,11 @@ def test_lakehouse_publishes_assets_that_schedule_training(dagbag):
     lake = dagbag.dags["iot_lakehouse"]
     outlets = {o.uri for t in lake.tasks for o in t.outlets}
     assert "s3://lake/gold/iot_telemetry" in outlets
+    # Gold is announced once per run, downstream of every mapped gold task: training never starts
+    # on a gold layer that other tasks of the same run are still rebuilding.
+    announcing = [t for t in lake.tasks if "s3://lake/gold/iot_telemetry" in {o.uri for o in t.outlets}]
+    assert [t.task_id for t in announcing] == ["gold_published"]
+    assert "gold" in announcing[0].upstream_task_ids
     training = dagbag.dags["iot_training"]
     assert "iot_telemetry_gold" in str(training.timetable.asset_condition)
 
