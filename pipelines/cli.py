@@ -20,7 +20,7 @@ def _dates(start: str, days: int) -> list[str]:
 def cmd_up(args) -> int:
     from pipelines import services
 
-    info = services.up(ui=not args.no_ui)
+    info = services.up(ui=not args.no_ui, workers=args.workers, worker_concurrency=args.worker_concurrency)
     _print_status(info)
     return 0
 
@@ -88,6 +88,8 @@ def cmd_layer(args) -> int:
     for partition in args.dates:
         report = build(partition, args.run_id or f"cli__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}", dataset=args.dataset)
         print(json.dumps(report.to_dict(), default=str))
+    if args.layer == "gold":
+        lake.publish_docs()
     return 0
 
 
@@ -268,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start the embedded stack (object store, MLflow, Airflow)")
     p.add_argument("--no-ui", action="store_true", help="only what DAG tests need: no Airflow UI processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also start N Celery workers (set AIRFLOW__CORE__EXECUTOR=CeleryExecutor, AIRFLOW__CELERY__BROKER_URL)",
+    )
+    p.add_argument("--worker-concurrency", type=int, help="task slots per Celery worker (default 2)")
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="services and endpoints")

@@ -4,10 +4,16 @@ Everything binds to 127.0.0.1. Each process runs in its own session with its PID
 <state>/pids/, logs in <state>/logs/, so `platform down` stops exactly what `platform up`
 started and nothing else. `platform up` writes <state>/stack.env (generated credentials,
 chosen ports) which pipelines.settings reads, so any later process finds the stack.
+
+With AIRFLOW__CORE__EXECUTOR=CeleryExecutor (broker and result backend in the standard
+AIRFLOW__CELERY__BROKER_URL / AIRFLOW__CELERY__RESULT_BACKEND), `platform up --workers N` also
+starts N Celery workers, `airflow-celery-worker-<i>`, the same way: the scale-out shape of
+docker-compose.yml on one machine.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -98,9 +104,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _spawn(
-    settings: Settings, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None
-) -> int:
+def _spawn(settings: Settings, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
     existing = _read_pid(settings, name)
     if existing:
         return existing
@@ -262,14 +266,12 @@ def start_object_store(settings: Settings) -> Service:
             break
         except Exception as e:  # noqa: BLE001
             if time.time() > deadline or not _read_pid(settings, name):
-                raise RuntimeError(
-                    f"object store failed to start: {e}; see {settings.state_dir / 'logs'}"
-                ) from e
+                raise RuntimeError(f"object store failed to start: {e}; see {settings.state_dir / 'logs'}") from e
             time.sleep(0.5)
     return Service(name, endpoint, endpoint + "/healthz")
 
 
-def start_mlflow(settings: Settings) -> Service:
+def start_mlflow(settings: Settings, wait: bool = True) -> Service:
     name = "mlflow"
     stored = read_env_file(stack_env_path(settings))
     from urllib.parse import urlparse
@@ -302,8 +304,67 @@ def start_mlflow(settings: Settings) -> Service:
         _spawn(settings, name, cmd, env=env)
     write_stack_env(settings, {"MLFLOW_TRACKING_URI": url})
     os.environ["MLFLOW_TRACKING_URI"] = url
-    _wait_http(url + "/health", 120, name, settings)
+    if wait:
+        _wait_http(url + "/health", 120, name, settings)
     return Service(name, url, url + "/health")
+
+
+CELERY_EXECUTOR = "CeleryExecutor"
+# Passed through to every Airflow process when set: the Celery executor (scheduler) and the workers
+# must agree on them. The same names as docker-compose.yml.
+CELERY_ENV = (
+    "AIRFLOW__CELERY__BROKER_URL",
+    "AIRFLOW__CELERY__RESULT_BACKEND",
+    "AIRFLOW__CELERY__WORKER_CONCURRENCY",
+)
+WORKER_NAME_ENV = "PLATFORM_WORKER_NAME"
+# Third-party libraries that lake and training tasks import, GX alone for seconds: an embedded Celery
+# worker imports them once, before forking its pool, and Airflow forks each task from a pool process,
+# so tasks start warm. The platform's own modules are not preloaded: edits to them apply to the next
+# task without restarting the workers.
+WORKER_PRELOAD = ("pandas", "pyarrow.parquet", "great_expectations", "sklearn.ensemble", "mlflow")
+
+
+def __getattr__(name: str):
+    """`pipelines.services.CELERY_CONFIG`, the embedded workers' [celery] celery_config_options:
+    Airflow's default Celery configuration plus WORKER_PRELOAD as Celery `imports`. Built on first
+    access (PEP 562) because it reads Airflow's configuration; only Airflow processes ask for it."""
+    if name == "CELERY_CONFIG":
+        from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
+
+        return {**DEFAULT_CELERY_CONFIG, "imports": WORKER_PRELOAD}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def worker_hostname() -> str:
+    """Airflow's [core] hostname_callable under the CeleryExecutor: a task instance records which
+    embedded worker ran it (PLATFORM_WORKER_NAME, e.g. `worker1@host`); elsewhere the usual FQDN.
+
+    Several workers on one host would otherwise all report the same hostname."""
+    name = os.environ.get(WORKER_NAME_ENV, "").strip()
+    if name:
+        return name
+    from airflow.utils.net import getfqdn  # Airflow's default, with its getfqdn fix
+
+    return getfqdn()
+
+
+def airflow_executor() -> str:
+    return os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
+
+
+def _async_metadata_conn(conn: str) -> dict[str, str]:
+    """Airflow 3 also opens an async engine on its metadata DB and derives `postgresql+asyncpg://`
+    from a Postgres URL; without asyncpg installed every Airflow process then fails at start-up.
+    Only the API's wait-for-run and state-store endpoints (and multi-team lookups) use that engine,
+    not the scheduler, the workers or the task execution API: with no async driver, leave it
+    unconfigured. Installing asyncpg is the alternative."""
+    key = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"
+    if key in os.environ:
+        return {key: os.environ[key]}
+    if conn.startswith("postgresql") and importlib.util.find_spec("asyncpg") is None:
+        return {key: ""}
+    return {}
 
 
 def airflow_env(settings: Settings) -> dict[str, str]:
@@ -312,12 +373,13 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     home = settings.airflow_home
     port = settings.airflow_port
     jwt = stored.get("AIRFLOW__API_AUTH__JWT_SECRET") or os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET")
+    executor = airflow_executor()
     env = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor"),
+        "AIRFLOW__CORE__EXECUTOR": executor,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.airflow_sql_alchemy_conn,
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -332,6 +394,14 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     }
     if jwt:
         env["AIRFLOW__API_AUTH__JWT_SECRET"] = jwt
+    env.update(_async_metadata_conn(settings.airflow_sql_alchemy_conn))
+    if executor.endswith(CELERY_EXECUTOR):
+        env.update({k: os.environ[k] for k in CELERY_ENV if os.environ.get(k)})
+        for key, default in (
+            ("AIRFLOW__CORE__HOSTNAME_CALLABLE", "pipelines.services.worker_hostname"),
+            ("AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS", "pipelines.services.CELERY_CONFIG"),
+        ):
+            env[key] = os.environ.get(key, default)
     return env
 
 
@@ -349,9 +419,56 @@ def airflow_migrate(settings: Settings) -> None:
 
 
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+WORKER_PREFIX = "airflow-celery-worker-"
+DEFAULT_WORKER_CONCURRENCY = 2  # task slots per embedded worker: a laptop has few cores
 
 
-def start_airflow(settings: Settings, ui: bool = True) -> Service | None:
+def worker_names(settings: Settings) -> list[str]:
+    """The Celery workers `up` started in this state directory (from their PID files)."""
+    pids = settings.state_dir / "pids"
+    found = [p.name.removesuffix(".pid") for p in pids.glob(f"{WORKER_PREFIX}*.pid")] if pids.exists() else []
+    return sorted(found, key=lambda n: int(n.removeprefix(WORKER_PREFIX) or 0))
+
+
+def start_celery_workers(settings: Settings, workers: int, concurrency: int | None = None) -> list[str]:
+    """`airflow celery worker` processes 1..workers, each with its own Celery node name
+    `worker<i>@<host>`, PID file and log; their tasks record that name as hostname."""
+    if not airflow_executor().endswith(CELERY_EXECUTOR):
+        raise RuntimeError(
+            f"{workers} Celery worker(s) requested but AIRFLOW__CORE__EXECUTOR is {airflow_executor()!r}: "
+            "set AIRFLOW__CORE__EXECUTOR=CeleryExecutor and AIRFLOW__CELERY__BROKER_URL (e.g. "
+            "redis://127.0.0.1:6379/0) for `platform up --workers N`."
+        )
+    if not os.environ.get("AIRFLOW__CELERY__BROKER_URL"):
+        raise RuntimeError(
+            "AIRFLOW__CELERY__BROKER_URL is not set: the workers need a broker (e.g. redis://127.0.0.1:6379/0)."
+        )
+    env = {**settings.client_env(), **airflow_env(settings)}
+    slots = concurrency or int(os.environ.get("AIRFLOW__CELERY__WORKER_CONCURRENCY") or DEFAULT_WORKER_CONCURRENCY)
+    host = socket.gethostname()
+    names = []
+    for i in range(1, workers + 1):
+        name = f"{WORKER_PREFIX}{i}"
+        cmd = [
+            _bin("airflow"),
+            "celery",
+            "worker",
+            "--celery-hostname",
+            f"worker{i}@%h",
+            "--concurrency",
+            str(slots),
+            # One host, one log folder: the api-server reads task logs from the shared disk. The log
+            # server would also bind the same port (8793) in every worker.
+            "--skip-serve-logs",
+        ]
+        _spawn(settings, name, cmd, env={**env, WORKER_NAME_ENV: f"worker{i}@{host}"})
+        names.append(name)
+    return names
+
+
+def start_airflow(
+    settings: Settings, ui: bool = True, workers: int = 0, worker_concurrency: int | None = None
+) -> Service | None:
     stored = read_env_file(stack_env_path(settings))
     if "AIRFLOW__API_AUTH__JWT_SECRET" not in stored:
         write_stack_env(settings, {"AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32)})
@@ -367,12 +484,16 @@ def start_airflow(settings: Settings, ui: bool = True) -> Service | None:
         if component == "api-server":
             cmd += ["--port", str(settings.airflow_port), "--host", "127.0.0.1"]
         _spawn(settings, f"airflow-{component}", cmd, env=env)
+    if workers:
+        start_celery_workers(settings, workers, worker_concurrency)
     url = f"http://127.0.0.1:{settings.airflow_port}"
     _wait_http(url + "/api/v2/monitor/health", 180, "airflow-api-server", settings)
     return Service("airflow", url, url + "/api/v2/monitor/health")
 
 
-def up(ui: bool = True, progress=print) -> dict:
+def up(ui: bool = True, progress=print, workers: int = 0, worker_concurrency: int | None = None) -> dict:
+    if workers and not ui:
+        raise RuntimeError("Celery workers need the scheduler and api-server: drop --no-ui to use --workers")
     settings = get_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings = ensure_credentials(settings)
@@ -380,22 +501,35 @@ def up(ui: bool = True, progress=print) -> dict:
     progress("[up] object store (SeaweedFS S3, credentials enforced) ...")
     start_object_store(settings)
     progress("[up] MLflow tracking server ...")
-    start_mlflow(get_settings())
+    mlflow = start_mlflow(get_settings(), wait=False)  # starts while Airflow migrates its DB
     progress("[up] Airflow metadata database" + (" + UI components ..." if ui else " ..."))
-    start_airflow(get_settings(), ui=ui)
+    if workers:
+        progress(f"[up] {workers} Celery worker(s) ({airflow_executor()}) ...")
+    start_airflow(get_settings(), ui=ui, workers=workers, worker_concurrency=worker_concurrency)
+    _wait_http(mlflow.health_url or mlflow.url, 120, mlflow.name, get_settings())
     if ui:
         progress("[up] MLflow UI ready")
     return status()
 
 
 def down(progress=print) -> list[str]:
+    """Stop what `up` started, in three waves, each wave's processes at once: Celery workers first
+    (their warm shutdown lets running tasks report to the api-server, still up), then Airflow's
+    other components, then MLflow and the object store."""
+    from concurrent.futures import ThreadPoolExecutor
+
     settings = get_settings()
     stopped = []
-    names = [f"airflow-{c}" for c in AIRFLOW_COMPONENTS] + ["mlflow", "object-store"]
-    for name in names:
-        if _stop(settings, name):
-            stopped.append(name)
-            progress(f"[down] stopped {name}")
+    waves = [worker_names(settings), [f"airflow-{c}" for c in AIRFLOW_COMPONENTS], ["mlflow", "object-store"]]
+    for wave in waves:
+        if not wave:
+            continue
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            results = list(pool.map(lambda name: _stop(settings, name), wave))
+        for name, was_running in zip(wave, results, strict=True):
+            if was_running:
+                stopped.append(name)
+                progress(f"[down] stopped {name}")
     return stopped
 
 
@@ -410,6 +544,7 @@ def status() -> dict:
         ("airflow-scheduler", None, None),
         ("airflow-dag-processor", None, None),
         ("airflow-triggerer", None, None),
+        *((name, None, None) for name in worker_names(settings)),
     ):
         pid = _read_pid(settings, name)
         healthy = None
