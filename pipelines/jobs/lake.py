@@ -342,11 +342,15 @@ def gold_targets(partitions: list[str], *, dataset: str | None = None, store: Ob
 
 
 # -- device buckets -----------------------------------------------------------------------------
-def _bucket_rows() -> int:
-    return int((load_params().get("lake") or {}).get("bucket_rows", 500_000))
+def _bucket_rows(layer: str = "silver") -> int:
+    lake = load_params().get("lake") or {}
+    default = int(lake.get("bucket_rows", 200_000))
+    return int(lake.get("gold_bucket_rows", default)) if layer == "gold" else default
 
 
-def _device_buckets(files: list[bytes], device_column: str | None, bucket_rows: int | None) -> list[list | None]:
+def _device_buckets(
+    files: list[bytes], device_column: str | None, bucket_rows: int | None, layer: str = "silver"
+) -> list[list | None]:
     """Devices of a partition grouped into buckets of at most `lake.bucket_rows` rows; [None]
     (one bucket, everything) when the data has no device column (a single-entity contract)."""
     from pipelines.layers.partitioning import plan_device_buckets
@@ -357,7 +361,7 @@ def _device_buckets(files: list[bytes], device_column: str | None, bucket_rows: 
 
     if not any(device_column in pq.read_schema(io.BytesIO(blob)).names for blob in files):
         return [None]
-    return plan_device_buckets(storage.rows_per_value(files, device_column), bucket_rows or _bucket_rows())
+    return plan_device_buckets(storage.rows_per_value(files, device_column), bucket_rows or _bucket_rows(layer))
 
 
 def _bucket_label(bucket: list | None, index: int, total: int) -> str:
@@ -471,7 +475,7 @@ def build_gold(
         if storage.read_manifest(store, "silver", dataset, previous) is not None
         else []
     )
-    buckets = _device_buckets(files, device, bucket_rows)
+    buckets = _device_buckets(files, device, bucket_rows, "gold")
     reference = _gold_reference(store, dataset, partition)
     writer = storage.PartitionWriter(store, "gold", dataset, partition, run_id)
     qualities, profiles, rows_in = [], [], 0
