@@ -93,21 +93,26 @@ def phase_task(layer: str, day: str) -> dict:
     run_id = f"bench-{day}"
     t = time.perf_counter()
     partitions = json.loads(os.environ.get("BENCH_PARTITIONS", "[]"))
-    rows = 0
+    rows, gate = 0, 0.0
+
+    def gate_seconds(report) -> float:
+        return float((report.quality.get("statistics") or {}).get("duration_seconds", 0.0))
+
     if layer == "bronze":
         report = lake.build_bronze(day, run_id, dataset=DATASET, progress=quiet)
-        partitions, rows = sorted(report.partitions), report.rows
+        partitions, rows, gate = sorted(report.partitions), report.rows, gate_seconds(report)
     elif layer == "silver":
         for p in partitions:
-            lake.build_silver(p, run_id, dataset=DATASET, progress=quiet)
+            gate += gate_seconds(lake.build_silver(p, run_id, dataset=DATASET, progress=quiet))
     elif partitions == ["docs"]:
         lake.publish_docs(progress=quiet)  # the DAG's data_docs task, once per run: counted with gold
     else:
         for p in partitions:
-            lake.build_gold(p, run_id, dataset=DATASET, progress=quiet)
+            gate += gate_seconds(lake.build_gold(p, run_id, dataset=DATASET, progress=quiet))
     seconds = time.perf_counter() - t
     return {
         "seconds": seconds,
+        "gate_s": gate,
         "warmup_s": warmup,
         "peak_rss_mb": _peak_rss_mb(),
         "partitions": partitions,
@@ -122,7 +127,7 @@ def _gold_targets(partitions: list[str]) -> list[str]:
 
 
 def phase_pipeline(days: int) -> dict:
-    per_day, peaks, warmups = [], {}, []
+    per_day, peaks, warmups, gates = [], {}, [], {}
     for i in range(days):
         day = (START + dt.timedelta(days=i)).isoformat()
         timings, partitions, rows = {}, [], 0
@@ -137,6 +142,7 @@ def phase_pipeline(days: int) -> dict:
                 os.environ["BENCH_PARTITIONS"] = json.dumps(job)
                 out = _child("task", "--layer", layer, "--day", day)
                 timings[layer] += out["seconds"]
+                gates[layer] = gates.get(layer, 0.0) + out["gate_s"]
                 peaks[layer] = max(peaks.get(layer, 0.0), out["peak_rss_mb"])
                 warmups.append(out["warmup_s"])
                 if layer == "bronze":
@@ -152,6 +158,7 @@ def phase_pipeline(days: int) -> dict:
         "per_day": per_day,
         "peak_rss_mb": max(peaks.values()),
         "peaks": peaks,
+        "gates": gates,
         "warmup_s": sum(warmups) / len(warmups),
     }
 
@@ -228,9 +235,10 @@ def main() -> None:
     day_cost = [d["bronze"] + d["silver"] + d["gold"] for d in pipe["per_day"]]
     print()
     print(f"rows {rows:,} over {args.days} delivery days ({land['devices']} devices, one reading a minute)")
-    print(f"{'stage':<22}{'seconds':>10}{'rows/s':>14}")
+    print(f"{'stage':<22}{'seconds':>10}{'rows/s':>14}{'of which GX gates':>20}")
     for layer, s in layer_s.items():
-        print(f"{layer:<22}{s:>10.1f}{rows / s:>14,.0f}")
+        g = pipe["gates"].get(layer, 0.0)
+        print(f"{layer:<22}{s:>10.1f}{rows / s:>14,.0f}{g:>13.1f}s ({g / s:.0%})")
     print(f"{'end to end':<22}{total_s:>10.1f}{e2e_rps:>14,.0f}")
     print(f"{'floor (pyarrow)':<22}{floor['seconds']:>10.1f}{floor_rps:>14,.0f}")
     print(f"(not counted above: process warm-up, imports and GX context, {pipe['warmup_s']:.1f}s per task process)")

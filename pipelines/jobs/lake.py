@@ -324,6 +324,9 @@ def _merge_quality(results: list[dict]) -> dict:
         "evaluated_expectations": sum(s.get("evaluated_expectations", 0) for s in stats),
         "successful_expectations": sum(s.get("successful_expectations", 0) for s in stats),
         "unsuccessful_expectations": sum(s.get("unsuccessful_expectations", 0) for s in stats),
+        "rows": sum(s.get("rows", 0) for s in stats),
+        "duration_seconds": round(sum(s.get("duration_seconds", 0.0) for s in stats), 4),
+        "gate_calls": len(results),
     }
     return merged
 

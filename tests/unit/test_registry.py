@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,7 @@ from pipelines import registry, training
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 # no background job runner (it forks ~7 huey consumers): the tests need none of it
 SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-PARAMS = {
-    "registry": {"primary_metric": "pr_auc", "margin": 0.02, "max_score_ms_per_1k": 5000, "max_model_mb": 50}
-}
+PARAMS = {"registry": {"primary_metric": "pr_auc", "margin": 0.02, "max_score_ms_per_1k": 5000, "max_model_mb": 50}}
 FEATURES = ["temp", "temp_roll_std"]
 
 
@@ -168,9 +166,7 @@ def test_first_version_becomes_champion_then_gate_and_promote(mlflow_uri):
 
     client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
     tags = client.get_model_version(name, v2).tags
-    assert tags["gate.passed"] == "false" and float(tags["gate.champion_pr_auc"]) == pytest.approx(
-        d2.champion_metric
-    )
+    assert tags["gate.passed"] == "false" and float(tags["gate.champion_pr_auc"]) == pytest.approx(d2.champion_metric)
     assert client.get_run(tags["run_id"]).data.tags["gate.passed"] == "false"
     with pytest.raises(ValueError, match="not passed the offline gate"):
         registry.promote(name, v2, tracking_uri=mlflow_uri)
@@ -184,9 +180,7 @@ def test_first_version_becomes_champion_then_gate_and_promote(mlflow_uri):
         "previous": v1,
     }
     assert client.get_model_version(name, v3).tags["promoted.by"] == "canary"
-    assert registry.rollback(name, tracking_uri=mlflow_uri, actor="oncall", reason="alert") == {
-        "champion": v1
-    }
+    assert registry.rollback(name, tracking_uri=mlflow_uri, actor="oncall", reason="alert") == {"champion": v1}
     assert client.get_model_version(name, v3).tags["rolled_back.reason"] == "alert"
 
 
@@ -201,6 +195,14 @@ def test_guardrail_blocks_even_a_better_model(mlflow_uri):
     assert registry.describe_aliases(name, tracking_uri=mlflow_uri) == {"champion": v1}
 
 
+def _gate_process(name: str, version: str, mlflow_uri: str, results) -> None:
+    try:
+        decision = registry.offline_gate(name, version, EVAL, PARAMS, tracking_uri=mlflow_uri, progress=lambda s: None)
+        results.put(("ok", version, decision.passed))
+    except BaseException as exc:  # reported to the parent
+        results.put(("error", version, repr(exc)))
+
+
 def test_concurrent_gates_never_leave_alias_on_loser(mlflow_uri):
     from mlflow import MlflowClient
 
@@ -210,24 +212,21 @@ def test_concurrent_gates_never_leave_alias_on_loser(mlflow_uri):
     bad = _register(mlflow_uri, name, "bad", seed=4)
     good = _register(mlflow_uri, name, "good", seed=5)
 
-    decisions: dict[str, registry.GateDecision] = {}
-    errors: list[BaseException] = []
-
-    def gate(version: str) -> None:
-        try:
-            decisions[version] = registry.offline_gate(
-                name, version, EVAL, PARAMS, tracking_uri=mlflow_uri, progress=lambda s: None
-            )
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=gate, args=(v,)) for v in (bad, good)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    # Two processes, as two Airflow gate tasks are (threads would also trip CPython 3.11.7's
+    # thread-unsafe AST construction, gh-106905, inside the libraries a gate imports).
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_gate_process, args=(name, v, mlflow_uri, results)) for v in (bad, good)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=180) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+    errors = [o for o in outcomes if o[0] == "error"]
     assert not errors, errors
-    assert not decisions[bad].passed and decisions[good].passed, decisions
+    decisions = {version: passed for _, version, passed in outcomes}
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert not decisions[bad] and decisions[good], decisions
 
     aliases = registry.describe_aliases(name, tracking_uri=mlflow_uri)
     assert aliases == {"champion": champion, "challenger": good}, (aliases, decisions)
