@@ -120,13 +120,9 @@ def phase_task(layer: str, day: str) -> dict:
     }
 
 
-def _gold_targets(partitions: list[str]) -> list[str]:
+def phase_pipeline(days: int) -> dict:
     from pipelines.jobs import lake
 
-    return lake.gold_targets(partitions, dataset=DATASET)
-
-
-def phase_pipeline(days: int) -> dict:
     per_day, peaks, warmups, gates = [], {}, [], {}
     for i in range(days):
         day = (START + dt.timedelta(days=i)).isoformat()
@@ -136,7 +132,7 @@ def phase_pipeline(days: int) -> dict:
             # its own process (as Airflow runs them); gold's partitions are planned like plan_gold's.
             jobs = [[]] if layer == "bronze" else [[p] for p in partitions]
             if layer == "gold":
-                jobs = [[p] for p in _gold_targets(partitions)] + [["docs"]]
+                jobs = [[p] for p in lake.gold_targets(partitions, dataset=DATASET)] + [["docs"]]
             timings[layer] = 0.0
             for job in jobs:
                 os.environ["BENCH_PARTITIONS"] = json.dumps(job)

@@ -13,7 +13,6 @@ docker-compose.yml on one machine.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -353,20 +352,6 @@ def airflow_executor() -> str:
     return os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
 
 
-def _async_metadata_conn(conn: str) -> dict[str, str]:
-    """Airflow 3 also opens an async engine on its metadata DB and derives `postgresql+asyncpg://`
-    from a Postgres URL; without asyncpg installed every Airflow process then fails at start-up.
-    Only the API's wait-for-run and state-store endpoints (and multi-team lookups) use that engine,
-    not the scheduler, the workers or the task execution API: with no async driver, leave it
-    unconfigured. Installing asyncpg is the alternative."""
-    key = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"
-    if key in os.environ:
-        return {key: os.environ[key]}
-    if conn.startswith("postgresql") and importlib.util.find_spec("asyncpg") is None:
-        return {key: ""}
-    return {}
-
-
 def airflow_env(settings: Settings) -> dict[str, str]:
     """The Airflow configuration of the embedded stack, as AIRFLOW__* variables."""
     stored = read_env_file(stack_env_path(settings))
@@ -394,7 +379,6 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     }
     if jwt:
         env["AIRFLOW__API_AUTH__JWT_SECRET"] = jwt
-    env.update(_async_metadata_conn(settings.airflow_sql_alchemy_conn))
     if executor.endswith(CELERY_EXECUTOR):
         env.update({k: os.environ[k] for k in CELERY_ENV if os.environ.get(k)})
         for key, default in (
