@@ -6,8 +6,9 @@ One run evaluates **one step** of the rollout of the `challenger` version agains
 
 * **start** — if no rollout is running and the registry has a `challenger`, start one at the first step;
 * **evaluate** — after the step's minimum requests and bake time, compare challenger and champion
-  from the prediction log in the lake (error rate, p99 latency, score shift, flag rate, agreement,
-  F1 on feedback labels; tests and thresholds in `pipelines.canary.analysis`):
+  from the prediction log in the lake, on the same records (every step shadows the other model on
+  the challenger's traffic): error rate, p99 latency, score rank correlation, flag rate, agreement,
+  F1 on feedback labels; tests and thresholds in `pipelines.canary.analysis`:
   *Pass* → next step (at 100%: `champion` ← challenger, `previous` ← old champion),
   *Inconclusive* → hold, *Fail* → weight 0, version tagged with the reason.
 

@@ -171,10 +171,19 @@ def build_sample(
 
     champion, champ_ok = role_sample("champion")
     challenger, chal_ok = role_sample("challenger")
-    paired = champ_ok.merge(chal_ok, on=["request_id", "record_index"], suffixes=("_a", "_b"))
-    agreement = (paired["flagged_a"] == paired["flagged_b"]).to_numpy() if len(paired) else None
+    both = champ_ok.merge(chal_ok, on=["request_id", "record_index"], suffixes=("_a", "_b"))
+    both = both.merge(labels, on=["request_id", "record_index"], how="left")
+    paired = None
+    if len(both):
+        paired = analysis.PairedSample(
+            champion_score=both["score_a"].to_numpy(dtype=float),
+            challenger_score=both["score_b"].to_numpy(dtype=float),
+            champion_flagged=both["flagged_a"].to_numpy(dtype=bool),
+            challenger_flagged=both["flagged_b"].to_numpy(dtype=bool),
+            labels=both["is_anomaly"].fillna(-1).to_numpy(dtype=int),
+        )
     return analysis.StepSample(
-        champion, challenger, agreement, (now - started.to_pydatetime()).total_seconds()
+        champion, challenger, elapsed_seconds=(now - started.to_pydatetime()).total_seconds(), paired=paired
     )
 
 

@@ -13,7 +13,9 @@ class Step:
     """One step: the challenger's traffic weight (percent of devices), who shadows whom, how long to bake.
 
     ``shadow: challenger`` - the challenger scores a copy of every request, only the champion answers.
-    ``shadow: champion``   - the reverse (at 100% the champion is the baseline scored on the same requests).
+    ``shadow: champion``   - the champion scores a copy of every record the challenger answers, so the
+                             analysis compares both models on the same records (at 10% the two groups
+                             of devices differ more than two good models do; see ``analysis``).
     """
 
     name: str
@@ -43,6 +45,7 @@ class AnalysisConfig:
     min_p99_increase_ms: float = 5.0  # below this a latency difference is noise, whatever the test says
     psi_fail: float = 0.25  # population stability index of challenger scores vs champion scores
     psi_bins: int = 10
+    min_score_rank_correlation: float = 0.5  # paired steps: Spearman's rho of the two models' scores
     min_agreement: float = 0.85  # share of paired records flagged the same way
     max_flag_rate_diff: float = 0.05  # absolute difference of the share of records flagged anomalous
     min_labels: int = 200  # labelled records per model before F1 is compared
@@ -63,8 +66,8 @@ class CanaryPlan:
 
 DEFAULT_STEPS = (
     Step("shadow", 0, "challenger"),
-    Step("canary-10", 10),
-    Step("canary-50", 50),
+    Step("canary-10", 10, "champion"),
+    Step("canary-50", 50, "champion"),
     Step("full", 100, "champion"),
 )
 

@@ -75,6 +75,55 @@ def test_equal_models_are_rolled_back_in_at_most_5_percent_of_simulations(step, 
     assert verdicts.count("pass") / runs >= 0.9
 
 
+def clustered_canary_traffic(rng, equal=True, devices=200, per_device=12, weight=10) -> analysis.StepSample:
+    """A canary step as the service sees it: devices differ (each has its own score level), ``weight``% of
+    them (sticky) go to the challenger, and the champion shadows the challenger's records."""
+    level = rng.normal(0, 1.5, devices)  # per-device offset: what makes two device groups differ
+    dev = np.repeat(np.arange(devices), per_device)
+    y = rng.random(len(dev)) < 0.1
+    champ_score = level[dev] + rng.normal(0, 1, len(dev)) + 2.5 * y
+    chal_score = champ_score + rng.normal(0, 0.1, len(dev)) if equal else rng.normal(0.8, 1.2, len(dev))
+    to_challenger = np.isin(dev, rng.choice(devices, devices * weight // 100, replace=False))
+    lat = lambda n: rng.lognormal(np.log(8), 0.3, n)  # noqa: E731
+
+    def role(score, mask, threshold=1.3):
+        flags = score[mask] >= threshold
+        return analysis.RoleSample(lat(mask.sum()), np.zeros(mask.sum(), bool), score[mask], flags, y[mask], flags)
+
+    champion = role(champ_score, np.ones(len(dev), bool))  # served (90%) + shadow copies (10%)
+    challenger = role(chal_score, to_challenger)
+    paired = analysis.PairedSample(
+        champ_score[to_challenger],
+        chal_score[to_challenger],
+        champ_score[to_challenger] >= 1.3,
+        chal_score[to_challenger] >= 1.3,
+        y[to_challenger].astype(int),
+    )
+    return analysis.StepSample(champion, challenger, elapsed_seconds=3600, paired=paired)
+
+
+def test_canary_compares_both_models_on_the_same_records_not_across_device_groups():
+    """Two equally good models at a 10% split of heterogeneous devices: compared across the device groups
+    they look different (the rollback seen in CI); compared on the challenger's records, scored by both,
+    they pass. A bad challenger still fails on the paired records."""
+    step = Step("canary-10", 10, "champion", min_requests=150, bake_seconds=0)
+    cfg = AnalysisConfig(min_labels=100)
+    rng = np.random.default_rng(11)
+    runs = 120
+    paired_fail = unpaired_fail = 0
+    for _ in range(runs):
+        sample = clustered_canary_traffic(rng)
+        paired_fail += analysis.analyze_step(sample, step, cfg).verdict == "fail"
+        sample.paired, sample.paired_agreement = None, None
+        unpaired_fail += analysis.analyze_step(sample, step, cfg).verdict == "fail"
+    assert paired_fail / runs <= 0.05, paired_fail
+    assert unpaired_fail / runs > 0.15, unpaired_fail  # why the paired comparison exists
+    verdict = analysis.analyze_step(clustered_canary_traffic(rng, equal=False), step, cfg)
+    assert verdict.verdict == "fail" and verdict.metrics["agreement"].verdict == "fail", verdict.summary()
+    shift = verdict.metrics["score_shift"]
+    assert shift.verdict == "fail" and "Spearman" in shift.test and shift.n_challenger == shift.n_champion
+
+
 @pytest.mark.parametrize(
     "fault,kwargs,metric",
     [
