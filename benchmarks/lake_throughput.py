@@ -159,6 +159,23 @@ def phase_pipeline(days: int) -> dict:
     }
 
 
+def _profiled(work, layer: str, day: str) -> dict:
+    """Run one task's work under cProfile when --profile DIR is given (BENCH_PROFILE_DIR): one file per
+    task process, for `python -m pstats` or snakeviz; the timings then include the profiler's overhead."""
+    target = os.environ.get("BENCH_PROFILE_DIR")
+    if not target:
+        return work()
+    import cProfile
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(work)
+    tag = "-".join(json.loads(os.environ.get("BENCH_PARTITIONS", "[]"))) or "delivery"
+    path = Path(target) / f"{day}-{layer}-{tag}.prof"
+    profiler.dump_stats(path)
+    print(f"  profile: {path}", flush=True)
+    return result
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; unlike ru_maxrss, not inherited from the parent)."""
     with open("/proc/self/status") as status:
@@ -181,6 +198,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=int, default=2, help="delivery days the rows are spread over")
     parser.add_argument("--freq-seconds", type=int, default=60)
+    parser.add_argument("--profile", metavar="DIR", help="write a cProfile file per task process into DIR")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--layer", help=argparse.SUPPRESS)
     parser.add_argument("--day", help=argparse.SUPPRESS)
@@ -191,13 +209,17 @@ def main() -> None:
             "land": lambda: phase_land(args.rows, args.days, args.freq_seconds),
             "floor": lambda: phase_floor(args.days),
             "pipeline": lambda: phase_pipeline(args.days),
-            "task": lambda: phase_task(args.layer, args.day),
+            "task": lambda: _profiled(lambda: phase_task(args.layer, args.day), args.layer, args.day),
         }[args.phase]()
         print(json.dumps(result))
         return
 
     from pipelines import services
     from pipelines.settings import get_settings
+
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_PROFILE_DIR"] = str(Path(args.profile).resolve())
 
     state = Path(tempfile.mkdtemp(prefix="lake-bench-"))
     os.environ["PLATFORM_STATE_DIR"] = str(state)
