@@ -10,7 +10,7 @@ STAMP := $(VENV)/.bootstrapped
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9" \
-	  && $(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock \
+	  && $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock \
 	  || $(BIN)/python -m pip install -q -r requirements.lock
 	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e . \
 	  || $(BIN)/python -m pip install -q --no-deps -e .

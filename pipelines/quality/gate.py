@@ -18,13 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.quality.suites import (
     CRITICAL,
+    DRIFTED_FEATURES_COLUMN,
     NONFINITE_FEATURES_COLUMN,
     WARNING,
     Layer,
     build_suite,
+    drifted_features,
     gold_feature_columns,
     nonfinite_features,
     quiet_gx_logging,
+    reference_k,
+    reference_profile,
     suite_name,
 )
 
@@ -337,8 +341,16 @@ def validate_partition(
     _patch_gx_hot_spots()
     columns = list(df.columns) if layer in ("gold", "bronze") else None
     if layer == "gold":
-        # The derived NaN/inf column the gold suite's finiteness check reads; a cheap shallow copy.
-        df = df.assign(**{NONFINITE_FEATURES_COLUMN: nonfinite_features(df, gold_feature_columns(columns))})
+        # The derived columns the gold suite's finiteness and drift checks read; a cheap shallow copy.
+        if reference is not None and not isinstance(reference, dict):
+            reference = reference_profile(reference)
+        k = reference_k(config)
+        df = df.assign(
+            **{
+                NONFINITE_FEATURES_COLUMN: nonfinite_features(df, gold_feature_columns(columns)),
+                DRIFTED_FEATURES_COLUMN: drifted_features(df, reference, k),
+            }
+        )
     definition = _validation_definition(ctx, layer, contract, config, reference, columns, expected_row_count, now)
     run_id = RunIdentifier(run_name=f"{partition}", run_time=dt.datetime.now(dt.UTC))
     batch_parameters = {"dataframe": df}

@@ -236,12 +236,37 @@ def test_gold_drift_and_anomaly_rate_warn(contract):
     df["temp"] = df["temp"] + 1000.0  # far outside the reference band
     df["is_anomaly"] = True
     result = enforce(validate_partition(df, "gold", contract, PARTITION, reference=reference))
-    warned = {(o.expectation, o.column) for o in result.warnings}
-    assert ("expect_column_mean_to_be_between", "temp") in warned
+    warned = {(o.expectation, o.column): o for o in result.warnings}
+    drift = warned[("expect_column_values_to_be_null", "_drifted_features")]
+    # one unexpected "row" per drifting feature, naming it, its mean and the band it left
+    assert drift.unexpected_count == 1 and drift.examples[0].startswith("temp: mean 10"), drift.examples
+    assert "outside [" in drift.examples[0] and "reference mean" in drift.examples[0]
     assert ("expect_column_mean_to_be_between", "is_anomaly") in warned
     assert result.success
     clean = validate_partition(gold_frame(), "gold", contract, PARTITION, reference=reference)
     assert all(o.success for o in clean.outcomes), clean.summary()
+    # a feature of the reference that is gone is critical, and named
+    missing = validate_partition(gold_frame().drop(columns=["temp"]), "gold", contract, PARTITION, reference=reference)
+    assert not missing.success
+    (gone,) = [o for o in missing.critical_failures if o.expectation == "expect_table_columns_to_match_set"]
+    assert "temp" in gone.describe(), gone.describe()
+
+
+def test_drifted_features_names_each_drifting_feature_once():
+    import pandas as pd
+
+    from pipelines.quality.suites import drifted_features
+
+    ref = {"features": {"a": {"mean": 0.0, "std": 1.0, "rows": 10}, "b": {"mean": 5.0, "std": 0.0, "rows": 10}}}
+    frame = pd.DataFrame({"a": [10.0, 10.0, float("nan")], "b": [5.0, 5.0, 5.0]})
+    out = drifted_features(frame, ref, k=6)
+    assert out.notna().sum() == 1 and out.iloc[0].startswith("a: mean 10 outside [-6, 6]")
+    frame["b"] = 5.1  # a constant reference admits rounding noise only
+    assert drifted_features(frame, ref, k=6).notna().sum() == 2
+    # fewer rows than drifting features: nothing is dropped, the last row carries the rest
+    one_row = drifted_features(frame.iloc[:1], ref, k=6)
+    assert "a: mean" in one_row.iloc[0] and "b: mean" in one_row.iloc[0]
+    assert drifted_features(frame, None, k=6).isna().all()
 
 
 def test_bronze_missing_column_fails(contract):
