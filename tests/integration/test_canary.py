@@ -30,9 +30,7 @@ CANARY = Step("canary-10", 10, min_requests=300, bake_seconds=0)
 # --------------------------------------------------------------------------- simulated traffic
 
 
-def simulate(
-    rng, n=800, paired=False, slow=1.0, errors=0.001, noise=0.1, scramble=0.0
-) -> analysis.StepSample:
+def simulate(rng, n=800, paired=False, slow=1.0, errors=0.001, noise=0.1, scramble=0.0) -> analysis.StepSample:
     """Two models' traffic. ``scramble``: share of the challenger's scores replaced by noise (worse model)."""
     y = rng.random(n) < 0.1
     base = rng.normal(0, 1, n) + 2.5 * y
@@ -42,9 +40,7 @@ def simulate(
         flagged = s >= 1.3
         error = rng.random(n) < err
         latency = rng.lognormal(np.log(8 * lat_scale), 0.3, n)
-        return analysis.RoleSample(
-            latency, error, s[~error], flagged[~error], y[~error].astype(int), flagged[~error]
-        )
+        return analysis.RoleSample(latency, error, s[~error], flagged[~error], y[~error].astype(int), flagged[~error])
 
     champion_score = base if paired else rng.normal(0, 1, n) + 2.5 * (rng.random(n) < 0.1)
     champ = role(base, 1.0, 0.001, 0.0)
@@ -124,6 +120,53 @@ def test_canary_compares_both_models_on_the_same_records_not_across_device_group
     assert shift.verdict == "fail" and "Spearman" in shift.test and shift.n_challenger == shift.n_champion
 
 
+def test_build_sample_pairs_the_shadow_copy_with_the_served_record():
+    """From prediction-log rows: the champion's shadow copy of a challenger-served record is paired with
+    it, records only one model scored stay unpaired, labels join where feedback exists (-1 elsewhere)."""
+    import pandas as pd
+
+    state = st.RolloutState(
+        status=st.RUNNING, rollout_id="r1", step_name="canary-10", step_started_at="2026-01-01T00:00:00+00:00"
+    )
+    ts = pd.Timestamp("2026-01-01T00:05:00Z")
+
+    def row(role, rid, i, score, served=True):
+        return {
+            "rollout_id": "r1",
+            "step": "canary-10",
+            "ts": ts,
+            "role": role,
+            "request_id": rid,
+            "record_index": i,
+            "score": score,
+            "flagged": score >= 0.5,
+            "latency_ms": 5.0,
+            "error": None,
+            "served": served,
+        }
+
+    log = pd.DataFrame(
+        [
+            row("champion", "a", 0, 0.1),
+            row("champion", "a", 1, 0.9),  # served by the champion only
+            row("challenger", "a", 2, 0.8),
+            row("champion", "a", 2, 0.7, served=False),  # pair 1
+            row("challenger", "b", 0, 0.2),
+            row("champion", "b", 0, 0.6, served=False),  # pair 2, disagree
+        ]
+    )
+    feedback = pd.DataFrame([{"request_id": "a", "record_index": 2, "is_anomaly": 1, "ts": ts}])
+    sample = controller.build_sample(log, feedback, state, now=ts.to_pydatetime())
+    assert sample.paired is not None and sample.paired.n == 2
+    assert list(sample.paired.champion_score) == [0.7, 0.6] and list(sample.paired.challenger_score) == [0.8, 0.2]
+    assert list(sample.paired.labels) == [1, -1]
+    assert list(sample.paired_agreement) == [True, False]
+    assert sample.champion.n == 4 and sample.challenger.n == 2
+    # no feedback at all yet: still paired, nothing labelled
+    empty = pd.DataFrame(columns=["request_id", "record_index", "is_anomaly", "ts"])
+    assert list(controller.build_sample(log, empty, state, now=ts.to_pydatetime()).paired.labels) == [-1, -1]
+
+
 @pytest.mark.parametrize(
     "fault,kwargs,metric",
     [
@@ -154,9 +197,7 @@ def test_too_few_requests_or_bake_time_hold_the_step():
 
 
 def test_state_machine_walks_the_steps_and_aborts_on_fail():
-    plan = CanaryPlan(
-        steps=(SHADOW, CANARY, Step("full", 100, "champion", 300, 0)), analysis=CFG, model_name="m"
-    )
+    plan = CanaryPlan(steps=(SHADOW, CANARY, Step("full", 100, "champion", 300, 0)), analysis=CFG, model_name="m")
     s = st.start(plan, "1", "2", actor="t")
     assert (s.step_name, s.weight, s.shadow) == ("shadow", 0, "challenger")
     s, action = st.after_verdict(s, plan, {"verdict": "inconclusive", "reasons": ["wait"]}, "t")
@@ -219,8 +260,7 @@ def drive(svc: ServiceProcess, n: int, seed: int) -> None:
             r = c.post("/score", json={"records": records_of(chunk), "request_id": rid})
             assert r.status_code == 200, r.text
             labels += [
-                {"request_id": rid, "record_index": i, "is_anomaly": int(y)}
-                for i, y in enumerate(chunk["is_anomaly"])
+                {"request_id": rid, "record_index": i, "is_anomaly": int(y)} for i, y in enumerate(chunk["is_anomaly"])
             ]
         assert c.post("/feedback", json={"labels": labels}).status_code == 200
     svc.flush()
@@ -277,10 +317,7 @@ def test_good_challenger_goes_from_shadow_to_champion_and_bad_one_is_rolled_back
         svc.wait_for(lambda s: s["models"]["challenger"] is None, what="challenger unloaded")
 
     # manual rollback (no rollout running): champion <- previous, recorded with who and why
-    assert (
-        controller.rollback(actor="oncall", reason="pager", params=params)["aliases"]["champion"]
-        == setup["v1"]
-    )
+    assert controller.rollback(actor="oncall", reason="pager", params=params)["aliases"]["champion"] == setup["v1"]
     events = controller.history_events(params=params)
     kinds = [e["event"] for e in events if e["source"] == "canary-log"]
     for expected in (
