@@ -152,7 +152,9 @@ def read_gold_frame(root: Path, dataset: str) -> pd.DataFrame:
     parts = partitions(root, "gold", dataset)
     if not parts:
         raise StageError(f"no gold partitions under {layer_dir(root, 'gold', dataset)}: run `dvc repro gold`")
-    return pd.concat([_read_layer(root, "gold", dataset, p).to_pandas() for p in parts], ignore_index=True)
+    from pipelines.layers.gold import from_storage
+
+    return pd.concat([from_storage(_read_layer(root, "gold", dataset, p)) for p in parts], ignore_index=True)
 
 
 # --------------------------------------------------------------------------- stages
@@ -256,12 +258,13 @@ def silver(root: Path, progress: Progress = print) -> list[str]:
 def gold(root: Path, progress: Progress = print) -> list[str]:
     """Per event date, with the previous day's tail as warm-up (exactly as the lake's gold job)."""
     from pipelines.contracts import load_contract
-    from pipelines.layers.gold import to_gold
+    from pipelines.layers.gold import to_gold, to_storage, warmup_rows
 
     params = stage_params(root)
     dataset = dvc_params(params)["dataset"]
     contract = load_contract(dataset)
     window = int(params["gold"]["window"])
+    long_window = int(params["gold"].get("long_window", 240))
     days = partitions(root, "silver", dataset)
     if not days:
         raise StageError(f"no silver partitions under {layer_dir(root, 'silver', dataset)}")
@@ -272,11 +275,11 @@ def gold(root: Path, progress: Progress = print) -> list[str]:
         warmup = None
         if previous in days:
             prev = _read_layer(root, "silver", dataset, previous).to_pandas()
-            warmup = prev.sort_values("ts").groupby("device", group_keys=False).tail(window)
-        features = to_gold(rows, contract, window=window, warmup=warmup)
-        _write_parquet(
-            partition_file(root, "gold", dataset, day), pa.Table.from_pandas(features, preserve_index=False)
-        )
+            # as the lake's gold does: enough of each device's previous day for the long window too
+            tail = warmup_rows(window, long_window)
+            warmup = prev.sort_values("ts").groupby("device", group_keys=False).tail(tail)
+        features = to_gold(rows, contract, window=window, warmup=warmup, long_window=long_window)
+        _write_parquet(partition_file(root, "gold", dataset, day), to_storage(features))
         progress(f"[gold] {day}: {len(features)} feature rows")
     return days
 

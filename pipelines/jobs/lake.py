@@ -462,7 +462,7 @@ def build_gold(
     Each bucket's rolling windows are warmed up with the same devices' last readings of the
     previous day; every bucket is gated against the previous gold partition's feature profile
     before the partition is committed."""
-    from pipelines.layers.gold import to_gold, warmup_rows
+    from pipelines.layers.gold import to_gold, to_storage, warmup_rows
     from pipelines.quality.suites import combine_profiles, reference_profile
 
     store, dataset = _resolve(store, dataset)
@@ -498,7 +498,7 @@ def build_gold(
                 _gate(gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset)
             )
             profiles.append(reference_profile(gold))
-            writer.write(pa.Table.from_pandas(gold, preserve_index=False))
+            writer.write(to_storage(gold))
             progress(f"[gold] {partition}{_bucket_label(bucket, i, len(buckets))}: {len(gold)} feature rows")
             del gold
     except Exception:
@@ -534,6 +534,8 @@ def read_gold(
     partitions: list[str] | None = None, *, dataset: str | None = None, store: ObjectStore | None = None
 ) -> tuple[pd.DataFrame, dict]:
     """All (or the given) gold partitions and a snapshot naming exactly what was read."""
+    from pipelines.layers.gold import from_storage
+
     store, dataset = _resolve(store, dataset)
     partitions = partitions or storage.list_partitions(store, "gold", dataset)
     if not partitions:
@@ -541,7 +543,7 @@ def read_gold(
     frames, snapshot = [], {"dataset": dataset, "bucket": store.settings.lake_bucket, "partitions": {}}
     for p in partitions:
         manifest = storage.read_manifest(store, "gold", dataset, p)
-        frames.append(storage.read_partition(store, "gold", dataset, p).to_pandas())
+        frames.append(from_storage(storage.read_partition(store, "gold", dataset, p)))
         snapshot["partitions"][p] = {
             "run_id": manifest.run_id,
             "rows": manifest.rows,

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pandas.api.indexers import BaseIndexer
 
 from pipelines.contracts import Contract
@@ -132,6 +133,27 @@ def to_gold(
     }
     numbers = {name: kept(np.asarray(values, dtype="float64")) for name, values in features.items()}
     return pd.DataFrame(meta | numbers)
+
+
+def to_storage(gold: pd.DataFrame) -> pa.Table:
+    """Gold as the lake (and DVC's data/gold) stores it: features as float32.
+
+    The features are computed in float64; stored as float32 they keep 7 significant digits (a
+    temperature to ~1e-5 degrees), which is finer than any sensor here and than the models look:
+    scikit-learn's tree ensembles cast X to float32 themselves. Gold is most of the lake's bytes
+    (50+ features a row), and float32 makes its Parquet 40% smaller and ~4x faster to encode.
+    """
+    table = pa.Table.from_pandas(gold, preserve_index=False)
+    fields = [pa.field(f.name, pa.float32()) if pa.types.is_float64(f.type) else f for f in table.schema]
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+
+
+def from_storage(table: pa.Table) -> pd.DataFrame:
+    """Stored gold as training and evaluation read it: features back to float64, so a model's input
+    signature is ``double`` and the scoring service's float64 records match it."""
+    frame = table.to_pandas()
+    narrow = {c: "float64" for c in frame.columns if frame[c].dtype == np.float32}
+    return frame.astype(narrow) if narrow else frame
 
 
 class DeviceWindow(BaseIndexer):
