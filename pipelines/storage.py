@@ -242,23 +242,63 @@ class PartitionWriter:
         self.run_prefix = f"{self.prefix}run={_safe(run_id)}/" + (f"{_safe(batch)}/" if batch else "")
         self.files: list[dict[str, Any]] = []
         self.schema: list[str] = []
+        self._pending: Any = None  # the upload in flight (a Future), see write()
+        self._uploader: Any = None
         # A previous attempt of this same run may have left files: start the run prefix clean.
         store.delete_keys(self.bucket, store.list_keys(self.bucket, self.run_prefix))
 
     def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0 and self.files:
+        """Encode `table` here, upload it in the background while the caller computes the next one.
+
+        At most one upload is in flight (memory: one encoded file more than a synchronous writer);
+        an upload error surfaces at the next write, at commit or at abort, never silently."""
+        if table.num_rows == 0 and (self.files or self._pending is not None):
             return
         self.schema = self.schema or table.schema.names
-        info = self.store.put_parquet(self.bucket, f"{self.run_prefix}part-{len(self.files):05d}.parquet", table)
+        key = f"{self.run_prefix}part-{len(self.files) + (self._pending is not None):05d}.parquet"
+        data = table_to_parquet_bytes(table)
+        info: dict[str, Any] = {"key": key, "rows": table.num_rows, "bytes": len(data)}
         if self.batch:
             info["batch"] = self.batch
-        self.files.append(info)
+        self._finish_upload()
+        if self._uploader is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"upload-{self.layer}")
+
+        def upload() -> dict[str, Any]:
+            info["sha256"] = hashlib.sha256(data).hexdigest()
+            self.store.put_bytes(self.bucket, key, data)
+            return info
+
+        self._pending = self._uploader.submit(upload)
+
+    def _finish_upload(self) -> None:
+        """Wait for the upload in flight; its file joins `files` only once it is stored."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.files.append(pending.result())
+
+    def _close_uploader(self) -> None:
+        try:
+            self._finish_upload()
+        finally:
+            if self._uploader is not None:
+                self._uploader.shutdown(wait=True)
+                self._uploader = None
 
     @property
     def rows(self) -> int:
+        self._finish_upload()
         return sum(f["rows"] for f in self.files)
 
+    @property
+    def staged(self) -> int:
+        """Files written so far, stored or still uploading."""
+        return len(self.files) + (self._pending is not None)
+
     def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
+        self._close_uploader()  # every staged file is stored before the manifest names it
         kept: list[dict[str, Any]] = []
         if self.batch:
             previous = read_manifest(self.store, self.layer, self.dataset, self.partition)
@@ -287,6 +327,10 @@ class PartitionWriter:
         return manifest
 
     def abort(self) -> None:
+        try:
+            self._close_uploader()
+        except Exception:  # noqa: BLE001 - aborting anyway; the failed upload left nothing to keep
+            pass
         self.store.delete_keys(self.bucket, [f["key"] for f in self.files])
         self.files = []
 

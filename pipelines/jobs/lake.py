@@ -420,7 +420,7 @@ def build_silver(
             silver_writer.write(pa.Table.from_pandas(silver, preserve_index=False))
             quarantined, collapsed = quarantined + len(quarantine), collapsed + n_collapsed
             del silver, quarantine
-        if not quarantine_writer.files and empty_quarantine is not None:
+        if not quarantine_writer.staged and empty_quarantine is not None:
             quarantine_writer.write(empty_quarantine)  # an empty, committed quarantine: "checked, none"
     except Exception:
         silver_writer.abort()
