@@ -131,8 +131,14 @@ def to_gold(
         "label": kept(label.astype("str").array, "str"),
         "is_anomaly": kept(anomaly_flags(label).array),
     }
-    numbers = {name: kept(np.asarray(values, dtype="float64")) for name, values in features.items()}
-    return pd.DataFrame(meta | numbers)
+    # The features go straight into one 2-D float block (pandas' layout: one row per column), so
+    # the frame is built without the per-column Series and the consolidating copy of a dict of them.
+    names = list(features)
+    block = np.empty((len(names), len(out_index)), dtype="float64")
+    for i, name in enumerate(names):
+        np.compress(keep, np.asarray(features[name], dtype="float64"), out=block[i])
+    numbers = pd.DataFrame(block.T, index=out_index, columns=names, copy=False)
+    return pd.concat([pd.DataFrame(meta), numbers], axis=1)
 
 
 def to_storage(gold: pd.DataFrame) -> pa.Table:
