@@ -294,15 +294,15 @@ class ScoringService:
 
         # Shadow: a copy scored off the response path; its rows are logged with served=False.
         if shadow == "challenger":
-            self._shadow("challenger", list(range(len(records))), records, add_rows, t0)
+            self._shadow("challenger", list(range(len(records))), records, add_rows)
         elif shadow == "champion":
             idx = groups.get("challenger", [])
             if idx:
-                self._shadow("champion", idx, records, add_rows, t0)
+                self._shadow("champion", idx, records, add_rows)
         self.prediction_log.append(log_rows)
         return _json({"request_id": request_id, "predictions": answers})
 
-    def _shadow(self, role, idx, records, add_rows, t0) -> None:
+    def _shadow(self, role, idx, records, add_rows) -> None:
         async def shadow_task():
             # timed from the shadow's own start: timed from the request's, the copy would be charged
             # for the served answer it waited behind, and a good shadowed model would look slow
