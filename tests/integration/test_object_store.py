@@ -68,3 +68,32 @@ def test_publish_is_atomic_and_idempotent(store, settings):
 def test_reading_an_unpublished_partition_says_what_to_do(store):
     with pytest.raises(storage.StorageError, match="run the pipeline for that date"):
         storage.read_partition(store, "gold", "probe", "1999-01-01")
+
+
+def test_a_failed_background_upload_fails_the_commit_and_publishes_nothing(store, settings, monkeypatch):
+    """PartitionWriter uploads in the background: an upload error must surface, never be lost."""
+    t = pa.table({"device": ["a", "b"], "v": [1.0, 2.0]})
+    before = storage.publish_partition(store, "silver", "probe-upload", "2026-01-02", t, run_id="ok")
+    writer = storage.PartitionWriter(store, "silver", "probe-upload", "2026-01-02", "failing")
+    real_put, calls = store.put_bytes, []
+
+    def flaky_put(bucket, key, data, *args, **kwargs):
+        calls.append(key)
+        if len(calls) == 2:
+            raise ConnectionError("store went away")
+        return real_put(bucket, key, data, *args, **kwargs)
+
+    monkeypatch.setattr(store, "put_bytes", flaky_put)
+    writer.write(pa.table({"device": ["x"], "v": [3.0]}))
+    writer.write(pa.table({"device": ["y"], "v": [4.0]}))  # its upload fails in the background
+    assert writer.staged == 2
+    with pytest.raises(ConnectionError, match="store went away"):
+        writer.commit()
+    monkeypatch.setattr(store, "put_bytes", real_put)
+    writer.abort()
+    # the published partition is still the one before, and the failed run's staged file is gone
+    manifest = storage.read_manifest(store, "silver", "probe-upload", "2026-01-02")
+    assert manifest.run_id == "ok" and manifest.content_sha256 == before.content_sha256
+    prefix = storage.partition_prefix("silver", "probe-upload", "2026-01-02")
+    assert not any("run=failing" in k for k in store.list_keys(settings.lake_bucket, prefix))
+    assert storage.read_partition(store, "silver", "probe-upload", "2026-01-02").num_rows == 2
