@@ -89,6 +89,8 @@ class LakeTableWriter:
         self.max_rows = max_rows
         self._rows: list[dict] = []
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._in_flight = 0  # rows taken by the flush in progress, not yet in the lake
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lake-writer-{table}", daemon=True)
@@ -112,34 +114,49 @@ class LakeTableWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._rows)
+        """Rows not yet in the lake: buffered, or taken by a write that has not finished (a reader
+        told "0 pending" must find every row it sent)."""
+        with self._lock:
+            return len(self._rows) + self._in_flight
 
     def flush(self) -> int:
-        """Write what is buffered; on failure the rows go back to the buffer. Returns rows written."""
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows:
-            return 0
-        try:
-            frame = pd.DataFrame(rows)
-            frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True).astype("datetime64[us, UTC]")
-            for day, part in frame.groupby(frame["ts"].dt.strftime("%Y-%m-%d")):
-                table = pa.Table.from_pandas(
-                    part.reset_index(drop=True), schema=self.schema, preserve_index=False
-                )
-                key = f"{self.table}/date={day}/part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-                self.store.put_parquet(self.store.settings.lake_bucket, key, table)
-            self.written_rows += len(rows)
-            self.last_error = None
-            return len(rows)
-        except Exception as exc:  # noqa: BLE001 - keep the rows, report degraded, retry next round
+        """Write what is buffered; on failure the unwritten rows go back to the buffer. Returns rows
+        written. One flush at a time (the writer thread and ``stop`` may both call it)."""
+        with self._flush_lock:
             with self._lock:
-                self._rows[:0] = rows
-            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-            log.warning(
-                "%s: %d rows kept in memory, write failed: %s", self.table, len(rows), self.last_error
-            )
-            return 0
+                rows, self._rows = self._rows, []
+                self._in_flight = len(rows)
+            if not rows:
+                return 0
+            written_days: set[str] = set()
+            days: list[str] = []
+            try:
+                frame = pd.DataFrame(rows)
+                frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True).astype("datetime64[us, UTC]")
+                days = frame["ts"].dt.strftime("%Y-%m-%d").tolist()
+                for day, part in frame.groupby(days):
+                    table = pa.Table.from_pandas(
+                        part.reset_index(drop=True), schema=self.schema, preserve_index=False
+                    )
+                    key = f"{self.table}/date={day}/part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+                    self.store.put_parquet(self.store.settings.lake_bucket, key, table)
+                    # a day written is done: a later day's failure must not write it twice
+                    written_days.add(str(day))
+                    with self._lock:
+                        self._in_flight -= len(part)
+                        self.written_rows += len(part)
+                self.last_error = None
+                return len(rows)
+            except Exception as exc:  # noqa: BLE001 - keep the rows, report degraded, retry next round
+                kept = [r for r, d in zip(rows, days, strict=True) if d not in written_days] if days else rows
+                with self._lock:
+                    self._rows[:0] = kept
+                    self._in_flight = 0
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning(
+                    "%s: %d rows kept in memory, write failed: %s", self.table, len(kept), self.last_error
+                )
+                return len(rows) - len(kept)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

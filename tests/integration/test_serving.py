@@ -328,9 +328,7 @@ def test_keeps_answering_during_an_alias_change(serving_model, uri, svc):
             with httpx.Client(timeout=10) as c:
                 i = 0
                 while not stop.is_set():
-                    r = c.post(
-                        svc.url + "/score", json={"records": records_of(frame.iloc[i % 400 : i % 400 + 1])}
-                    )
+                    r = c.post(svc.url + "/score", json={"records": records_of(frame.iloc[i % 400 : i % 400 + 1])})
                     statuses.append(r.status_code)
                     if r.status_code == 200:
                         versions.append(r.json()["predictions"][0]["model_version"])
@@ -361,9 +359,7 @@ def test_keeps_serving_through_object_store_and_mlflow_outage(svc, proxies, stor
     proxies["s3"].stop()
     proxies["mlflow"].stop()
     try:
-        svc.wait_for(
-            lambda s: {"mlflow", "rollout_state"} <= set(s["problems"]), what="degraded health naming both"
-        )
+        svc.wait_for(lambda s: {"mlflow", "rollout_state"} <= set(s["problems"]), what="degraded health naming both")
         during = []
         for i in range(30):
             r = httpx.post(
@@ -379,8 +375,53 @@ def test_keeps_serving_through_object_store_and_mlflow_outage(svc, proxies, stor
     finally:
         proxies["s3"].start()
         proxies["mlflow"].start()
-    svc.wait_for(
-        lambda s: s["status"] == "ok" and s["prediction_log"]["pending"] == 0, timeout=40, what="recovery"
-    )
+    svc.wait_for(lambda s: s["status"] == "ok" and s["prediction_log"]["pending"] == 0, timeout=40, what="recovery")
     logged = read_table(store, PREDICTIONS, pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=10))
     assert {f"outage-{i}" for i in range(30)} <= set(logged["request_id"])  # buffered, then written
+
+
+def test_prediction_log_counts_rows_in_flight_and_never_writes_a_day_twice(store, monkeypatch):
+    """`pending` covers rows a flush has taken but not yet stored (the service's health and its
+    /flush answer rely on it); a flush that fails after writing one day keeps only the other day."""
+    from pipelines.serving.predlog import PREDICTION_SCHEMA, LakeTableWriter
+
+    table = f"predlog-probe-{time.time_ns()}"
+    writer = LakeTableWriter(store, table, PREDICTION_SCHEMA, flush_seconds=60, flush_rows=10**6, max_rows=10**6)
+    day1, day2 = pd.Timestamp("2026-03-01T23:59:00Z").timestamp(), pd.Timestamp("2026-03-02T00:01:00Z").timestamp()
+
+    def row(rid, ts):
+        return {
+            "request_id": rid,
+            "record_index": 0,
+            "ts": ts,
+            "device": "d",
+            "role": "champion",
+            "served": True,
+            "model_version": "1",
+            "score": 0.5,
+            "flagged": False,
+            "latency_ms": 1.0,
+            "error": None,
+            "rollout_id": "",
+            "step": "",
+        }
+
+    writer.append([row("a", day1), row("b", day2)])
+    real_put, seen = store.put_parquet, []
+
+    def put_then_fail(bucket, key, data):
+        seen.append(writer.pending)  # asked mid-flush: the rows are not in the lake yet
+        if "date=2026-03-02" in key:
+            raise ConnectionError("store went away")
+        return real_put(bucket, key, data)
+
+    monkeypatch.setattr(store, "put_parquet", put_then_fail)
+    assert writer.flush() == 1
+    assert seen[0] == 2 and writer.pending == 1 and "store went away" in writer.last_error
+    monkeypatch.setattr(store, "put_parquet", real_put)
+    assert writer.flush() == 1 and writer.pending == 0
+    keys = store.list_keys(store.settings.lake_bucket, f"{table}/")
+    logged = [
+        rid for k in keys for rid in store.get_parquet(store.settings.lake_bucket, k).column("request_id").to_pylist()
+    ]
+    assert sorted(logged) == ["a", "b"] and len(keys) == 2  # each once: day 1 was not written again
