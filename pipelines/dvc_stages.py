@@ -258,7 +258,7 @@ def silver(root: Path, progress: Progress = print) -> list[str]:
 def gold(root: Path, progress: Progress = print) -> list[str]:
     """Per event date, with the previous day's tail as warm-up (exactly as the lake's gold job)."""
     from pipelines.contracts import load_contract
-    from pipelines.layers.gold import to_gold, to_storage, warmup_rows
+    from pipelines.layers.gold import to_gold, to_storage, warmup_tail
 
     params = stage_params(root)
     dataset = dvc_params(params)["dataset"]
@@ -275,9 +275,7 @@ def gold(root: Path, progress: Progress = print) -> list[str]:
         warmup = None
         if previous in days:
             prev = _read_layer(root, "silver", dataset, previous).to_pandas()
-            # as the lake's gold does: enough of each device's previous day for the long window too
-            tail = warmup_rows(window, long_window)
-            warmup = prev.sort_values("ts").groupby("device", group_keys=False).tail(tail)
+            warmup = warmup_tail(prev, contract.entity.column, contract.event_time.column, window, long_window)
         features = to_gold(rows, contract, window=window, warmup=warmup, long_window=long_window)
         _write_parquet(partition_file(root, "gold", dataset, day), to_storage(features))
         progress(f"[gold] {day}: {len(features)} feature rows")

@@ -136,14 +136,12 @@ class ObjectStore:
 
     # -- parquet ----------------------------------------------------------------------------
     def put_parquet(self, bucket: str, key: str, table: pa.Table) -> dict[str, Any]:
-        data = table_to_parquet_bytes(table)
+        return self.put_encoded_parquet(bucket, key, table_to_parquet_bytes(table), table.num_rows)
+
+    def put_encoded_parquet(self, bucket: str, key: str, data: bytes, rows: int) -> dict[str, Any]:
+        """Store Parquet bytes; the file's entry as a manifest lists it (key, rows, bytes, sha256)."""
         self.put_bytes(bucket, key, data)
-        return {
-            "key": key,
-            "rows": table.num_rows,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
+        return {"key": key, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def get_parquet(self, bucket: str, key: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.get_bytes(bucket, key)))
@@ -254,16 +252,13 @@ class PartitionWriter:
 
         At most one upload is in flight (memory: one encoded file more than a synchronous writer);
         an upload error surfaces at the next write, at commit or at abort, never silently."""
-        if table.num_rows == 0 and (self.files or self._pending is not None):
+        if table.num_rows == 0 and self.staged:
             return
         self.schema = self.schema or table.schema.names
-        key = f"{self.run_prefix}part-{len(self.files) + (self._pending is not None):05d}.parquet"
+        key = f"{self.run_prefix}part-{self.staged:05d}.parquet"
         if self._dictionary is None:  # decided on the first file, the same for all of them
             self._dictionary = _repetitive_columns(table)
-        data = table_to_parquet_bytes(table, self._dictionary)
-        info: dict[str, Any] = {"key": key, "rows": table.num_rows, "bytes": len(data)}
-        if self.batch:
-            info["batch"] = self.batch
+        data, rows = table_to_parquet_bytes(table, self._dictionary), table.num_rows
         self._finish_upload()
         if self._uploader is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -271,9 +266,8 @@ class PartitionWriter:
             self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"upload-{self.layer}")
 
         def upload() -> dict[str, Any]:
-            info["sha256"] = hashlib.sha256(data).hexdigest()
-            self.store.put_bytes(self.bucket, key, data)
-            return info
+            info = self.store.put_encoded_parquet(self.bucket, key, data, rows)
+            return {**info, "batch": self.batch} if self.batch else info
 
         self._pending = self._uploader.submit(upload)
 

@@ -321,7 +321,7 @@ def _score_rank_correlation(pair: PairedSample, cfg: AnalysisConfig, alpha: floa
     z0 = math.atanh(cfg.min_score_rank_correlation)
     a_std, b_std = _robust_standardise(a), _robust_standardise(b)
     ks = ks_2samp(a_std, b_std)
-    res = MetricResult(
+    return MetricResult(
         "score_shift",
         FAIL if upper < cfg.min_score_rank_correlation else PASS,
         "Spearman rank correlation of both models' scores on the records both scored (Fisher z, one-sided)",
@@ -337,21 +337,20 @@ def _score_rank_correlation(pair: PairedSample, cfg: AnalysisConfig, alpha: floa
             f"PSI={psi(a_std, b_std, cfg.psi_bins):.4f}, KS D={ks.statistic:.4f}; values are median scores"
         ),
     )
-    return res
 
 
 def _flag_rate(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> MetricResult:
     from scipy.stats import binomtest
 
     pair = _paired(s, min_n)
-    if pair:
+    if pair is not None:
         a, b = np.asarray(pair.champion_flagged, bool), np.asarray(pair.challenger_flagged, bool)
     else:
         a, b = s.champion.flagged, s.challenger.flagged
     res = MetricResult(
         "flag_rate",
         INCONCLUSIVE,
-        "exact McNemar test on the records both models scored" if pair else "two-proportion z-test, two-sided",
+        "two-proportion z-test, two-sided" if pair is None else "exact McNemar test on the records both models scored",
         float(a.mean()) if len(a) else None,
         float(b.mean()) if len(b) else None,
         threshold=f"fail if p < {alpha:.4g} and |difference| > {cfg.max_flag_rate_diff}",
@@ -361,7 +360,7 @@ def _flag_rate(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> 
     if min(len(a), len(b)) < min_n:
         res.detail = f"needs {min_n} scores from each model"
         return res
-    if pair:
+    if pair is not None:
         only_challenger, only_champion = int(np.sum(b & ~a)), int(np.sum(a & ~b))
         discordant = only_challenger + only_champion
         res.statistic = float(only_challenger - only_champion)
@@ -404,21 +403,22 @@ def _agreement(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> 
 
 
 def _f1(s: StepSample, cfg: AnalysisConfig, alpha: float) -> MetricResult:
-    ch, cl, pair = s.champion, s.challenger, s.paired
-    labelled = pair.labelled() if pair is not None else np.zeros(0, dtype=bool)
-    paired = pair is not None and int(labelled.sum()) >= cfg.min_labels
+    ch, cl = s.champion, s.challenger
+    # paired when enough of the records both models scored have labels, else each model's own
+    pair = s.paired if s.paired is not None and int(s.paired.labelled().sum()) >= cfg.min_labels else None
     res = MetricResult(
         "f1",
         INCONCLUSIVE,
         f"bootstrap ({cfg.bootstrap} draws) of F1 difference, one-sided"
-        + (", both models resampled on the same labelled records" if paired else ""),
+        + (", both models resampled on the same labelled records" if pair is not None else ""),
         threshold=f"fail if upper {1 - alpha:.4g} bound of (challenger - champion) < -{cfg.f1_margin}",
         n_champion=len(ch.labels),
         n_challenger=len(cl.labels),
         blocking=cfg.require_labels,
     )
     rng = np.random.default_rng(cfg.seed)
-    if pair is not None and paired:
+    if pair is not None:
+        labelled = pair.labelled()
         y = np.asarray(pair.labels)[labelled].astype(bool)
         fa = np.asarray(pair.champion_flagged, bool)[labelled]
         fb = np.asarray(pair.challenger_flagged, bool)[labelled]

@@ -462,7 +462,7 @@ def build_gold(
     Each bucket's rolling windows are warmed up with the same devices' last readings of the
     previous day; every bucket is gated against the previous gold partition's feature profile
     before the partition is committed."""
-    from pipelines.layers.gold import to_gold, to_storage, warmup_rows
+    from pipelines.layers.gold import to_gold, to_storage, warmup_tail
     from pipelines.quality.suites import combine_profiles, reference_profile
 
     store, dataset = _resolve(store, dataset)
@@ -488,8 +488,7 @@ def build_gold(
             warmup = None
             if previous_files:
                 prev = storage.decode_rows(previous_files, device, bucket).to_pandas()
-                tail = warmup_rows(window, long_window)
-                warmup = prev.sort_values("ts").groupby(device, group_keys=False).tail(tail)
+                warmup = warmup_tail(prev, device, contract.event_time.column, window, long_window)
                 del prev
             gold = to_gold(silver, contract, window=window, warmup=warmup, long_window=long_window)
             rows_in += len(silver)

@@ -33,6 +33,14 @@ def warmup_rows(window: int, long_window: int = LONG_WINDOW) -> int:
     return max(window, long_window)
 
 
+def warmup_tail(
+    previous: pd.DataFrame, device: str, ts: str, window: int, long_window: int = LONG_WINDOW
+) -> pd.DataFrame:
+    """The last readings of each device in the previous day's silver: what `to_gold` needs as
+    ``warmup`` so no feature (the long window's median included) restarts at midnight."""
+    return previous.sort_values(ts).groupby(device, group_keys=False).tail(warmup_rows(window, long_window))
+
+
 def to_gold(
     silver: pd.DataFrame,
     contract: Contract,
