@@ -133,10 +133,25 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+_params_cache: dict[str, tuple[tuple[int, int, int], dict]] = {}
+
+
 def load_params(path: Path | None = None) -> dict:
-    """params.yaml: the one parameter file shared by Airflow, the CLI and DVC."""
+    """params.yaml: the one parameter file shared by Airflow, the CLI and DVC.
+
+    Parsed once per file version (path, mtime, size): a lake task asks for it once per device
+    bucket, and YAML parsing was ~45 ms a call. Each caller gets its own copy to change."""
+    import copy
+
     import yaml
 
-    path = path or get_settings().params_file
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    path = Path(path or get_settings().params_file)
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _params_cache.get(str(path))
+    if cached is None or cached[0] != version:
+        with open(path) as f:
+            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+            cached = (version, yaml.load(f, Loader=loader) or {})  # noqa: S506 - a safe loader
+        _params_cache[str(path)] = cached
+    return copy.deepcopy(cached[1])
