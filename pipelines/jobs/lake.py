@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -374,6 +375,83 @@ def _bucket_label(bucket: list | None, index: int, total: int) -> str:
 
 
 # -- silver -------------------------------------------------------------------------------------
+@dataclass
+class _BucketTask:
+    """What every bucket of one partition needs; forked bucket workers inherit it."""
+
+    store: ObjectStore
+    dataset: str
+    partition: str
+    contract: Any
+    files: list[bytes]
+    progress: Progress
+
+    def __post_init__(self) -> None:
+        self.parent_pid = os.getpid()
+
+    @property
+    def in_worker(self) -> bool:
+        return os.getpid() != self.parent_pid
+
+    def worker_store(self) -> ObjectStore:
+        # A forked worker must not share the task process's open connections to the store.
+        return ObjectStore(self.store.settings) if self.in_worker else self.store
+
+    def run(self, work: Callable[[Callable[[str], None]], dict[str, Any]]) -> dict[str, Any]:
+        """Run one bucket's `work(say)`: in the task process its messages go straight to progress;
+        a worker returns them with its result, or attaches them to the error it raises."""
+        if not self.in_worker:
+            return {**work(self.progress), "messages": []}
+        messages: list[str] = []
+        try:
+            return {**work(messages.append), "messages": messages}
+        except Exception as e:
+            for message in messages:
+                e.add_note(message)
+            raise
+
+
+@dataclass
+class _SilverTask(_BucketTask):
+    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+
+def _silver_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
+    """One device bucket: decode, type, check, deduplicate and gate; the tables to write come back."""
+    from pipelines.jobs.buckets import shared
+    from pipelines.layers.silver import to_silver
+
+    index, bucket, total = job
+    task: _SilverTask = shared()
+
+    def work(say: Callable[[str], None]) -> dict[str, Any]:
+        bronze = storage.decode_rows(task.files, task.contract.entity.source, bucket)
+        rows_in = bronze.num_rows
+        silver, quarantine = to_silver(bronze, task.contract, partition=task.partition, now=task.now)
+        del bronze
+        n_collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
+        say(
+            f"[silver] {task.partition}{_bucket_label(bucket, index, total)}: {len(silver)} silver, "
+            f"{len(quarantine)} quarantined, {n_collapsed} identical re-deliveries collapsed"
+        )
+        store = task.worker_store()
+        quality = _gate(
+            silver, "silver", task.contract, task.partition, say, store=store, dataset=task.dataset, now=task.now
+        )
+        return {
+            "rows_in": rows_in,
+            "collapsed": n_collapsed,
+            "quality": quality,
+            # quarantine keeps every value as delivered, as text
+            "quarantine": pa.Table.from_pandas(
+                quarantine.astype(str) if len(quarantine) else quarantine, preserve_index=False
+            ),
+            "silver": pa.Table.from_pandas(silver, preserve_index=False),
+        }
+
+    return task.run(work)
+
+
 def build_silver(
     partition: str,
     run_id: str,
@@ -382,47 +460,50 @@ def build_silver(
     store: ObjectStore | None = None,
     progress: Progress = print,
     bucket_rows: int | None = None,
+    workers: int | None = None,
 ) -> LayerReport:
     """Type, check and deduplicate one bronze partition into silver, quarantining rule breakers.
 
     Works through the partition in buckets of whole devices (`lake.bucket_rows`): deduplication
     is per (device, ts), so a bucket holds everything a decision needs and memory stays bounded
-    whatever the partition's size. Every bucket is gated before anything is committed; silver and
-    quarantine are then committed (quarantine first, so a bad record is never lost)."""
-    from pipelines.layers.silver import to_silver
+    whatever the partition's size. Buckets run side by side in `workers` processes (default
+    `lake.workers`, see `pipelines.jobs.buckets`). Every bucket is gated before anything is
+    committed; silver and quarantine are then committed (quarantine first, so a bad record is
+    never lost)."""
+    from pipelines.jobs.buckets import map_buckets, workers_for
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
     files = storage.read_partition_files(store, "bronze", dataset, partition)
     buckets = _device_buckets(files, contract.entity.source, bucket_rows)
-    now = dt.datetime.now(dt.UTC)  # one clock for the future-timestamp rule of every bucket
+    # one clock for the future-timestamp rule of every bucket
+    task = _SilverTask(store, dataset, partition, contract, files, progress)
+    workers = workers_for(len(buckets), workers)
+    if workers > 1:
+        _warm_quality_context()
     silver_writer = storage.PartitionWriter(store, "silver", dataset, partition, run_id)
     quarantine_writer = storage.PartitionWriter(store, "quarantine", dataset, partition, run_id)
     qualities, rows_in, quarantined, collapsed, empty_quarantine = [], 0, 0, 0, None
+    jobs = [(i, bucket, len(buckets)) for i, bucket in enumerate(buckets)]
+    results = map_buckets(_silver_bucket, jobs, task, workers)
     try:
-        for i, bucket in enumerate(buckets):
-            bronze = storage.decode_rows(files, contract.entity.source, bucket)
-            silver, quarantine = to_silver(bronze, contract, partition=partition, now=now)
-            rows_in += bronze.num_rows
-            del bronze
-            n_collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
-            progress(
-                f"[silver] {partition}{_bucket_label(bucket, i, len(buckets))}: {len(silver)} silver, "
-                f"{len(quarantine)} quarantined, {n_collapsed} identical re-deliveries collapsed"
-            )
-            qualities.append(
-                _gate(silver, "silver", contract, partition, progress, store=store, dataset=dataset, now=now)
-            )
-            if len(quarantine):
-                quarantine_writer.write(pa.Table.from_pandas(quarantine.astype(str), preserve_index=False))
+        for result in results:
+            for message in result["messages"]:
+                progress(message)
+            qualities.append(result["quality"])
+            quarantine = result["quarantine"]
+            if quarantine.num_rows:
+                quarantine_writer.write(quarantine)
             elif empty_quarantine is None:
-                empty_quarantine = pa.Table.from_pandas(quarantine, preserve_index=False)
-            silver_writer.write(pa.Table.from_pandas(silver, preserve_index=False))
-            quarantined, collapsed = quarantined + len(quarantine), collapsed + n_collapsed
-            del silver, quarantine
+                empty_quarantine = quarantine
+            silver_writer.write(result["silver"])
+            rows_in += result["rows_in"]
+            quarantined, collapsed = quarantined + quarantine.num_rows, collapsed + result["collapsed"]
+            del result, quarantine
         if not quarantine_writer.staged and empty_quarantine is not None:
             quarantine_writer.write(empty_quarantine)  # an empty, committed quarantine: "checked, none"
-    except Exception:
+    except BaseException:
+        results.close()
         silver_writer.abort()
         quarantine_writer.abort()
         raise
@@ -447,7 +528,59 @@ def build_silver(
     )
 
 
+def _warm_quality_context() -> None:
+    """Build the GX context before bucket workers fork, so they inherit it instead of each building one."""
+    from pipelines.quality import quality_context
+
+    quality_context()
+
+
 # -- gold ---------------------------------------------------------------------------------------
+@dataclass
+class _GoldTask(_BucketTask):
+    previous_files: list[bytes] = field(default_factory=list)
+    reference: Any = None
+    window: int = 15
+    long_window: int = 240
+
+
+def _gold_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
+    """One device bucket: features (warmed up with the same devices' previous day) and their gate."""
+    from pipelines.jobs.buckets import shared
+    from pipelines.layers.gold import to_gold, to_storage, warmup_tail
+    from pipelines.quality.suites import reference_profile
+
+    index, bucket, total = job
+    task: _GoldTask = shared()
+    device = task.contract.entity.column
+
+    def work(say: Callable[[str], None]) -> dict[str, Any]:
+        silver = storage.decode_rows(task.files, device, bucket).to_pandas()
+        warmup = None
+        if task.previous_files:
+            prev = storage.decode_rows(task.previous_files, device, bucket).to_pandas()
+            warmup = warmup_tail(prev, device, task.contract.event_time.column, task.window, task.long_window)
+            del prev
+        gold = to_gold(silver, task.contract, window=task.window, warmup=warmup, long_window=task.long_window)
+        rows_in = len(silver)
+        del silver, warmup
+        store = task.worker_store()
+        quality = _gate(
+            gold,
+            "gold",
+            task.contract,
+            task.partition,
+            say,
+            reference=task.reference,
+            store=store,
+            dataset=task.dataset,
+        )
+        say(f"[gold] {task.partition}{_bucket_label(bucket, index, total)}: {len(gold)} feature rows")
+        return {"rows_in": rows_in, "quality": quality, "profile": reference_profile(gold), "gold": to_storage(gold)}
+
+    return task.run(work)
+
+
 def build_gold(
     partition: str,
     run_id: str,
@@ -456,20 +589,19 @@ def build_gold(
     store: ObjectStore | None = None,
     progress: Progress = print,
     bucket_rows: int | None = None,
+    workers: int | None = None,
 ) -> LayerReport:
     """Model features for one silver partition, device bucket by device bucket (bounded memory).
 
     Each bucket's rolling windows are warmed up with the same devices' last readings of the
     previous day; every bucket is gated against the previous gold partition's feature profile
-    before the partition is committed."""
-    from pipelines.layers.gold import to_gold, to_storage, warmup_tail
-    from pipelines.quality.suites import combine_profiles, reference_profile
+    before the partition is committed. Buckets run side by side in `workers` processes, as silver's."""
+    from pipelines.jobs.buckets import map_buckets, workers_for
+    from pipelines.quality.suites import combine_profiles
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
-    device = contract.entity.column
     gold_params = load_params()["gold"]
-    window, long_window = int(gold_params["window"]), int(gold_params.get("long_window", 240))
     files = storage.read_partition_files(store, "silver", dataset, partition)
     # Warm-up: the previous day's tail, so rolling features at midnight see the readings before it.
     previous = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
@@ -478,29 +610,36 @@ def build_gold(
         if storage.read_manifest(store, "silver", dataset, previous) is not None
         else []
     )
-    buckets = _device_buckets(files, device, bucket_rows, "gold")
-    reference = _gold_reference(store, dataset, partition)
+    buckets = _device_buckets(files, contract.entity.column, bucket_rows, "gold")
+    task = _GoldTask(
+        store,
+        dataset,
+        partition,
+        contract,
+        files,
+        progress,
+        previous_files=previous_files,
+        reference=_gold_reference(store, dataset, partition),
+        window=int(gold_params["window"]),
+        long_window=int(gold_params.get("long_window", 240)),
+    )
+    workers = workers_for(len(buckets), workers)
+    if workers > 1:
+        _warm_quality_context()
     writer = storage.PartitionWriter(store, "gold", dataset, partition, run_id)
     qualities, profiles, rows_in = [], [], 0
+    results = map_buckets(_gold_bucket, [(i, b, len(buckets)) for i, b in enumerate(buckets)], task, workers)
     try:
-        for i, bucket in enumerate(buckets):
-            silver = storage.decode_rows(files, device, bucket).to_pandas()
-            warmup = None
-            if previous_files:
-                prev = storage.decode_rows(previous_files, device, bucket).to_pandas()
-                warmup = warmup_tail(prev, device, contract.event_time.column, window, long_window)
-                del prev
-            gold = to_gold(silver, contract, window=window, warmup=warmup, long_window=long_window)
-            rows_in += len(silver)
-            del silver, warmup
-            qualities.append(
-                _gate(gold, "gold", contract, partition, progress, reference=reference, store=store, dataset=dataset)
-            )
-            profiles.append(reference_profile(gold))
-            writer.write(to_storage(gold))
-            progress(f"[gold] {partition}{_bucket_label(bucket, i, len(buckets))}: {len(gold)} feature rows")
-            del gold
-    except Exception:
+        for result in results:
+            for message in result["messages"]:
+                progress(message)
+            qualities.append(result["quality"])
+            profiles.append(result["profile"])
+            writer.write(result["gold"])
+            rows_in += result["rows_in"]
+            del result
+    except BaseException:
+        results.close()
         writer.abort()
         raise
     quality = qualities[0] if len(qualities) == 1 else _merge_quality(qualities)

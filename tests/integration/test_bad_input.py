@@ -52,8 +52,7 @@ def build(store, partition: str):
     run = f"test-{partition}"
     bronze = lake.build_bronze(partition, run, dataset=DATASET, store=store, progress=quiet)
     silver = {
-        day: lake.build_silver(day, run, dataset=DATASET, store=store, progress=quiet)
-        for day in bronze.partitions
+        day: lake.build_silver(day, run, dataset=DATASET, store=store, progress=quiet) for day in bronze.partitions
     }
     return bronze, silver
 
@@ -109,10 +108,7 @@ def test_wrong_delimiter_names_the_delimiter_file_and_line(store):
 
 def test_missing_required_column_is_a_clear_error(store):
     p = "2020-03-03"
-    text = (
-        "ts,device,co,humidity,light,lpg,motion,smoke\n"
-        + f"{epoch(p)},device-01,0.005,50,true,0.007,0,0.02\n"
-    )
+    text = "ts,device,co,humidity,light,lpg,motion,smoke\n" + f"{epoch(p)},device-01,0.005,50,true,0.007,0,0.02\n"
     key = land(store, p, text)
     with pytest.raises(BronzeError) as err:
         build(store, p)
@@ -259,6 +255,24 @@ def test_critical_gate_failure_leaves_the_partition_unpublished(store):
     assert storage.read_manifest(store, "silver", DATASET, p) is None  # and so gold cannot run
     with pytest.raises(storage.StorageError):
         lake.build_gold(p, "gate", dataset=DATASET, store=store, progress=lambda _m: None)
+
+
+def test_critical_gate_failure_in_a_bucket_worker_is_the_tasks_error(store):
+    """Buckets gated in forked workers: the failure reaches the task as the same QualityGateError
+    (its result included), the other buckets stop, and nothing of the partition is left behind."""
+    p = "2020-03-16"
+    rows = good_rows(p, 3) + "".join(row(p, i, device=f"device-{n:02d}") for n in (2, 3) for i in range(3))
+    land(store, p, HEADER + rows + row(p, 3, device="rogue-7"))
+    lake.build_bronze(p, "gate", dataset=DATASET, store=store, progress=lambda _m: None)
+    with pytest.raises(QualityGateError) as err:
+        lake.build_silver(p, "gate", dataset=DATASET, store=store, progress=lambda _m: None, bucket_rows=3, workers=2)
+    assert "rogue-7" in str(err.value) and "expect_column_values_to_match_regex" in str(err.value)
+    assert not err.value.result.success and err.value.result.partition == p
+    assert any("bucket" in note and "silver" in note for note in getattr(err.value, "__notes__", []))
+    assert storage.read_manifest(store, "silver", DATASET, p) is None
+    for layer in ("silver", "quarantine"):
+        prefix = storage.partition_prefix(layer, DATASET, p)
+        assert store.list_keys(store.settings.lake_bucket, prefix) == [], f"{layer} files left behind"
 
 
 def test_cli_prints_one_clear_line_for_a_users_mistake(store, settings):

@@ -192,7 +192,7 @@ def test_device_buckets_give_the_same_silver_and_gold_as_one_pass(store):
     )
     lake.land_bytes(store, dataset, "2025-04-02", "b.csv", _csv(today + late))
 
-    def build(bucket_rows: int | None, run: str) -> dict[str, pd.DataFrame]:
+    def build(bucket_rows: int | None, run: str, workers: int = 1) -> dict[str, pd.DataFrame]:
         out = {}
         for delivery in ("2025-04-01", "2025-04-02"):
             report = lake.build_bronze(
@@ -200,10 +200,24 @@ def test_device_buckets_give_the_same_silver_and_gold_as_one_pass(store):
             )
             for p in report.partitions:
                 lake.build_silver(
-                    p, run, dataset=dataset, store=store, progress=lambda s: None, bucket_rows=bucket_rows
+                    p,
+                    run,
+                    dataset=dataset,
+                    store=store,
+                    progress=lambda s: None,
+                    bucket_rows=bucket_rows,
+                    workers=workers,
                 )
             for p in lake.gold_targets(list(report.partitions), dataset=dataset, store=store):
-                lake.build_gold(p, run, dataset=dataset, store=store, progress=lambda s: None, bucket_rows=bucket_rows)
+                lake.build_gold(
+                    p,
+                    run,
+                    dataset=dataset,
+                    store=store,
+                    progress=lambda s: None,
+                    bucket_rows=bucket_rows,
+                    workers=workers,
+                )
         for layer in ("silver", "quarantine", "gold"):
             for p in ("2025-04-01", "2025-04-02"):
                 out[f"{layer}/{p}"] = storage.read_partition(store, layer, dataset, p).to_pandas()
@@ -212,15 +226,17 @@ def test_device_buckets_give_the_same_silver_and_gold_as_one_pass(store):
 
     one_pass = build(None, "one-pass")
     bucketed = build(40, "bucketed")
-    assert one_pass["files"] == 1 and bucketed["files"] == 3  # one bucket per device at 40 rows
+    # the buckets side by side in 2 forked workers: the same files, in the same order
+    forked = build(40, "forked", workers=2)
+    assert one_pass["files"] == 1 and bucketed["files"] == 3 and forked["files"] == 3  # a bucket per device
     for name, frame in one_pass.items():
         if name == "files":
             continue
-        other = bucketed[name]
-        if name.startswith("quarantine"):
-            # which ingestion run and when: the two builds are two runs, by design
-            frame = frame.drop(columns=[c for c in frame.columns if c.startswith("_ingest")])
-            other = other.drop(columns=[c for c in other.columns if c.startswith("_ingest")])
-        pd.testing.assert_frame_equal(frame, other, check_exact=True, obj=name)
+        for other in (bucketed[name], forked[name]):
+            if name.startswith("quarantine"):
+                # which ingestion run and when: the builds are separate runs, by design
+                frame = frame.drop(columns=[c for c in frame.columns if c.startswith("_ingest")])
+                other = other.drop(columns=[c for c in other.columns if c.startswith("_ingest")])
+            pd.testing.assert_frame_equal(frame, other, check_exact=True, obj=name)
     assert len(one_pass["quarantine/2025-04-01"]) == 3  # the out-of-range reading, 2 superseded by late ones
     assert len(one_pass["silver/2025-04-01"]) == 150 and one_pass["gold/2025-04-02"]["device"].is_monotonic_increasing
