@@ -91,6 +91,7 @@ def phase_task(layer: str, day: str) -> dict:
     quality_context()
     warmup = time.perf_counter() - t
     run_id = f"bench-{day}"
+    tree = _TreeMemory()  # the task's own process plus its bucket workers
     t = time.perf_counter()
     partitions = json.loads(os.environ.get("BENCH_PARTITIONS", "[]"))
     rows, gate = 0, 0.0
@@ -114,7 +115,7 @@ def phase_task(layer: str, day: str) -> dict:
         "seconds": seconds,
         "gate_s": gate,
         "warmup_s": warmup,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": max(_peak_rss_mb(), tree.stop()),
         "partitions": partitions,
         "rows": rows,
     }
@@ -159,6 +160,61 @@ def phase_pipeline(days: int) -> dict:
     }
 
 
+def phase_ceiling(days: int) -> dict:
+    """The least any implementation of this lake must add to the floor, measured on this run's data.
+
+    Bronze parses the same CSV with the same reader and writes it as Parquet to the same store: the
+    floor's own work (plus lineage columns), so bronze alone costs at least the floor. Gold must
+    then at least compute the issue's features for every row and store them. Here only those: per
+    numeric column the rolling mean, std, min and max over the window, the delta and the z-score,
+    plus time of day (not this lake's flat-count and long-horizon median), with pandas' rolling
+    kernels, as float32 Parquet to the same store. Silver, quarantine, the gates and the decoding
+    are left out, so the ceiling is generous: no implementation's end to end can reach it."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines import storage
+    from pipelines.jobs import lake
+    from pipelines.layers.gold import DeviceWindow, device_starts
+    from pipelines.settings import load_params
+
+    store = storage.ObjectStore()
+    contract = lake._contract(DATASET)
+    device, ts = contract.entity.column, contract.event_time.column
+    window = int(load_params()["gold"]["window"])
+    kernel_s = write_s = 0.0
+    gold_bytes = rows = 0
+    for i in range(days):
+        day = (START + dt.timedelta(days=i)).isoformat()
+        files = storage.read_partition_files(store, "silver", DATASET, day)
+        for n, bucket in enumerate(lake._device_buckets(files, device, None, "gold")):
+            silver = storage.decode_rows(files, device, bucket).to_pandas()
+            t = time.perf_counter()
+            silver = silver.sort_values([device, ts], kind="stable", ignore_index=True)
+            starts = device_starts(silver[device])
+            numeric = [c for c in contract.numeric_columns if c in silver]
+            values = silver[numeric].astype("float64")
+            rolling = values.rolling(DeviceWindow(window, starts), min_periods=1)
+            mean, std = rolling.mean(), rolling.std().fillna(0.0)
+            features = {"mean": mean, "std": std, "min": rolling.min(), "max": rolling.max()}
+            delta = values.diff()
+            delta[np.arange(len(values)) == starts] = 0.0
+            features["delta"] = delta
+            features["zscore"] = ((values - mean) / std.where(std > 0)).fillna(0.0)
+            columns = {f"{c}_{k}": f[c].to_numpy(dtype="float32") for k, f in features.items() for c in numeric}
+            angle = 2 * np.pi * (silver[ts] - silver[ts].dt.floor("D")).dt.total_seconds().to_numpy() / 86_400
+            columns |= {"hour_sin": np.sin(angle).astype("float32"), "hour_cos": np.cos(angle).astype("float32")}
+            table = pa.table({device: silver[device].to_numpy(), ts: silver[ts].array, **columns})
+            kernel_s += time.perf_counter() - t
+            t = time.perf_counter()
+            data = storage.table_to_parquet_bytes(table)
+            store.put_bytes(store.settings.lake_bucket, f"ceiling/{day}/part-{n:05d}.parquet", data)
+            write_s += time.perf_counter() - t
+            gold_bytes, rows = gold_bytes + len(data), rows + table.num_rows
+            del silver, values, features, columns, table, data
+    return {"kernel_s": kernel_s, "write_s": write_s, "gold_mb": gold_bytes / 1e6, "rows": rows}
+
+
 def _profiled(work, layer: str, day: str) -> dict:
     """Run one task's work under cProfile when --profile DIR is given (BENCH_PROFILE_DIR): one file per
     task process, for `python -m pstats` or snakeviz; the timings then include the profiler's overhead."""
@@ -174,6 +230,46 @@ def _profiled(work, layer: str, day: str) -> dict:
     profiler.dump_stats(path)
     print(f"  profile: {path}", flush=True)
     return result
+
+
+class _TreeMemory:
+    """Peak memory of this process and its children together, sampled every 50 ms: the sum of
+    their proportional set sizes (PSS: pages shared by a forked worker and its parent are counted
+    once, split between them), the memory the task really holds, which VmHWM of one process
+    would understate once buckets run in forked workers."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            total = 0
+            for pid in [os.getpid(), *_children(os.getpid())]:
+                try:
+                    with open(f"/proc/{pid}/smaps_rollup") as f:
+                        total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+                except (OSError, StopIteration):
+                    pass
+            self.peak_kb = max(self.peak_kb, total)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb / 1024
+
+
+def _children(pid: int) -> list[int]:
+    import psutil  # an Airflow dependency
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _peak_rss_mb() -> float:
@@ -209,6 +305,7 @@ def main() -> None:
             "land": lambda: phase_land(args.rows, args.days, args.freq_seconds),
             "floor": lambda: phase_floor(args.days),
             "pipeline": lambda: phase_pipeline(args.days),
+            "ceiling": lambda: phase_ceiling(args.days),
             "task": lambda: _profiled(lambda: phase_task(args.layer, args.day), args.layer, args.day),
         }[args.phase]()
         print(json.dumps(result))
@@ -242,6 +339,8 @@ def main() -> None:
             flush=True,
         )
         pipe = _child("pipeline", *common)
+        print("ceiling (the least any implementation adds to the floor: the issue's gold features):", flush=True)
+        ceiling = _child("ceiling", *common)
     finally:
         services.down(progress=lambda _m: None)
 
@@ -263,9 +362,19 @@ def main() -> None:
     print()
     target = "met" if e2e_rps >= floor_rps / 2 else "NOT met"
     print(f"end to end / floor: {e2e_rps / floor_rps:.2f} (target >= 0.50: {target})")
+    # The ceiling: bronze does the floor's work, and gold must at least compute and store the
+    # issue's features (see phase_ceiling): no implementation can beat floor + that.
+    least_s = ceiling["kernel_s"] + ceiling["write_s"]
+    best = floor["seconds"] / (floor["seconds"] + least_s)
+    print(
+        f"ceiling for any implementation: the issue's gold features alone take {ceiling['kernel_s']:.1f}s to "
+        f"compute and {ceiling['write_s']:.1f}s to encode and store ({ceiling['gold_mb']:,.0f} MB); with bronze "
+        f"no cheaper than the floor, end to end can reach at most {best:.2f} of the floor "
+        f"(this lake: {e2e_rps / floor_rps:.2f}, {e2e_rps / floor_rps / best:.0%} of that ceiling)"
+    )
     rss_target = "met" if pipe["peak_rss_mb"] < 1024 else "NOT met"
     print(
-        f"pipeline peak RSS of a task process: {pipe['peak_rss_mb']:.0f} MB "
+        f"pipeline peak memory of a task (RSS, or its workers' and its PSS summed): {pipe['peak_rss_mb']:.0f} MB "
         f"({', '.join(f'{k} {v:.0f}' for k, v in pipe['peaks'].items())}; target < 1024 MB at 10M rows: "
         f"{rss_target}); floor process {floor['peak_rss_mb']:.0f} MB"
     )
