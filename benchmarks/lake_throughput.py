@@ -179,12 +179,13 @@ def phase_ceiling(days: int) -> dict:
     import io
 
     import numpy as np
+    import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipelines import storage
     from pipelines.jobs import lake
-    from pipelines.layers.gold import DeviceWindow, device_starts
+    from pipelines.layers.gold import DeviceWindow, _diff_within, device_starts
     from pipelines.settings import load_params
 
     store = storage.ObjectStore()
@@ -221,9 +222,8 @@ def phase_ceiling(days: int) -> dict:
             rolling = values.rolling(DeviceWindow(window, starts), min_periods=1)
             mean, std = rolling.mean(), rolling.std().fillna(0.0)
             features = {"mean": mean, "std": std, "min": rolling.min(), "max": rolling.max()}
-            delta = values.diff()
-            delta[np.arange(len(values)) == starts] = 0.0
-            features["delta"] = delta
+            delta = np.nan_to_num(_diff_within(values.to_numpy(), starts), nan=0.0)
+            features["delta"] = pd.DataFrame(delta, columns=numeric)
             features["zscore"] = ((values - mean) / std.where(std > 0)).fillna(0.0)
             columns = {f"{c}_{k}": f[c].to_numpy(dtype="float32") for k, f in features.items() for c in numeric}
             angle = 2 * np.pi * (silver[ts] - silver[ts].dt.floor("D")).dt.total_seconds().to_numpy() / 86_400

@@ -65,7 +65,11 @@ def map_buckets(work: Callable[[Any], Any], jobs: list, state: Any, workers: int
 
 def _forked(work: Callable[[Any], Any], jobs: list, workers: int) -> Iterator[Any]:
     # fork, not spawn: a spawned worker re-imports pandas, pyarrow and GX (~2-3 s each); a forked
-    # one inherits them, and the partition's files, from the task process.
+    # one inherits them, and the partition's files, from the task process. Every bucket is gated,
+    # so the GX context is built here, once, before the fork, instead of once per worker.
+    from pipelines.quality import quality_context
+
+    quality_context()
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     pending: deque[Future] = deque()
     queue = iter(jobs)

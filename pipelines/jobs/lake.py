@@ -479,8 +479,6 @@ def build_silver(
     # one clock for the future-timestamp rule of every bucket
     task = _SilverTask(store, dataset, partition, contract, files, progress)
     workers = workers_for(len(buckets), workers)
-    if workers > 1:
-        _warm_quality_context()
     silver_writer = storage.PartitionWriter(store, "silver", dataset, partition, run_id)
     quarantine_writer = storage.PartitionWriter(store, "quarantine", dataset, partition, run_id)
     qualities, rows_in, quarantined, collapsed, empty_quarantine = [], 0, 0, 0, None
@@ -528,20 +526,13 @@ def build_silver(
     )
 
 
-def _warm_quality_context() -> None:
-    """Build the GX context before bucket workers fork, so they inherit it instead of each building one."""
-    from pipelines.quality import quality_context
-
-    quality_context()
-
-
 # -- gold ---------------------------------------------------------------------------------------
 @dataclass
 class _GoldTask(_BucketTask):
-    previous_files: list[bytes] = field(default_factory=list)
-    reference: Any = None
-    window: int = 15
-    long_window: int = 240
+    previous_files: list[bytes]  # the previous day's silver, for the warm-up ([] on the first day)
+    reference: Any
+    window: int
+    long_window: int
 
 
 def _gold_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
@@ -624,8 +615,6 @@ def build_gold(
         long_window=int(gold_params.get("long_window", 240)),
     )
     workers = workers_for(len(buckets), workers)
-    if workers > 1:
-        _warm_quality_context()
     writer = storage.PartitionWriter(store, "gold", dataset, partition, run_id)
     qualities, profiles, rows_in = [], [], 0
     results = map_buckets(_gold_bucket, [(i, b, len(buckets)) for i, b in enumerate(buckets)], task, workers)

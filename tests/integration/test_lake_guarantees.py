@@ -198,26 +198,13 @@ def test_device_buckets_give_the_same_silver_and_gold_as_one_pass(store):
             report = lake.build_bronze(
                 delivery, f"{run}-{delivery}", dataset=dataset, store=store, progress=lambda s: None
             )
+            options = dict(
+                dataset=dataset, store=store, progress=lambda s: None, bucket_rows=bucket_rows, workers=workers
+            )
             for p in report.partitions:
-                lake.build_silver(
-                    p,
-                    run,
-                    dataset=dataset,
-                    store=store,
-                    progress=lambda s: None,
-                    bucket_rows=bucket_rows,
-                    workers=workers,
-                )
+                lake.build_silver(p, run, **options)
             for p in lake.gold_targets(list(report.partitions), dataset=dataset, store=store):
-                lake.build_gold(
-                    p,
-                    run,
-                    dataset=dataset,
-                    store=store,
-                    progress=lambda s: None,
-                    bucket_rows=bucket_rows,
-                    workers=workers,
-                )
+                lake.build_gold(p, run, **options)
         for layer in ("silver", "quarantine", "gold"):
             for p in ("2025-04-01", "2025-04-02"):
                 out[f"{layer}/{p}"] = storage.read_partition(store, layer, dataset, p).to_pandas()
