@@ -8,8 +8,15 @@ Tests (one-sided where only "worse" matters; each at alpha / k, Bonferroni over 
 
 * error rate      - two-proportion z-test, H1: challenger error rate > champion's; fails only if the
                     difference also exceeds ``max_error_rate_increase`` (effect size, as Kayenta does).
-* latency p99     - Mann-Whitney U on per-record latencies, H1: challenger stochastically slower; fails
-                    only if its p99 is also > ``max_p99_ratio`` x the champion's and > +min_p99_increase_ms.
+* latency p99     - one observation per model call (the records of one request share its latency):
+                    Mann-Whitney U, H1: challenger stochastically slower; fails only if its p99 is also
+                    > ``max_p99_ratio`` x the champion's and > +min_p99_increase_ms; holds the step until
+                    each model made ``min_latency_calls`` calls. Compared on the model's compute time
+                    (CPU time of its predict), not the request's wall time: in one process a shadow copy
+                    runs beside the next request, so its wall time measures the neighbours too (seen
+                    in CI: a good shadowed challenger at 2x the champion's wall p99). Wall-clock p99s of
+                    both are reported; a step whose calls were logged without compute times (an older
+                    service) is compared on wall time.
 * score shift     - paired: Spearman's rho of the two models' scores on the same records; fails when
                     its upper (1 - alpha/k) bound is below ``min_score_rank_correlation``. Unpaired: PSI
                     of the challenger's score distribution against the champion's, each robustly
@@ -53,14 +60,16 @@ PASS, INCONCLUSIVE, FAIL, SKIPPED = "pass", "inconclusive", "fail", "skipped"
 
 @dataclass
 class RoleSample:
-    """What one model did during the step (one entry per scored record)."""
+    """What one model did during the step: one entry per scored record, but for the latencies (one per
+    model call)."""
 
-    latency_ms: np.ndarray
+    latency_ms: np.ndarray  # wall time per call, from the request's start (a shadow: from its own start)
     error: np.ndarray  # bool per record
     score: np.ndarray  # scores of the records without error
     flagged: np.ndarray  # bool, score >= the version's decision threshold (records without error)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # ground truth 0/1
     labelled_flags: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    compute_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # predict CPU time per call
 
     @property
     def n(self) -> int:
@@ -239,29 +248,46 @@ def _error_rate(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) ->
     return res
 
 
-def _latency(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> MetricResult:
+def _call_times(r: RoleSample) -> np.ndarray | None:
+    """The model's compute time of each call that has one (failed calls and calls logged by a service
+    older than the compute-time column have none), or None when no call has one."""
+    c = np.asarray(r.compute_ms, dtype=float)
+    c = c[np.isfinite(c)]
+    return c if len(c) else None
+
+
+def _p99(x: np.ndarray) -> float | None:
+    return float(np.percentile(x, 99)) if len(x) else None
+
+
+def _latency(s: StepSample, cfg: AnalysisConfig, alpha: float) -> MetricResult:
     from scipy.stats import mannwhitneyu
 
-    a, b = s.champion.latency_ms, s.challenger.latency_ms
-    p99a = float(np.percentile(a, 99)) if len(a) else None
-    p99b = float(np.percentile(b, 99)) if len(b) else None
+    wall_a, wall_b = np.asarray(s.champion.latency_ms, float), np.asarray(s.challenger.latency_ms, float)
+    ca, cb = _call_times(s.champion), _call_times(s.challenger)
+    compute = ca is not None and cb is not None
+    a, b = (ca, cb) if compute else (wall_a, wall_b)
     res = MetricResult(
         "latency_p99",
         INCONCLUSIVE,
-        "Mann-Whitney U, one-sided (challenger slower)",
-        p99a,
-        p99b,
+        "Mann-Whitney U over model calls, one-sided (challenger slower), on "
+        + ("compute time (predict CPU ms)" if compute else "wall time (ms)"),
+        _p99(a),
+        _p99(b),
         threshold=(
             f"fail if p < {alpha:.4g} and p99 > {cfg.max_p99_ratio}x champion and > +{cfg.min_p99_increase_ms} ms"
         ),
         n_champion=len(a),
         n_challenger=len(b),
     )
-    if min(len(a), len(b)) < min_n:
-        res.detail = f"needs {min_n} records from each model"
+    if compute and len(wall_a) and len(wall_b):
+        res.detail = f"wall-clock p99 for the record: champion {_p99(wall_a):.4g} ms, challenger {_p99(wall_b):.4g} ms"
+    if min(len(a), len(b)) < cfg.min_latency_calls:
+        res.detail = f"needs {cfg.min_latency_calls} calls of each model (has {len(a)} and {len(b)})"
         return res
     stat = mannwhitneyu(b, a, alternative="greater")
     res.statistic, res.p_value = float(stat.statistic), float(stat.pvalue)
+    p99a, p99b = float(res.champion), float(res.challenger)  # type: ignore[arg-type]
     slower = p99b > cfg.max_p99_ratio * p99a and p99b - p99a > cfg.min_p99_increase_ms
     res.verdict = FAIL if (res.p_value < alpha and slower) else PASS
     return res
@@ -456,7 +482,7 @@ def analyze_step(sample: StepSample, step: Step, cfg: AnalysisConfig) -> StepVer
     min_n = step.min_requests
     metrics = [
         _error_rate(sample, cfg, alpha, min_n),
-        _latency(sample, cfg, alpha, min_n),
+        _latency(sample, cfg, alpha),
         _score_shift(sample, cfg, alpha, min_n),
         _flag_rate(sample, cfg, alpha, min_n),
         _agreement(sample, cfg, alpha, min_n),

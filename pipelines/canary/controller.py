@@ -160,8 +160,17 @@ def build_sample(
         rows = p[p["role"] == role]
         ok = rows[rows["error"].isna()]
         lab = ok.merge(labels, on=["request_id", "record_index"], how="inner")
+        # latency is a property of a model call, not of a record: the 50 records of one request share
+        # one latency, and counting them 50 times made one slow call look like overwhelming evidence
+        calls = rows.groupby(["request_id", "served"], sort=False)
+        compute = (
+            calls["compute_ms"].first().to_numpy(dtype=float)
+            if "compute_ms" in rows
+            else np.full(calls.ngroups, np.nan)
+        )
         return analysis.RoleSample(
-            latency_ms=rows["latency_ms"].to_numpy(dtype=float),
+            latency_ms=calls["latency_ms"].first().to_numpy(dtype=float),
+            compute_ms=compute,
             error=rows["error"].notna().to_numpy(),
             score=ok["score"].to_numpy(dtype=float),
             flagged=ok["flagged"].to_numpy(dtype=bool),

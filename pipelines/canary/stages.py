@@ -43,6 +43,7 @@ class AnalysisConfig:
     max_error_rate_increase: float = 0.01  # absolute, challenger minus champion
     max_p99_ratio: float = 1.5  # challenger p99 / champion p99
     min_p99_increase_ms: float = 5.0  # below this a latency difference is noise, whatever the test says
+    min_latency_calls: int = 30  # model calls of each model before latency is compared (holds the step)
     psi_fail: float = 0.25  # population stability index of challenger scores vs champion scores
     psi_bins: int = 10
     min_score_rank_correlation: float = 0.5  # paired steps: Spearman's rho of the two models' scores

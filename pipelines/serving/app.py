@@ -248,6 +248,7 @@ class ScoringService:
                         "score": score,
                         "flagged": None if score is None else bool(score >= result.threshold),
                         "latency_ms": elapsed * 1000,
+                        "compute_ms": None if result is None else result.compute_ms,
                         "error": error,
                         "rollout_id": rid,
                         "step": step,

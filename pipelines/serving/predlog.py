@@ -1,7 +1,8 @@
 """The prediction log and the feedback table in the lake, written in batches.
 
 ``predictions/date=<d>/part-<time>-<id>.parquet``: one row per scored record and model (request id,
-record index, device, role, served or shadow, version, score, flag, latency, error, rollout id, step).
+record index, device, role, served or shadow, version, score, flag, latency, the model's compute time,
+error, rollout id, step).
 ``feedback/date=<d>/part-*.parquet``: ground-truth labels posted later, joined by request id and
 record index. Each part file is one PUT, so a reader never sees half a file; rows stay in memory
 while the object store is down (bounded by ``max_rows``) and are written when it is back.
@@ -33,6 +34,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("flagged", pa.bool_()),
         ("latency_ms", pa.float64()),
+        ("compute_ms", pa.float64()),
         ("error", pa.string()),
         ("rollout_id", pa.string()),
         ("step", pa.string()),
@@ -131,7 +133,8 @@ class LakeTableWriter:
             written_days: set[str] = set()
             days: list[str] = []
             try:
-                frame = pd.DataFrame(rows)
+                # a column a row lacks (an optional one, such as compute_ms of a failed call) is null
+                frame = pd.DataFrame(rows).reindex(columns=self.schema.names)
                 frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True).astype("datetime64[us, UTC]")
                 days = frame["ts"].dt.strftime("%Y-%m-%d").tolist()
                 for day, part in frame.groupby(days):
@@ -183,6 +186,14 @@ def _days(since: datetime, until: datetime) -> list[str]:
     return out
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: columns a part written by an older service lacks are read as nulls."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table.select(schema.names).cast(schema)
+
+
 def read_table(store, table: str, since: datetime, until: datetime | None = None) -> pd.DataFrame:
     """Rows of ``predictions`` or ``feedback`` written for the days from ``since`` to ``until``."""
     until = until or datetime.now(UTC)
@@ -192,7 +203,7 @@ def read_table(store, table: str, since: datetime, until: datetime | None = None
     for day in _days(since, until):
         for key in store.list_keys(bucket, f"{table}/date={day}/"):
             if key.endswith(".parquet"):
-                parts.append(store.get_parquet(bucket, key).cast(schema))
+                parts.append(_conform(store.get_parquet(bucket, key), schema))
     if not parts:
         return schema.empty_table().to_pandas()
     frame = pa.concat_tables(parts).to_pandas()

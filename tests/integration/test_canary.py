@@ -162,6 +162,11 @@ def test_build_sample_pairs_the_shadow_copy_with_the_served_record():
     assert list(sample.paired.labels) == [1, -1]
     assert list(sample.paired_agreement) == [True, False]
     assert sample.champion.n == 4 and sample.challenger.n == 2
+    # latency: one observation per model call (request a served, a's shadow copy, b's shadow copy)
+    assert len(sample.champion.latency_ms) == 3 and len(sample.challenger.latency_ms) == 2
+    assert np.isnan(sample.champion.compute_ms).all()  # rows of a service that logged no compute time
+    timed = controller.build_sample(log.assign(compute_ms=2.0), feedback, state, now=ts.to_pydatetime())
+    assert list(timed.champion.compute_ms) == [2.0, 2.0, 2.0]
     # no feedback at all yet: still paired, nothing labelled
     empty = pd.DataFrame(columns=["request_id", "record_index", "is_anomaly", "ts"])
     assert list(controller.build_sample(log, empty, state, now=ts.to_pydatetime()).paired.labels) == [-1, -1]
@@ -184,6 +189,40 @@ def test_a_bad_challenger_fails_the_first_step(fault, kwargs, metric):
         # the numbers behind the verdict are there, not only the verdict
         m = verdict.metrics[metric].__dict__
         assert m["n_champion"] > 0 and m["challenger"] is not None and m["threshold"]
+
+
+def with_calls(rng, n_calls, wall_ms, compute_ms) -> analysis.RoleSample:
+    return analysis.RoleSample(
+        rng.lognormal(np.log(wall_ms), 0.3, n_calls),
+        np.zeros(n_calls, bool),
+        rng.normal(0, 1, n_calls),
+        np.zeros(n_calls, bool),
+        compute_ms=rng.lognormal(np.log(compute_ms), 0.2, n_calls),
+    )
+
+
+def test_latency_compares_the_models_compute_time_per_call():
+    """A shadow copy runs beside the next request, so its wall time can double while the model costs the
+    same (the CI rollback of a good challenger): compute time decides. A model that costs 3x fails, and
+    latency holds the step until each model made min_latency_calls calls."""
+    rng = np.random.default_rng(3)
+    cfg = AnalysisConfig(min_labels=100, min_latency_calls=30)
+
+    def latency(champion, challenger):
+        return analysis._latency(analysis.StepSample(champion, challenger), cfg, alpha=0.05 / 6)
+
+    contended = latency(with_calls(rng, 40, 50, 10), with_calls(rng, 40, 110, 10))
+    assert contended.verdict == "pass" and "compute time" in contended.test, contended
+    assert "wall-clock p99" in contended.detail
+    costly = latency(with_calls(rng, 40, 50, 10), with_calls(rng, 40, 50, 30))
+    assert costly.verdict == "fail" and costly.challenger > 1.5 * costly.champion, costly
+    few = latency(with_calls(rng, 8, 50, 10), with_calls(rng, 8, 110, 30))
+    assert few.verdict == "inconclusive" and few.blocking and "needs 30 calls" in few.detail, few
+    # no compute times logged (an older service): wall time per call decides
+    old = with_calls(rng, 40, 110, 10)
+    old.compute_ms = np.full(40, np.nan)
+    wall = latency(with_calls(rng, 40, 10, 10), old)
+    assert wall.verdict == "fail" and "wall time" in wall.test, wall
 
 
 def test_too_few_requests_or_bake_time_hold_the_step():
@@ -249,13 +288,14 @@ def canary_setup(settings):
     return {"name": name, "uri": uri, "params": params, **versions}
 
 
-def drive(svc: ServiceProcess, n: int, seed: int) -> None:
-    """Send n records (50 per request) from 200 simulated devices, then their ground-truth labels."""
+def drive(svc: ServiceProcess, n: int, seed: int, per_request: int = 10) -> None:
+    """Send n records (``per_request`` per request: latency is compared per call, and a step needs
+    min_latency_calls of each model) from 200 simulated devices, then their ground-truth labels."""
     frame = traffic_frame(n, seed=seed)
     labels = []
     with httpx.Client(base_url=svc.url, timeout=30) as c:
-        for start in range(0, n, 50):
-            chunk = frame.iloc[start : start + 50]
+        for start in range(0, n, per_request):
+            chunk = frame.iloc[start : start + per_request]
             rid = f"s{seed}-{start}"
             r = c.post("/score", json={"records": records_of(chunk), "request_id": rid})
             assert r.status_code == 200, r.text

@@ -378,6 +378,8 @@ def test_keeps_serving_through_object_store_and_mlflow_outage(svc, proxies, stor
     svc.wait_for(lambda s: s["status"] == "ok" and s["prediction_log"]["pending"] == 0, timeout=40, what="recovery")
     logged = read_table(store, PREDICTIONS, pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=10))
     assert {f"outage-{i}" for i in range(30)} <= set(logged["request_id"])  # buffered, then written
+    outage = logged[logged["request_id"].str.startswith("outage-")]
+    assert (outage["compute_ms"] > 0).all() and (outage["compute_ms"] <= outage["latency_ms"] + 1).all()
 
 
 def test_prediction_log_counts_rows_in_flight_and_never_writes_a_day_twice(store, monkeypatch):
@@ -425,3 +427,36 @@ def test_prediction_log_counts_rows_in_flight_and_never_writes_a_day_twice(store
         rid for k in keys for rid in store.get_parquet(store.settings.lake_bucket, k).column("request_id").to_pylist()
     ]
     assert sorted(logged) == ["a", "b"] and len(keys) == 2  # each once: day 1 was not written again
+
+
+def test_prediction_log_parts_of_an_older_service_read_with_nulls_for_new_columns(store):
+    """A part written before ``compute_ms`` existed is read with that column null, not refused (the
+    canary then compares that step on wall time)."""
+    import pyarrow as pa
+
+    from pipelines.serving.predlog import PREDICTION_SCHEMA, PREDICTIONS, read_table
+
+    now = pd.Timestamp.now(tz="UTC")
+    old_schema = pa.schema([f for f in PREDICTION_SCHEMA if f.name != "compute_ms"])
+    rid = f"old-service-{time.time_ns()}"
+    row = {
+        "request_id": rid,
+        "record_index": 0,
+        "ts": now.to_pydatetime(),
+        "device": "d",
+        "role": "champion",
+        "served": True,
+        "model_version": "1",
+        "score": 0.5,
+        "flagged": False,
+        "latency_ms": 3.0,
+        "error": None,
+        "rollout_id": "",
+        "step": "",
+    }
+    key = f"{PREDICTIONS}/date={now:%Y-%m-%d}/part-{time.time_ns()}-old.parquet"
+    store.put_parquet(store.settings.lake_bucket, key, pa.Table.from_pylist([row], schema=old_schema))
+    logged = read_table(store, PREDICTIONS, now - pd.Timedelta(minutes=1))
+    mine = logged[logged["request_id"] == rid]
+    assert len(mine) == 1 and mine["latency_ms"].iloc[0] == 3.0 and mine["compute_ms"].isna().all()
+    assert list(logged.columns) == PREDICTION_SCHEMA.names
