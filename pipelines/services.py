@@ -496,20 +496,34 @@ def up(ui: bool = True, progress=print, workers: int = 0, worker_concurrency: in
     return status()
 
 
+def _stop_together(settings: Settings, names: list[str]) -> list[bool]:
+    """Stop these processes at once: each one's graceful shutdown overlaps the others'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return list(pool.map(lambda name: _stop(settings, name), names))
+
+
+def stop_airflow(settings: Settings) -> list[str]:
+    """Stop the Airflow components `start_airflow` started (workers first: their warm shutdown lets
+    running tasks report to the api-server, still up). Returns the ones that were running."""
+    stopped = []
+    for wave in (worker_names(settings), [f"airflow-{c}" for c in AIRFLOW_COMPONENTS]):
+        stopped += [n for n, ran in zip(wave, _stop_together(settings, wave), strict=True) if ran]
+    return stopped
+
+
 def down(progress=print) -> list[str]:
     """Stop what `up` started, in three waves, each wave's processes at once: Celery workers first
     (their warm shutdown lets running tasks report to the api-server, still up), then Airflow's
     other components, then MLflow and the object store."""
-    from concurrent.futures import ThreadPoolExecutor
-
     settings = get_settings()
     stopped = []
     waves = [worker_names(settings), [f"airflow-{c}" for c in AIRFLOW_COMPONENTS], ["mlflow", "object-store"]]
     for wave in waves:
-        if not wave:
-            continue
-        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
-            results = list(pool.map(lambda name: _stop(settings, name), wave))
+        results = _stop_together(settings, wave)
         for name, was_running in zip(wave, results, strict=True):
             if was_running:
                 stopped.append(name)

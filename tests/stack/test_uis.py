@@ -61,8 +61,8 @@ def airflow_ui(stack):
     try:
         yield {"url": service.url, "settings": settings}
     finally:
-        for component in services.AIRFLOW_COMPONENTS:
-            services._stop(settings, f"airflow-{component}")
+        stopped = services.stop_airflow(settings)
+        assert {f"airflow-{c}" for c in services.AIRFLOW_COMPONENTS} <= set(stopped), stopped
 
 
 @pytest.fixture(scope="module")
