@@ -95,13 +95,17 @@ def cmd_layer(args) -> int:
 
 def run_dates(dates: list[str], *, train: bool = True, label: str = "run") -> None:
     """The lakehouse DAG once per delivery date, then the training DAG once (airflow dags test)."""
-    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, logical_date_for_partition, run_dag
+    from pipelines.orchestration import (
+        LAKEHOUSE_DAG,
+        TRAINING_DAG,
+        DagRunRequest,
+        logical_date_for_partition,
+        run_dags,
+    )
 
-    for i, d in enumerate(dates, 1):
-        print(f"[{label}] {i}/{len(dates)} delivery date {d}")
-        run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d))
-    if train:
-        run_dag(TRAINING_DAG)
+    print(f"[{label}] delivery dates {', '.join(dates)}" + (", then training" if train else ""))
+    runs = [DagRunRequest(LAKEHOUSE_DAG, logical_date_for_partition(d)) for d in dates]
+    run_dags(runs + ([DagRunRequest(TRAINING_DAG)] if train else []))
 
 
 def cmd_run(args) -> int:

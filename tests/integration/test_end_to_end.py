@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,16 +17,17 @@ DATES = ["2026-01-05", "2026-01-06", "2026-01-07"]
 def pipeline_run(stack, store, settings):
     """Land three simulated days and run the real DAGs for them, as `platform demo` does."""
     from pipelines.jobs.lake import land_simulated_days
-    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, logical_date_for_partition, run_dag
+    from pipelines.orchestration import LAKEHOUSE_DAG, TRAINING_DAG, DagRunRequest, logical_date_for_partition, run_dags
 
     land_simulated_days(dt.date.fromisoformat(DATES[0]), len(DATES), store=store)
-    runs = [run_dag(LAKEHOUSE_DAG, logical_date_for_partition(d)) for d in DATES]
-    runs.append(run_dag(TRAINING_DAG))
-    return runs
+    runs = [DagRunRequest(LAKEHOUSE_DAG, logical_date_for_partition(d)) for d in DATES]
+    return run_dags(runs + [DagRunRequest(TRAINING_DAG)], check=False)
 
 
 def test_every_dag_run_succeeded(pipeline_run):
+    assert len(pipeline_run) == len(DATES) + 1, pipeline_run  # a failed run ends the batch
     assert all(r.succeeded for r in pipeline_run), [r.log_file for r in pipeline_run if not r.succeeded]
+    assert all(Path(r.log_file).read_text().count("DagRun Finished") == 1 for r in pipeline_run)  # own log each
 
 
 def test_each_layer_has_a_published_partition_per_date(pipeline_run, store, settings):
@@ -146,3 +148,18 @@ def test_data_docs_are_published_to_the_object_store(pipeline_run, store, settin
     assert "data-docs/index.html" in keys
     index = store.get_bytes(settings.lake_bucket, "data-docs/index.html").decode()
     assert "iot_telemetry" in index and len([k for k in keys if k.endswith(".html")]) > len(DATES)
+
+
+def test_a_failed_run_ends_the_batch_and_names_its_log(pipeline_run, settings):
+    """`platform run` runs its DAG runs in one process: the first failure stops it (training must not
+    run after a lakehouse day failed) and the error points at that run's own log."""
+    from pipelines.orchestration import TRAINING_DAG, DagRunFailed, DagRunRequest, run_dags
+
+    log_dir = settings.state_dir / "logs" / "dag-runs"
+    before = set(log_dir.iterdir())
+    with pytest.raises(DagRunFailed, match=r"no_such_dag failed for 2031-01-02") as err:
+        run_dags([DagRunRequest("no_such_dag", "2031-01-02"), DagRunRequest(TRAINING_DAG)], progress=lambda _: None)
+    new_logs = set(log_dir.iterdir()) - before
+    assert len(new_logs) == 1 and TRAINING_DAG not in next(iter(new_logs)).name, new_logs
+    assert str(next(iter(new_logs))) in str(err.value)
+    assert "could not be found" in next(iter(new_logs)).read_text()
