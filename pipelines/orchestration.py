@@ -79,6 +79,9 @@ def run_dags(
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         return log_dir / f"{run.dag_id}-{(run.logical_date or 'now').replace(':', '')}-{stamp}.log"
 
+    def finished(run: DagRunRequest, path: Path, started: float, ok: bool) -> None:
+        results.append(DagRunResult(run.dag_id, run.logical_date or "", ok, time.time() - started, str(path)))
+
     batch = [{"dag_id": r.dag_id, "logical_date": r.logical_date, "conf": r.conf} for r in runs]
     cmd = [_bin("python"), "-m", "pipelines.orchestration", json.dumps(batch)]
     results: list[DagRunResult] = []
@@ -104,12 +107,7 @@ def run_dags(
                 elif current is not None and log is not None:
                     log.close()
                     log = None
-                    run, path, started = current
-                    results.append(
-                        DagRunResult(
-                            run.dag_id, run.logical_date or "", outcome == ["success"], time.time() - started, str(path)
-                        )
-                    )
+                    finished(*current, ok=outcome == ["success"])
                     current = None
                 continue
             if log is None:
@@ -123,14 +121,13 @@ def run_dags(
         if log is not None:
             log.close()
     if current is not None:  # the process died inside a run
-        run, path, started = current
-        results.append(DagRunResult(run.dag_id, run.logical_date or "", False, time.time() - started, str(path)))
+        finished(*current, ok=False)
     elif proc.returncode != 0 and len(results) < len(runs) and (not results or results[-1].succeeded):
         # it died before its next run began: what it printed is the reason
         run = runs[len(results)]
         path = log_path(run)
         path.write_text("".join(preamble))
-        results.append(DagRunResult(run.dag_id, run.logical_date or "", False, 0.0, str(path)))
+        finished(run, path, time.time(), ok=False)
     failed = [r for r in results if not r.succeeded]
     if check and failed:
         r = failed[0]

@@ -520,14 +520,11 @@ def down(progress=print) -> list[str]:
     (their warm shutdown lets running tasks report to the api-server, still up), then Airflow's
     other components, then MLflow and the object store."""
     settings = get_settings()
-    stopped = []
-    waves = [worker_names(settings), [f"airflow-{c}" for c in AIRFLOW_COMPONENTS], ["mlflow", "object-store"]]
-    for wave in waves:
-        results = _stop_together(settings, wave)
-        for name, was_running in zip(wave, results, strict=True):
-            if was_running:
-                stopped.append(name)
-                progress(f"[down] stopped {name}")
+    stopped = stop_airflow(settings)
+    rest = ["mlflow", "object-store"]
+    stopped += [n for n, ran in zip(rest, _stop_together(settings, rest), strict=True) if ran]
+    for name in stopped:
+        progress(f"[down] stopped {name}")
     return stopped
 
 

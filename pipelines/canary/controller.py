@@ -163,14 +163,9 @@ def build_sample(
         # latency is a property of a model call, not of a record: the 50 records of one request share
         # one latency, and counting them 50 times made one slow call look like overwhelming evidence
         calls = rows.groupby(["request_id", "served"], sort=False)
-        compute = (
-            calls["compute_ms"].first().to_numpy(dtype=float)
-            if "compute_ms" in rows
-            else np.full(calls.ngroups, np.nan)
-        )
         return analysis.RoleSample(
             latency_ms=calls["latency_ms"].first().to_numpy(dtype=float),
-            compute_ms=compute,
+            compute_ms=calls["compute_ms"].first().to_numpy(dtype=float),  # null: an older service's rows
             error=rows["error"].notna().to_numpy(),
             score=ok["score"].to_numpy(dtype=float),
             flagged=ok["flagged"].to_numpy(dtype=bool),

@@ -29,7 +29,7 @@ class BatchResult:
     version: str
     scores: np.ndarray
     threshold: float
-    compute_ms: float = float("nan")  # CPU time of the batch's predict, in the predicting thread
+    compute_ms: float  # CPU time of the batch's predict, in the predicting thread
 
 
 def _timed_predict(model: Any, records: list[dict]) -> tuple[np.ndarray, float]:

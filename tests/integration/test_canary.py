@@ -141,6 +141,7 @@ def test_build_sample_pairs_the_shadow_copy_with_the_served_record():
             "score": score,
             "flagged": score >= 0.5,
             "latency_ms": 5.0,
+            "compute_ms": None,  # as read_table gives a part of a service that logged no compute time
             "error": None,
             "served": served,
         }

@@ -382,6 +382,25 @@ def test_keeps_serving_through_object_store_and_mlflow_outage(svc, proxies, stor
     assert (outage["compute_ms"] > 0).all() and (outage["compute_ms"] <= outage["latency_ms"] + 1).all()
 
 
+def logged_row(request_id: str, ts, latency_ms: float = 1.0) -> dict:
+    """A prediction-log row as a service before ``compute_ms`` wrote it."""
+    return {
+        "request_id": request_id,
+        "record_index": 0,
+        "ts": ts,
+        "device": "d",
+        "role": "champion",
+        "served": True,
+        "model_version": "1",
+        "score": 0.5,
+        "flagged": False,
+        "latency_ms": latency_ms,
+        "error": None,
+        "rollout_id": "",
+        "step": "",
+    }
+
+
 def test_prediction_log_counts_rows_in_flight_and_never_writes_a_day_twice(store, monkeypatch):
     """`pending` covers rows a flush has taken but not yet stored (the service's health and its
     /flush answer rely on it); a flush that fails after writing one day keeps only the other day."""
@@ -391,24 +410,8 @@ def test_prediction_log_counts_rows_in_flight_and_never_writes_a_day_twice(store
     writer = LakeTableWriter(store, table, PREDICTION_SCHEMA, flush_seconds=60, flush_rows=10**6, max_rows=10**6)
     day1, day2 = pd.Timestamp("2026-03-01T23:59:00Z").timestamp(), pd.Timestamp("2026-03-02T00:01:00Z").timestamp()
 
-    def row(rid, ts):
-        return {
-            "request_id": rid,
-            "record_index": 0,
-            "ts": ts,
-            "device": "d",
-            "role": "champion",
-            "served": True,
-            "model_version": "1",
-            "score": 0.5,
-            "flagged": False,
-            "latency_ms": 1.0,
-            "error": None,
-            "rollout_id": "",
-            "step": "",
-        }
-
-    writer.append([row("a", day1), row("b", day2)])
+    # rows without compute_ms: the writer fills a column a row lacks with null
+    writer.append([logged_row("a", day1), logged_row("b", day2)])
     real_put, seen = store.put_parquet, []
 
     def put_then_fail(bucket, key, data):
@@ -439,21 +442,7 @@ def test_prediction_log_parts_of_an_older_service_read_with_nulls_for_new_column
     now = pd.Timestamp.now(tz="UTC")
     old_schema = pa.schema([f for f in PREDICTION_SCHEMA if f.name != "compute_ms"])
     rid = f"old-service-{time.time_ns()}"
-    row = {
-        "request_id": rid,
-        "record_index": 0,
-        "ts": now.to_pydatetime(),
-        "device": "d",
-        "role": "champion",
-        "served": True,
-        "model_version": "1",
-        "score": 0.5,
-        "flagged": False,
-        "latency_ms": 3.0,
-        "error": None,
-        "rollout_id": "",
-        "step": "",
-    }
+    row = logged_row(rid, now.to_pydatetime(), latency_ms=3.0)
     key = f"{PREDICTIONS}/date={now:%Y-%m-%d}/part-{time.time_ns()}-old.parquet"
     store.put_parquet(store.settings.lake_bucket, key, pa.Table.from_pylist([row], schema=old_schema))
     logged = read_table(store, PREDICTIONS, now - pd.Timedelta(minutes=1))
