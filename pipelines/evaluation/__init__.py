@@ -1,0 +1,1 @@
+"""Evaluation of anomaly detectors: NAB scoring and event-level metrics."""
