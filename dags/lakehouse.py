@@ -1,29 +1,28 @@
 """
-### IoT lakehouse: landing → bronze → silver → gold, one delivery date per run
+### Lakehouse of dataset `{dataset}`: landing → bronze → silver → gold, one delivery per run
 
-Each run owns one **delivery date**: its data interval's start (a manual run may pass
-`{"partition_date": "YYYY-MM-DD"}` as conf). Records are filed by their **event date**, so a
-delivery can touch several partitions (late data); silver and gold are then rebuilt for exactly
-those partitions, in parallel (dynamic task mapping).
+Declared for every dataset of the catalogue (a contract in `pipelines/contracts/` or in
+`PLATFORM_CONTRACTS_DIR`; tuning in `params.yaml`, `datasets.{dataset}`). Contract: `{contract}`;
+partitions by event **{grain}**.
+
+Each run owns one **delivery date**: its data interval's start, or `{{"delivery_date": "YYYY-MM-DD"}}`
+in a manual run's conf (any age: a delivery dated before this DAG's start date works the same).
+Records are filed by their **event time**, so a delivery can touch several partitions (late data,
+or a whole history delivered as one file); silver and gold are rebuilt for exactly those partitions,
+in parallel (dynamic task mapping).
 
 | task | reads | writes | gate |
 | --- | --- | --- | --- |
-| `bronze` | `s3://landing/<dataset>/<delivery date>/*` as delivered | `lake/bronze/.../event_date=<d>/` Parquet + lineage, one batch per delivery | GX bronze suite (structure, row count vs source) |
+| `bronze` | `s3://landing/{dataset}/<delivery date>/*` as delivered | `lake/bronze/{dataset}/event_date=<p>/` Parquet + lineage | GX bronze suite (structure, row count vs source) |
 | `silver` (mapped) | bronze partition (all deliveries) | `lake/silver/...` typed, deduplicated; bad records → `lake/quarantine/...` with the rule broken | GX silver suite (types, keys, ranges, no future) |
-| `plan_gold` | touched partitions | the gold partitions to rebuild (touched + the next day, whose windows read them) | |
-| `gold` (mapped) | silver partition (+ previous day as warm-up) | `lake/gold/...` model features | GX gold suite (no NaN/inf, drift bounds) |
-| `gold_published` | the gold reports | the gold Asset event (its extra names the partitions): schedules `iot_training` once the whole run's gold is committed | |
-| `data_docs` | every stored GX validation | `lake/data-docs/` (the Data Docs site, rebuilt once per run) | |
+| `plan_gold` | touched partitions | the gold partitions to rebuild (touched + the next, whose windows read them) | |
+| `gold` (mapped) | silver partition (+ the previous one as warm-up) | `lake/gold/...` model features (windows as durations) | GX gold suite (no NaN/inf, drift bounds) |
+| `gold_published` | the gold reports | the gold Asset event: schedules `{training_dag}` once the run's gold is committed | |
+| `data_docs` | every stored GX validation | `lake/data-docs/` | |
 
 Every partition is published atomically through a `_manifest.json` commit object; re-running a
-date replaces exactly its records (idempotent). A critical quality failure fails the task before
-anything is published and stops everything downstream; GX results are stored under
-`lake/quality/`. Updating the gold Asset (once per run, after all its gold partitions) schedules
-`iot_training`.
-
-**Backfill** (reprocess history on request): Airflow UI → *Trigger* → *Backfill*, or
-`airflow backfill create --dag-id iot_lakehouse --from-date 2026-01-05 --to-date 2026-01-08`,
-or without a scheduler `platform backfill 2026-01-05 2026-01-07`.
+delivery replaces exactly its records (idempotent). Deterministic failures (bad data, a failed
+gate) fail the task at once; only I/O and service errors are retried.
 
 Logic lives in `pipelines.jobs.lake`; this file only wires tasks.
 """
@@ -36,71 +35,84 @@ import pendulum
 from airflow.sdk import Asset, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-BRONZE = Asset(name="iot_telemetry_bronze", uri="s3://lake/bronze/iot_telemetry")
-SILVER = Asset(name="iot_telemetry_silver", uri="s3://lake/silver/iot_telemetry")
-GOLD = Asset(name="iot_telemetry_gold", uri="s3://lake/gold/iot_telemetry")
+from pipelines.datasets import Dataset, catalogue
 
 default_args = {
     "owner": "data-platform",
-    "retries": 3,
+    "retries": 3,  # I/O only: pipelines.jobs.failures.run_task fails deterministic errors at once
     "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": True,  # object-store hiccups heal; bad data fails the same way each try
+    "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=5),
 }
 
 
-@dag(
-    dag_id="iot_lakehouse",
-    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,  # runs touching the same partitions are serialised
-    default_args=default_args,
-    tags=["iot", "lakehouse", "great-expectations"],
-    doc_md=__doc__,
-)
-def iot_lakehouse():
-    @task(outlets=[BRONZE])
-    def bronze(**context) -> list[str]:
-        from pipelines.jobs.lake import build_bronze, partition_from_context
+def lakehouse_dag(ds: Dataset):
+    name = ds.name
+    bronze_asset = Asset(name=ds.asset_name("bronze"), uri=ds.asset_uri("bronze"))
+    silver_asset = Asset(name=ds.asset_name("silver"), uri=ds.asset_uri("silver"))
+    gold_asset = Asset(name=ds.asset_name("gold"), uri=ds.asset_uri("gold"))
 
-        report = build_bronze(partition_from_context(context), context["run_id"])
-        return sorted(report.partitions)
+    @dag(
+        dag_id=ds.lakehouse_dag_id,
+        schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,  # runs touching the same partitions are serialised
+        default_args=default_args,
+        tags=["lakehouse", "great-expectations", f"dataset:{name}"],
+        doc_md=__doc__.format(
+            dataset=name, contract=ds.contract_path.name, grain=ds.grain, training_dag=ds.training_dag_id
+        ),
+    )
+    def lakehouse():
+        @task(outlets=[bronze_asset])
+        def bronze(**context) -> list[str]:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.lake import build_bronze, partition_from_context
 
-    @task(outlets=[SILVER], map_index_template="{{ partition }}")
-    def silver(partition: str, **context) -> str:
-        from pipelines.jobs.lake import build_silver
+            report = run_task(build_bronze, partition_from_context(context), context["run_id"], dataset=name)
+            return sorted(report.partitions)
 
-        build_silver(partition, context["run_id"])
-        return partition
+        @task(outlets=[silver_asset], map_index_template="{{ partition }}")
+        def silver(partition: str, **context) -> str:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.lake import build_silver
 
-    @task
-    def plan_gold(partitions: list[str]) -> list[str]:
-        from pipelines.jobs.lake import gold_targets
+            run_task(build_silver, partition, context["run_id"], dataset=name)
+            return partition
 
-        return gold_targets(list(partitions))
+        @task
+        def plan_gold(partitions: list[str]) -> list[str]:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.lake import gold_targets
 
-    @task(map_index_template="{{ partition }}")
-    def gold(partition: str, **context) -> dict:
-        from pipelines.jobs.lake import build_gold
+            return run_task(gold_targets, list(partitions), dataset=name)
 
-        return build_gold(partition, context["run_id"]).to_dict()
+        @task(map_index_template="{{ partition }}")
+        def gold(partition: str, **context) -> dict:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.lake import build_gold
 
-    @task(outlets=[GOLD])
-    def gold_published(reports: list[dict], **context) -> list[str]:
-        # One Asset event per run, once every gold partition of the run is committed: an event per
-        # mapped gold task would start training after the first, on a half-rebuilt gold layer.
-        partitions = sorted(r["partition"] for r in reports)
-        context["outlet_events"][GOLD].extra = {"partitions": partitions}
-        return partitions
+            return run_task(build_gold, partition, context["run_id"], dataset=name).to_dict()
 
-    @task
-    def data_docs(partitions: list[str]) -> str:
-        from pipelines.jobs.lake import publish_docs
+        @task(outlets=[gold_asset])
+        def gold_published(reports: list[dict], **context) -> list[str]:
+            # One Asset event per run, once every gold partition of the run is committed: an event per
+            # mapped gold task would start training after the first, on a half-rebuilt gold layer.
+            partitions = sorted(r["partition"] for r in reports)
+            context["outlet_events"][gold_asset].extra = {"partitions": partitions, "dataset": name}
+            return partitions
 
-        return publish_docs()
+        @task
+        def data_docs(partitions: list[str]) -> str:
+            from pipelines.jobs.lake import publish_docs
 
-    data_docs(gold_published(gold.expand(partition=plan_gold(silver.expand(partition=bronze())))))
+            return publish_docs()
+
+        data_docs(gold_published(gold.expand(partition=plan_gold(silver.expand(partition=bronze())))))
+
+    return lakehouse()
 
 
-iot_lakehouse()
+for _dataset in catalogue().values():
+    globals()[_dataset.lakehouse_dag_id] = lakehouse_dag(_dataset)

@@ -1,21 +1,20 @@
 """
-### IoT anomaly detector: train (and evaluate) → register → offline gate
+### Anomaly detector of dataset `{dataset}`: train (and evaluate) → register → offline gate
 
-Scheduled by the **gold Asset**: every publish of a gold partition by `iot_lakehouse`
-queues a run. It trains the candidate model families on all published gold partitions
-(held-out later time range for evaluation), logs everything to MLflow (params, metrics,
-model with signature, plots, the datasets with digests, lineage tags), registers a new
-version of `iot-anomaly-detector` and runs the offline gate. Evaluation on the held-out later time
-range runs inside `train` on purpose: its metrics, plots and datasets belong to the same MLflow run
-as the model, which a separate task could only reopen.
-
-The gate:
+Declared for every dataset of the catalogue. Scheduled by the dataset's **gold Asset**
+(`{gold_asset}`): a lakehouse run that publishes gold queues a run. It trains the candidate
+model families on the published gold partitions (held-out later time range for evaluation; labels
+from the data or from the contract's windows file, for evaluation), logs everything to MLflow
+(params, metrics, event-level scores where windows are known, the model with its signature, plots,
+the datasets with digests, lineage tags), registers a new version of **`{model_name}`** (this
+dataset's own model: models of two datasets are never compared) and runs the offline gate:
 
 * the first version becomes `champion`;
 * later versions are scored against the champion on the same evaluation set and get the
   `challenger` alias only if they are not worse on the primary metric by more than the
   configured margin and pass the guardrails (see `params.yaml`, section `registry`).
 
+Deterministic failures fail at once (no retries, no orphan MLflow runs); only I/O retries.
 Logic lives in `pipelines.jobs.model`; this file only wires tasks.
 """
 
@@ -26,47 +25,63 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-GOLD = Asset(name="iot_telemetry_gold", uri="s3://lake/gold/iot_telemetry")
+from pipelines.datasets import Dataset, catalogue
 
 default_args = {
     "owner": "ml-platform",
-    "retries": 2,
+    "retries": 2,  # I/O only: pipelines.jobs.failures.run_task fails deterministic errors at once
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": True,
 }
 
 
-@dag(
-    dag_id="iot_training",
-    schedule=[GOLD],
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args,
-    tags=["iot", "training", "mlflow"],
-    doc_md=__doc__,
-)
-def iot_training():
-    @task
-    def train(**context) -> dict:
-        from pipelines.jobs.model import train as train_model
+def training_dag(ds: Dataset):
+    name = ds.name
+    gold_asset = Asset(name=ds.asset_name("gold"), uri=ds.asset_uri("gold"))
 
-        conf = context["dag_run"].conf or {}
-        return train_model(conf.get("partitions"), dag_id=context["dag"].dag_id, run_id=context["run_id"])
+    @dag(
+        dag_id=ds.training_dag_id,
+        schedule=[gold_asset],
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args,
+        tags=["training", "mlflow", f"dataset:{name}"],
+        doc_md=__doc__.format(dataset=name, gold_asset=gold_asset.uri, model_name=ds.model_name),
+    )
+    def training():
+        @task
+        def train(**context) -> dict:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.model import train as train_model
 
-    @task
-    def register(trained: dict) -> dict:
-        from pipelines.jobs.model import register as register_version
+            conf = context["dag_run"].conf or {}
+            return run_task(
+                train_model,
+                conf.get("partitions"),
+                dataset=name,
+                dag_id=context["dag"].dag_id,
+                run_id=context["run_id"],
+            )
 
-        return register_version(trained)
+        @task
+        def register(trained: dict) -> dict:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.model import register as register_version
 
-    @task
-    def gate(registered: dict) -> dict:
-        from pipelines.jobs.model import gate as offline_gate
+            return run_task(register_version, trained)
 
-        return offline_gate(registered)
+        @task
+        def gate(registered: dict) -> dict:
+            from pipelines.jobs.failures import run_task
+            from pipelines.jobs.model import gate as offline_gate
 
-    gate(register(train()))
+            return run_task(offline_gate, registered)
+
+        gate(register(train()))
+
+    return training()
 
 
-iot_training()
+for _dataset in catalogue().values():
+    globals()[_dataset.training_dag_id] = training_dag(_dataset)

@@ -56,25 +56,108 @@ def _print_status(info: dict) -> None:
 
 
 # -- data -------------------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A command-line argument is wrong: checked before anything lands or runs."""
+
+
+def _dataset_arg(args) -> str:
+    """The --dataset of a command (default: settings), checked against the catalogue."""
+    from pipelines.datasets import DatasetError, get_dataset
+
+    name = getattr(args, "dataset", None) or get_settings().dataset
+    try:
+        return get_dataset(name).name
+    except DatasetError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _date_arg(value: str, what: str) -> str:
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} {value!r} is not a date: write YYYY-MM-DD") from None
+
+
+def cmd_datasets(args) -> int:
+    """Every dataset of the catalogue: contract, layers' row counts and its model's aliases."""
+    rows = dataset_overview()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        layers = "  ".join(f"{k} {v:,}" for k, v in r["rows"].items()) if r.get("rows") else r.get("lake", "")
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) if r.get("aliases") else "none"
+        print(f"{r['dataset']:28s} {r['contract']}")
+        print(f"  DAGs {r['dags'][0]}, {r['dags'][1]}; partitions by {r['grain']}")
+        print(f"  rows: {layers or 'nothing landed yet'}")
+        note = f" ({r['model_error']})" if r.get("model_error") else ""
+        print(f"  model {r['model_name']}: aliases {aliases}{note}")
+    return 0
+
+
+def dataset_overview() -> list[dict]:
+    from pipelines import storage
+    from pipelines.datasets import catalogue
+
+    settings = get_settings()
+    rows = []
+    store = None
+    try:
+        from pipelines.storage import ObjectStore
+
+        store = ObjectStore(settings)
+    except Exception as e:  # noqa: BLE001 - the catalogue still lists without a running stack
+        lake_error = f"lake not reachable: {e}"
+    for ds in catalogue().values():
+        row = {
+            "dataset": ds.name,
+            "contract": str(ds.contract_path),
+            "dags": [ds.lakehouse_dag_id, ds.training_dag_id],
+            "grain": ds.grain,
+            "model_name": ds.model_name,
+        }
+        if store is not None:
+            try:
+                row["rows"] = {
+                    layer: sum(
+                        m.rows
+                        for p in storage.list_partitions(store, layer, ds.name)
+                        if (m := storage.read_manifest(store, layer, ds.name, p)) is not None
+                    )
+                    for layer in ("bronze", "silver", "quarantine", "gold")
+                }
+            except Exception as e:  # noqa: BLE001
+                row["lake"] = f"lake not reachable: {type(e).__name__}"
+        else:
+            row["lake"] = lake_error
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+            row["aliases"] = {a: str(v) for a, v in (client.get_registered_model(ds.model_name).aliases or {}).items()}
+        except Exception as e:  # noqa: BLE001
+            row["aliases"] = {}
+            row["model_error"] = "not registered yet" if "RESOURCE_DOES_NOT_EXIST" in str(e) else type(e).__name__
+        rows.append(row)
+    return rows
+
+
 def cmd_land(args) -> int:
     from pipelines.jobs.lake import land_bytes, land_simulated_days
     from pipelines.storage import ObjectStore
 
-    store = ObjectStore()
+    dataset = _dataset_arg(args)
     if args.file:
         path = Path(args.file)
-        if not path.exists():
-            print(f"error: {path} does not exist", file=sys.stderr)
-            return 2
-        if not args.date:
-            print(
-                "error: --date YYYY-MM-DD is required with --file (the event date it belongs to)",
-                file=sys.stderr,
-            )
-            return 2
-        key = land_bytes(store, args.dataset or store.settings.dataset, args.date, path.name, path.read_bytes())
-        print(f"landed s3://{store.settings.landing_bucket}/{key}")
+        if not path.is_file():
+            raise UsageError(f"--file {path} does not exist or is not a file")
+        delivery = _date_arg(args.date, "--date") if args.date else dt.datetime.now(dt.UTC).date().isoformat()
+        store = ObjectStore()
+        key = land_bytes(store, dataset, delivery, path.name, path.read_bytes())
+        print(f"landed s3://{store.settings.landing_bucket}/{key} (dataset {dataset}, delivery date {delivery})")
+        print(f"next: platform run --dataset {dataset} {delivery}")
         return 0
+    store = ObjectStore()
     p = load_params()["simulate"]
     land_simulated_days(dt.date.fromisoformat(args.start or p["start_date"]), args.days or p["days"], store=store)
     return 0
@@ -93,25 +176,43 @@ def cmd_layer(args) -> int:
     return 0
 
 
-def run_dates(dates: list[str], *, train: bool = True, label: str = "run") -> None:
-    """The lakehouse DAG once per delivery date, then the training DAG once (airflow dags test)."""
-    from pipelines.orchestration import (
-        LAKEHOUSE_DAG,
-        TRAINING_DAG,
-        DagRunRequest,
-        logical_date_for_partition,
-        run_dags,
-    )
+def run_dates(dates: list[str], *, dataset: str | None = None, train: bool = True, label: str = "run") -> None:
+    """The dataset's lakehouse DAG once per delivery date, then its training DAG once (airflow dags test).
 
-    print(f"[{label}] delivery dates {', '.join(dates)}" + (", then training" if train else ""))
-    runs = [DagRunRequest(LAKEHOUSE_DAG, logical_date_for_partition(d)) for d in dates]
-    run_dags(runs + ([DagRunRequest(TRAINING_DAG)] if train else []))
+    Each lakehouse run names its delivery in the run's conf, so deliveries of any age run (a
+    logical date before the DAG's start_date would make a run without tasks)."""
+    from pipelines.datasets import get_dataset
+    from pipelines.orchestration import DagRunRequest, run_dags
+
+    ds = get_dataset(dataset or get_settings().dataset)
+    print(f"[{label}] {ds.name}: delivery dates {', '.join(dates)}" + (", then training" if train else ""))
+    runs = [DagRunRequest(ds.lakehouse_dag_id, conf={"delivery_date": d}) for d in dates]
+    run_dags(runs + ([DagRunRequest(ds.training_dag_id)] if train else []))
 
 
 def cmd_run(args) -> int:
-    """Run the lakehouse DAG for each date, then the training DAG once, through Airflow."""
-    run_dates(_dates(args.start, args.days) if args.start else args.dates, train=not args.skip_training)
+    """Run the dataset's lakehouse DAG for each delivery date, then its training DAG once, through Airflow."""
+    dataset = _dataset_arg(args)
+    if args.start:
+        dates = _dates(_date_arg(args.start, "--start"), args.days)
+    elif args.dates:
+        dates = [_date_arg(d, "delivery date") for d in args.dates]
+    else:
+        dates = _landed_dates(dataset)
+        if not dates:
+            raise UsageError(f"nothing landed for {dataset}: `platform land --dataset {dataset} --file F` first")
+    run_dates(dates, dataset=dataset, train=not args.skip_training)
     return 0
+
+
+def _landed_dates(dataset: str) -> list[str]:
+    """Every delivery date landed for the dataset (what `run` processes when given no date)."""
+    from pipelines import storage
+    from pipelines.storage import ObjectStore
+
+    store = ObjectStore()
+    keys = store.list_keys(store.settings.landing_bucket, storage.landing_prefix(dataset))
+    return sorted({k.split("/")[1] for k in keys if k.count("/") >= 2})
 
 
 def cmd_backfill(args) -> int:
@@ -120,20 +221,25 @@ def cmd_backfill(args) -> int:
     if last < first:
         print(f"error: end {last} is before start {first}", file=sys.stderr)
         return 2
-    run_dates(_dates(args.start, (last - first).days + 1), train=not args.skip_training, label="backfill")
+    run_dates(
+        _dates(args.start, (last - first).days + 1),
+        dataset=_dataset_arg(args),
+        train=not args.skip_training,
+        label="backfill",
+    )
     return 0
 
 
 def cmd_train(args) -> int:
     from pipelines.jobs.model import register_and_gate, train
 
-    trained = train(args.dates or None)
+    trained = train(args.dates or None, dataset=_dataset_arg(args))
     print(json.dumps(register_and_gate(trained), indent=2))
     return 0
 
 
 def cmd_summary(args) -> int:
-    summary = build_summary()
+    summary = build_summary(_dataset_arg(args))
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0
 
@@ -163,16 +269,18 @@ def cmd_demo(args) -> int:
 
 
 # -- summary ----------------------------------------------------------------------------------
-def build_summary() -> dict:
+def build_summary(dataset: str | None = None) -> dict:
     import mlflow
     from mlflow import MlflowClient
     from pipelines import services, storage
+    from pipelines.datasets import get_dataset
     from pipelines.jobs.lake import read_quality
     from pipelines.storage import ObjectStore
 
     settings = get_settings()
     store = ObjectStore(settings)
-    dataset = settings.dataset
+    ds = get_dataset(dataset or settings.dataset)
+    dataset = ds.name
     layers = {}
     for layer in ("bronze", "silver", "quarantine", "gold"):
         parts = storage.list_partitions(store, layer, dataset)
@@ -182,11 +290,22 @@ def build_summary() -> dict:
     for layer in ("bronze", "silver", "gold"):
         results = read_quality(layer, storage.list_partitions(store, layer, dataset), store=store)
         quality[layer] = {
-            p: {"success": r.get("success"), "statistics": r.get("statistics")} for p, r in results.items()
+            p: {
+                "success": r.get("success"),
+                "statistics": r.get("statistics"),
+                "failed": sorted(
+                    {
+                        f"{o['expectation']}{'(' + o['column'] + ')' if o.get('column') else ''} [{o['severity']}]"
+                        for o in r.get("outcomes") or []
+                        if not o.get("success")
+                    }
+                ),
+            }
+            for p, r in results.items()
         }
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     client = MlflowClient()
-    model_name = load_params()["registry"]["model_name"]
+    model_name = ds.model_name
     model: dict = {"name": model_name}
     try:
         rm = client.get_registered_model(model_name)
@@ -204,6 +323,8 @@ def build_summary() -> dict:
                     "mlflow-artifacts:", settings.mlflow_artifact_root.rstrip("/"), 1
                 ).replace("artifacts//", "artifacts/"),
                 "model_family": run.data.params.get("model_family"),
+                "baseline_rule": run.data.tags.get("baseline_rule"),
+                "unmeasured": run.data.tags.get("unmeasured"),
                 "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())},
                 "trained_on": run.data.tags.get("training_partitions") or run.data.tags.get("gold_snapshot"),
                 "gate": {k: v for k, v in latest.tags.items() if k.startswith("gate.")},
@@ -226,15 +347,20 @@ def format_summary(s: dict) -> str:
     out = [f"dataset {s['dataset']}", "", "rows per layer:"]
     for layer, info in s["layers"].items():
         out.append(f"  {layer:11s} {info['rows']:>9,d} rows in {info['partitions']} partition(s)")
-    out += ["", "quality gates (Great Expectations):"]
+    out += ["", "quality gates (Great Expectations), per layer:"]
     for layer, parts in s["quality"].items():
-        for p, r in parts.items():
-            stats = r.get("statistics") or {}
-            out.append(
-                f"  {layer:7s} {p}: {'PASS' if r.get('success') else 'FAIL'}  "
-                f"{stats.get('successful_expectations', '?')}/{stats.get('evaluated_expectations', '?')} "
-                "expectations"
-            )
+        stats = [r.get("statistics") or {} for r in parts.values()]
+        passed = sum(bool(r.get("success")) for r in parts.values())
+        evaluated = sum(int(x.get("evaluated_expectations") or 0) for x in stats)
+        ok = sum(int(x.get("successful_expectations") or 0) for x in stats)
+        failed: dict[str, int] = {}
+        for r in parts.values():
+            for name in r.get("failed") or []:
+                failed[name] = failed.get(name, 0) + 1
+        line = f"  {layer:7s} {passed}/{len(parts)} partitions passed; {ok}/{evaluated} expectations met"
+        if failed:
+            line += "; not met: " + ", ".join(f"{n} in {c} partition(s)" for n, c in sorted(failed.items()))
+        out.append(line)
     m = s["model"]
     out += ["", f"model {m['name']}:"]
     if "error" in m:
@@ -244,10 +370,21 @@ def format_summary(s: dict) -> str:
         out.append(f"  run {m['run_id']}")
         out.append(f"  artifacts in the object store: {m.get('artifact_location')}")
         metrics = m["metrics"]
-        out.append(f"  {'held-out later time range':<28}{'precision':>10}{'recall':>8}{'f1':>8}{'pr_auc':>8}")
-        for label, prefix in (("model", ""), ("rule: temp above threshold", "baseline_threshold_")):
-            vals = [metrics.get(prefix + k, float("nan")) for k in ("precision", "recall", "f1", "pr_auc")]
-            out.append(f"  {label:<28}" + "".join(f"{v:>{w}.3f}" for v, w in zip(vals, (10, 8, 8, 8), strict=True)))
+        if "pr_auc" in metrics or "f1" in metrics:
+            out.append(f"  {'held-out later time range':<28}{'precision':>10}{'recall':>8}{'f1':>8}{'pr_auc':>8}")
+            for label, prefix in (("model", ""), ("baseline rule", "baseline_threshold_")):
+                vals = [metrics.get(prefix + k, float("nan")) for k in ("precision", "recall", "f1", "pr_auc")]
+                out.append(f"  {label:<28}" + "".join(f"{v:>{w}.3f}" for v, w in zip(vals, (10, 8, 8, 8), strict=True)))
+        if m.get("baseline_rule"):
+            out.append(f"  baseline rule: {m['baseline_rule'][:150]}")
+        if "event_windows" in metrics:
+            out.append(
+                f"  events: {int(metrics['event_windows_detected'])}/{int(metrics['event_windows'])} windows detected, "
+                f"{metrics.get('event_false_alarm_episodes_per_day', 0):.2f} false alarms/day"
+                + (f", NAB standard {metrics['nab_standard']:.1f}" if "nab_standard" in metrics else "")
+            )
+        if m.get("unmeasured"):
+            out.append(f"  not measured: {m['unmeasured'][:200]}")
         per_fault = {k.removeprefix("recall_"): v for k, v in metrics.items() if k.startswith("recall_")}
         if per_fault:
             out.append("  recall per fault type: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_fault.items())))
@@ -287,23 +424,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("land", help="land simulated telemetry, or your own CSV with --file")
-    p.add_argument("--file")
-    p.add_argument("--date", help="event date of --file")
-    p.add_argument("--dataset", help="contract name (default from settings)")
+    p = sub.add_parser("datasets", help="every dataset (contract): its DAGs, rows per layer, model aliases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("land", help="land simulated telemetry, or your own file with --file")
+    p.add_argument("--file", help="a CSV / JSON-lines file (optionally .gz), landed as delivered")
+    p.add_argument(
+        "--date",
+        help="DELIVERY date of --file, YYYY-MM-DD (default: today); records are filed by their own event time",
+    )
+    p.add_argument("--dataset", help="dataset (contract) name; default PLATFORM_DATASET or iot_telemetry")
     p.add_argument("--start")
     p.add_argument("--days", type=int)
     p.set_defaults(func=cmd_land)
 
-    p = sub.add_parser("layer", help="build one layer for dates, without Airflow")
+    p = sub.add_parser("layer", help="build one layer for partitions, without Airflow")
     p.add_argument("layer", choices=["bronze", "silver", "gold"])
     p.add_argument("dates", nargs="+")
     p.add_argument("--dataset")
     p.add_argument("--run-id")
     p.set_defaults(func=cmd_layer)
 
-    p = sub.add_parser("run", help="run the lakehouse DAG for dates, then the training DAG (airflow dags test)")
-    p.add_argument("dates", nargs="*")
+    p = sub.add_parser(
+        "run", help="run the dataset's lakehouse DAG per delivery date, then its training DAG (airflow dags test)"
+    )
+    p.add_argument("dates", nargs="*", help="delivery dates (default: every landed one)")
+    p.add_argument("--dataset", help="dataset (contract) name; default PLATFORM_DATASET or iot_telemetry")
     p.add_argument("--start")
     p.add_argument("--days", type=int, default=1)
     p.add_argument("--skip-training", action="store_true")
@@ -312,15 +459,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backfill", help="reprocess delivery dates START..END through Airflow, then train")
     p.add_argument("start")
     p.add_argument("end")
+    p.add_argument("--dataset", help="dataset (contract) name")
     p.add_argument("--skip-training", action="store_true")
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("train", help="train, register and gate directly, without Airflow")
-    p.add_argument("dates", nargs="*")
+    p.add_argument("dates", nargs="*", help="gold partitions (default: all)")
+    p.add_argument("--dataset", help="dataset (contract) name")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("summary", help="rows per layer, quality, model and aliases")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dataset", help="dataset (contract) name")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("demo", help="the main job end to end on embedded defaults")
@@ -344,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - a user's mistake gets one clear line, not a traceback
         import os
 

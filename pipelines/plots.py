@@ -13,9 +13,16 @@ from matplotlib.figure import Figure  # noqa: E402
 
 
 def readings_over_time(
-    df: pd.DataFrame, predicted_anomaly: np.ndarray, *, value_col: str = "temp", max_devices: int = 4
+    df: pd.DataFrame,
+    predicted_anomaly: np.ndarray,
+    *,
+    value_col: str = "temp",
+    max_devices: int = 4,
+    unit: str | None = None,
+    windows: list[tuple] | None = None,
 ) -> Figure:
-    """One panel per device: the reading over time, predicted anomalies in red, normal points in blue."""
+    """One panel per device: the reading over time (with its unit), predicted anomalies in red, normal
+    points in blue, and the known anomaly windows shaded where they are known."""
     predicted = np.asarray(predicted_anomaly, dtype=bool)
     frame = df[["device", "ts", value_col]].assign(_pred=predicted)
     devices = sorted(frame["device"].unique())[:max_devices]
@@ -25,11 +32,19 @@ def readings_over_time(
         normal, anomalous = d[~d["_pred"]], d[d["_pred"]]
         ax.plot(d["ts"], d[value_col], color="lightsteelblue", linewidth=0.6, zorder=1)
         ax.scatter(normal["ts"], normal[value_col], s=3, color="tab:blue", label="normal", zorder=2)
-        ax.scatter(
-            anomalous["ts"], anomalous[value_col], s=10, color="red", label="predicted anomaly", zorder=3
-        )
-        ax.set_title(f"{device}: {value_col}", fontsize=9)
-        ax.set_ylabel(value_col)
+        ax.scatter(anomalous["ts"], anomalous[value_col], s=10, color="red", label="predicted anomaly", zorder=3)
+        shown = False
+        for lo, hi in windows or []:
+            lo, hi = (
+                pd.Timestamp(w).tz_localize("UTC") if pd.Timestamp(w).tzinfo is None else pd.Timestamp(w)
+                for w in (lo, hi)
+            )
+            if len(d) and hi >= d["ts"].min() and lo <= d["ts"].max():
+                ax.axvspan(lo, hi, color="orange", alpha=0.2, label=None if shown else "known anomaly window")
+                shown = True
+        label = f"{value_col} ({unit})" if unit else value_col
+        ax.set_title(f"{device}: {label}", fontsize=9)
+        ax.set_ylabel(label)
         ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     return fig

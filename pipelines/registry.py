@@ -94,7 +94,15 @@ def decide(
             f"{n}={guardrails[n].get('value')} > {guardrails[n].get('limit')}" for n in failed
         )
         return False, f"guardrail failed: {details}"
-    if challenger_metric is None or np.isnan(challenger_metric):
+    unmeasurable = challenger_metric is None or np.isnan(challenger_metric)
+    if unmeasurable and (champion_metric is None or np.isnan(champion_metric)):
+        # No labels in the evaluation range (an unlabelled dataset): the metric cannot be measured
+        # for either version, so the gate decides on the guardrails and the canary compares online.
+        first = "first model becomes champion" if champion_metric is None else "challenger"
+        return True, (
+            f"no labels in the evaluation range: gated on guardrails only ({first}; the canary compares online)"
+        )
+    if unmeasurable:
         return False, "challenger metric is not a number (eval set without both classes?)"
     if champion_metric is None:
         return True, "no champion yet: first model becomes champion"
@@ -317,6 +325,8 @@ def score_version(
     import mlflow
 
     lab = labelled(eval_df)
+    if lab.empty:  # no labels: timing, size and the flag rate are still measured on every row
+        lab = eval_df
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model_name}/{version}",
@@ -342,9 +352,15 @@ def score_version(
     mv = client.get_model_version(model_name, str(version))
     if mv.run_id:
         threshold = float(client.get_run(mv.run_id).data.metrics.get("decision_threshold", threshold))
-    metrics = evaluate(scores, lab["is_anomaly"].astype(int).to_numpy(), lab["label"], threshold)
+    known = lab["is_anomaly"].notna().to_numpy()
+    if known.any():
+        metrics = evaluate(
+            scores[known], lab["is_anomaly"][known].astype(int).to_numpy(), lab["label"][known], threshold
+        )
+    else:
+        metrics = {"rows": float(len(scores)), "flagged": float((scores >= threshold).sum())}
     return {
-        "metric": float(metrics[metric]),
+        "metric": float(metrics.get(metric, float("nan"))),
         "metrics": metrics,
         "score_ms_per_1k": min(timings) / max(len(X), 1) * 1000 * 1000,
         "model_mb": size_mb,

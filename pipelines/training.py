@@ -112,6 +112,7 @@ class TrainingContext:
     gx_summary: dict | None = None
     airflow_dag_id: str | None = None
     airflow_run_id: str | None = None
+    label_windows: list | None = None  # known anomaly windows [(start, end)], for event-level scores
 
 
 @dataclass
@@ -130,6 +131,8 @@ class TrainResult:
     training_partitions: list[str]
     model_id: str | None = None
     baseline_temp_above: float | None = None  # the threshold rule's T (params, or fitted on training)
+    baseline_rule: str = ""  # what the baseline rule is, e.g. "temp outside [12.1, 31.4] celsius"
+    unmeasured: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be computed
 
     @property
     def beats_baseline(self) -> bool:
@@ -234,9 +237,7 @@ def _pipeline(family: str, tp: dict):
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     # Dropout readings leave NaN features; the median imputer keeps them scorable.
-    return Pipeline(
-        [("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler()), ("model", model)]
-    )
+    return Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler()), ("model", model)])
 
 
 def can_fit_supervised(df: pd.DataFrame) -> bool:
@@ -311,6 +312,7 @@ def evaluate(scores: np.ndarray, y_true: np.ndarray, labels: np.ndarray | None, 
         "precision": float(precision_score(y, pred, zero_division=0)),
         "recall": float(recall_score(y, pred, zero_division=0)),
         "f1": float(f1_score(y, pred, zero_division=0)),
+        # NaN, not absent: callers compare it (the gate treats NaN as "not measurable")
         "pr_auc": float(average_precision_score(y, scores)) if has_both else float("nan"),
         "rows": float(len(y)),
         "positives": float(y.sum()),
@@ -345,6 +347,66 @@ def threshold_rule_metrics(df: pd.DataFrame, temp_above: float) -> dict:
     )
 
 
+def reading_columns(gold: pd.DataFrame) -> list[str]:
+    """The contract's numeric readings in a gold frame (each has its rolling features beside it)."""
+    return [c for c in gold.columns if f"{c}_roll_mean" in gold.columns]
+
+
+@dataclass
+class RangeRule:
+    """The baseline a field starts from, fitted per reading on the training range: an alarm when any
+    reading leaves its usual band [lo, hi] (quantiles ``tail`` and ``1 - tail`` of the training rows).
+    Score: the largest distance from a band's centre in half-widths, so > 1 means outside a band."""
+
+    bounds: dict[str, tuple[float, float]]
+    units: dict[str, str] = field(default_factory=dict)
+    threshold: float = float(np.nextafter(1.0, 2.0))
+
+    def scores(self, df: pd.DataFrame) -> np.ndarray:
+        out = np.zeros(len(df))
+        for col, (lo, hi) in self.bounds.items():
+            values = df[col].to_numpy(dtype=np.float64, na_value=np.nan)
+            half = max((hi - lo) / 2.0, 1e-12)
+            out = np.fmax(out, np.abs(values - (lo + hi) / 2.0) / half)
+        return np.nan_to_num(out, nan=0.0)
+
+    def describe(self) -> str:
+        return "; ".join(
+            f"{c} outside [{lo:.4g}, {hi:.4g}]{' ' + self.units[c] if self.units.get(c) else ''}"
+            for c, (lo, hi) in self.bounds.items()
+        )
+
+
+def fit_range_rule(train_df: pd.DataFrame, tail: float = 0.005, units: dict[str, str] | None = None) -> RangeRule:
+    """A two-sided range per reading from the training range's own values (no labels needed)."""
+    if not 0.0 <= tail < 0.5:
+        raise ValueError(f"train.threshold_rule.tail={tail}: must be in [0, 0.5)")
+    normal = train_df
+    if "is_anomaly" in train_df and (train_df["is_anomaly"].fillna(0).astype(int) == 0).any():
+        normal = train_df[train_df["is_anomaly"].fillna(0).astype(int) == 0]
+    bounds = {}
+    for col in reading_columns(train_df):
+        values = normal[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        values = values[np.isfinite(values)]
+        if len(values):
+            bounds[col] = (float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail)))
+    if not bounds:
+        raise ValueError("no numeric reading in gold to fit the baseline range rule on; check the contract's columns")
+    return RangeRule(bounds, {c: u for c, u in (units or {}).items() if c in bounds})
+
+
+def context_units(context: TrainingContext) -> dict[str, str]:
+    """Units of the dataset's readings, from its contract (empty when it cannot be found)."""
+    try:
+        from pipelines.contracts import load_contract
+        from pipelines.datasets import get_dataset
+
+        contract = load_contract(get_dataset(context.dataset_name).contract_path)
+    except Exception:  # noqa: BLE001 - units only label plots and the rule's description
+        return {}
+    return {c.name: c.unit for c in contract.columns if c.unit}
+
+
 def fit_threshold_rule(train_df: pd.DataFrame) -> float:
     """The fairest fixed "temp above T" rule: T F1-best on the TRAINING range's labels (never the test)."""
     lab = labelled(train_df)
@@ -354,9 +416,7 @@ def fit_threshold_rule(train_df: pd.DataFrame) -> float:
     return float(np.nextafter(best, -np.inf))
 
 
-def label_from_windows(
-    df: pd.DataFrame, windows: Iterable[tuple[Any, Any]], label: str = "anomaly"
-) -> pd.DataFrame:
+def label_from_windows(df: pd.DataFrame, windows: Iterable[tuple[Any, Any]], label: str = "anomaly") -> pd.DataFrame:
     """Copy of ``df`` with label/is_anomaly set from labelled time windows (inclusive, e.g. NAB's).
 
     Rows inside any window get ``label`` and is_anomaly 1; all other rows "normal" and 0.
@@ -525,10 +585,15 @@ def train_and_log(
     started = time.monotonic()
     tp = train_params(params)
     feats = feature_columns(gold)
-    if "temp" not in gold.columns:
-        raise ValueError("gold frame has no 'temp' column: the threshold baseline and plots need it")
+    readings = reading_columns(gold)
+    if not readings:
+        raise ValueError(
+            f"gold of {context.dataset_name} has no numeric reading: the contract must declare at least one "
+            "float64 column"
+        )
     test_fraction = float(tp.get("test_fraction", 0.3))
     validation_fraction = float(tp.get("validation_fraction", DEFAULT_VALIDATION_FRACTION))
+    unmeasured: dict[str, str] = {}
 
     train_df, test_df = split_by_time(gold, test_fraction)
     fit_df, val_df = split_by_time(train_df, validation_fraction)
@@ -542,19 +607,24 @@ def train_and_log(
     requested = model_families(params)
     candidates = fit_candidates(fit_df, params, families=requested)
     for skipped in (f for f in requested if f not in candidates):
-        progress(
-            f"[train] candidate {skipped}: skipped (fewer than {MIN_SUPERVISED_POSITIVES} labelled anomalies)"
-        )
+        progress(f"[train] candidate {skipped}: skipped (fewer than {MIN_SUPERVISED_POSITIVES} labelled anomalies)")
     val_lab = labelled(val_df)
     y_val = val_lab["is_anomaly"].astype(int).to_numpy()
+    val_measurable = 0 < y_val.sum() < len(y_val)
     candidate_metrics: dict[str, float] = {}
     val_scores: dict[str, np.ndarray] = {}
+    if not val_measurable:
+        unmeasured["family_choice"] = "no labelled anomalies and normals in the validation slice"
     for family, cand in candidates.items():
+        if not val_measurable:
+            continue
         val_scores[family] = anomaly_scores(cand, val_lab[feats])
         ap = evaluate(val_scores[family], y_val, None, float("inf"))["pr_auc"]
         candidate_metrics[f"cand_{family}_pr_auc"] = ap
         progress(f"[train] candidate {family}: validation PR-AUC {ap:.4f}")
-    valid_aps = {f: candidate_metrics[f"cand_{f}_pr_auc"] for f in candidates}
+    valid_aps = {
+        f: candidate_metrics[f"cand_{f}_pr_auc"] for f in candidates if f"cand_{f}_pr_auc" in candidate_metrics
+    }
     valid_aps = {f: v for f, v in valid_aps.items() if not np.isnan(v)}
     # Ties and a label-less validation slice fall back to the first requested family: deterministic.
     family = (
@@ -562,43 +632,96 @@ def train_and_log(
         if valid_aps
         else next(f for f in requested if f in candidates)
     )
-    progress(f"[train] kept {family}; refitting on the whole training range")
+    nothing = "" if valid_aps else " (the first requested: nothing to compare on)"
+    progress(f"[train] kept {family}{nothing}; refitting on the whole training range")
 
     # 2. refit the winner on all training rows; threshold from the training range only
     model = fit_candidates(train_df, params, families=[family])[family]
     contamination = tp.get(family, {}).get("contamination", 0.05)
     contamination = 0.05 if contamination == "auto" else float(contamination)
-    if 0 < y_val.sum() < len(y_val):
+    train_lab = labelled(train_df)
+    if val_measurable and family in val_scores:
         # out-of-sample scores: a supervised model's in-sample probabilities are over-confident
         threshold = choose_threshold(val_scores[family], y_val, contamination)
         threshold_source = "f1_best_on_validation_labels"
-    else:
-        train_lab = labelled(train_df)
+    elif len(train_lab):
         threshold = choose_threshold(
             anomaly_scores(model, train_lab[feats]),
             train_lab["is_anomaly"].astype(int).to_numpy(),
             contamination,
         )
         threshold_source = "f1_best_on_train_labels_else_contamination_quantile"
+    else:
+        threshold = choose_threshold(anomaly_scores(model, train_df[feats]), None, contamination)
+        threshold_source = "contamination_quantile_of_training_scores"
 
     # 3. the held-out test range, touched once
     test_lab = labelled(test_df)
     y_test = test_lab["is_anomaly"].astype(int).to_numpy()
-    test_scores = anomaly_scores(model, test_lab[feats])
-    metrics = evaluate(test_scores, y_test, test_lab["label"], threshold)
-    rule_cfg = tp.get("threshold_rule", {}).get("temp_above", 32.0)
-    # "fit": the best fixed threshold on the training range (for data where no field rule exists)
-    temp_above = fit_threshold_rule(train_df) if rule_cfg == "fit" else float(rule_cfg)
-    baseline = threshold_rule_metrics(test_lab, temp_above)
-    for fam, cand in candidates.items():  # informative only: not used for any choice
-        refit = model if fam == family else cand
-        candidate_metrics[f"cand_{fam}_test_pr_auc"] = evaluate(
-            anomaly_scores(refit, test_lab[feats]), y_test, None, float("inf")
-        )["pr_auc"]
-    progress(
-        f"[train] test: model PR-AUC {metrics['pr_auc']:.4f} F1 {metrics['f1']:.4f} | "
-        f"threshold rule (temp > {temp_above}) PR-AUC {baseline['pr_auc']:.4f} F1 {baseline['f1']:.4f}"
-    )
+    test_measurable = 0 < y_test.sum() < len(y_test)
+    all_test_scores = anomaly_scores(model, test_df[feats])
+    all_test_alarm = all_test_scores >= threshold
+    rule_cfg = tp.get("threshold_rule", {}) or {}
+    temp_above: float | None = None
+    if "temp_above" in rule_cfg and "temp" in gold.columns:
+        # a field rule named in params ("fit": the best fixed threshold on the training range's labels)
+        temp_above = fit_threshold_rule(train_df) if rule_cfg["temp_above"] == "fit" else float(rule_cfg["temp_above"])
+        rule_name = f"temp > {temp_above:.4g}"
+
+        def rule_scores(df: pd.DataFrame) -> np.ndarray:
+            return threshold_rule_scores(df, temp_above)[0]
+
+        rule_threshold = float(np.nextafter(temp_above, np.inf))
+    else:
+        rule = fit_range_rule(train_df, float(rule_cfg.get("tail", 0.005)), context_units(context))
+        rule_name, rule_scores, rule_threshold = rule.describe(), rule.scores, rule.threshold
+    if test_measurable:
+        test_scores = anomaly_scores(model, test_lab[feats])
+        metrics = evaluate(test_scores, y_test, test_lab["label"], threshold)
+        baseline = evaluate(rule_scores(test_lab), y_test, test_lab["label"], rule_threshold)
+        for fam, cand in candidates.items():  # informative only: not used for any choice
+            refit = model if fam == family else cand
+            candidate_metrics[f"cand_{fam}_test_pr_auc"] = evaluate(
+                anomaly_scores(refit, test_lab[feats]), y_test, None, float("inf")
+            )["pr_auc"]
+        progress(
+            f"[train] test: model PR-AUC {metrics['pr_auc']:.4f} F1 {metrics['f1']:.4f} | "
+            f"baseline rule ({rule_name[:80]}) PR-AUC {baseline['pr_auc']:.4f} F1 {baseline['f1']:.4f}"
+        )
+    else:
+        test_scores = np.zeros(0)
+        metrics = {"rows": float(len(test_df)), "flagged": float(all_test_alarm.sum())}
+        baseline = {"rows": float(len(test_df)), "flagged": float((rule_scores(test_df) >= rule_threshold).sum())}
+        unmeasured["precision, recall, f1, pr_auc"] = (
+            "the test range has no labels (neither a label column nor a contract windows file)"
+            if not len(test_lab)
+            else "the test range's labels hold only one class"
+        )
+        progress(
+            f"[train] test: {int(metrics['flagged'])} of {len(test_df)} rows flagged "
+            f"(baseline rule: {int(baseline['flagged'])}); not measured: precision, recall, F1, PR-AUC "
+            f"({unmeasured['precision, recall, f1, pr_auc']})"
+        )
+    metrics["flag_rate"] = float(all_test_alarm.mean()) if len(test_df) else 0.0
+    days = max((test_df["ts"].max() - test_df["ts"].min()).total_seconds() / 86400.0, 1e-9) if len(test_df) else 0.0
+    metrics["flags_per_day"] = float(all_test_alarm.sum() / days) if days else 0.0
+    if context.label_windows:
+        events = window_metrics(test_df["ts"], all_test_alarm, context.label_windows)
+        metrics.update({f"event_{k}": v for k, v in events.items()})
+        rule_events = window_metrics(test_df["ts"], rule_scores(test_df) >= rule_threshold, context.label_windows)
+        baseline.update({f"event_{k}": v for k, v in rule_events.items()})
+        progress(
+            f"[train] events: {int(events['windows_detected'])}/{int(events['windows'])} windows detected, "
+            f"{events['false_alarm_episodes_per_day']:.2f} false alarms/day "
+            f"(baseline rule: {int(rule_events['windows_detected'])}/{int(rule_events['windows'])}, "
+            f"{rule_events['false_alarm_episodes_per_day']:.2f}/day)"
+        )
+    else:
+        unmeasured["event-level scores"] = "no anomaly windows known (the contract names no label_windows file)"
+    for name, metric_set in (("model", metrics), ("baseline", baseline)):
+        for key in [k for k, v in metric_set.items() if not np.isfinite(v)]:
+            unmeasured[f"{name} {key}"] = "not computable on the test range (one class only)"
+            del metric_set[key]
 
     # 4. log the run
     mlflow.set_tracking_uri(tracking_uri)
@@ -615,8 +738,11 @@ def train_and_log(
         "airflow_dag_id": context.airflow_dag_id or "",
         "airflow_run_id": context.airflow_run_id or "",
         "gx_summary": gx_summary_text(context.gx_summary) or "",
-        "beats_threshold_baseline": str(metrics["pr_auc"] > baseline["pr_auc"]).lower(),
+        "baseline_rule": rule_name[:TAG_VALUE_MAX],
+        "unmeasured": "; ".join(f"{k}: {v}" for k, v in unmeasured.items())[:TAG_VALUE_MAX],
     }
+    if "pr_auc" in metrics and "pr_auc" in baseline:
+        tags["beats_threshold_baseline"] = str(metrics["pr_auc"] > baseline["pr_auc"]).lower()
     with mlflow.start_run(run_name=f"{family}-{context.dataset_name}") as run:
         mlflow.set_tags(tags)
         mlflow.log_params(
@@ -637,15 +763,13 @@ def train_and_log(
                 **candidate_metrics,
                 **gx_summary_metrics(context.gx_summary),
                 "decision_threshold": threshold,
-                "threshold_rule_temp_above": temp_above,
+                **({"threshold_rule_temp_above": temp_above} if temp_above is not None else {}),
                 "train_rows": float(len(train_df)),
                 "test_rows": float(len(test_df)),
             }
         )
         progress("[train] logging datasets")
-        train_ds = mlflow.data.from_pandas(
-            train_df, name=f"{context.dataset_name}-train", targets="is_anomaly"
-        )
+        train_ds = mlflow.data.from_pandas(train_df, name=f"{context.dataset_name}-train", targets="is_anomaly")
         test_ds = mlflow.data.from_pandas(test_df, name=f"{context.dataset_name}-test", targets="is_anomaly")
         mlflow.log_input(train_ds, context="training")
         mlflow.log_input(test_ds, context="evaluation")
@@ -654,17 +778,23 @@ def train_and_log(
             mlflow.log_dict(context.gx_summary, "lineage/gx_result.json")
 
         progress("[train] plotting")
-        all_test_scores = anomaly_scores(model, test_df[feats])
+        units = context_units(context)
         figures = {
-            "plots/readings_over_time.png": plots.readings_over_time(test_df, all_test_scores >= threshold),
-            "plots/pr_curve.png": plots.pr_curves(
-                y_test,
-                {family: test_scores, f"temp > {temp_above}": threshold_rule_scores(test_lab, temp_above)[0]},
-            ),
-            "plots/confusion_matrix.png": plots.confusion_matrix_figure(
-                y_test, (test_scores >= threshold).astype(int)
+            "plots/readings_over_time.png": plots.readings_over_time(
+                test_df,
+                all_test_alarm,
+                value_col=readings[0],
+                unit=units.get(readings[0]),
+                windows=context.label_windows,
             ),
         }
+        if test_measurable:
+            figures["plots/pr_curve.png"] = plots.pr_curves(
+                y_test, {family: test_scores, f"rule: {rule_name[:40]}": rule_scores(test_lab)}
+            )
+            figures["plots/confusion_matrix.png"] = plots.confusion_matrix_figure(
+                y_test, (test_scores >= threshold).astype(int)
+            )
         for path, fig in figures.items():
             mlflow.log_figure(fig, path)
             plots.close(fig)
@@ -696,6 +826,8 @@ def train_and_log(
                         "candidates": candidate_metrics,
                         "threshold": threshold,
                         "model_family": family,
+                        "baseline_rule": rule_name,
+                        "unmeasured": unmeasured,
                     },
                     sort_keys=True,
                     indent=2,
@@ -720,4 +852,6 @@ def train_and_log(
         training_partitions=partitions,
         model_id=getattr(info, "model_id", None),
         baseline_temp_above=temp_above,
+        baseline_rule=rule_name,
+        unmeasured=unmeasured,
     )

@@ -84,6 +84,34 @@ class Label:
 
 
 @dataclass(frozen=True)
+class LabelWindows:
+    """Known anomaly windows for evaluation only (never training input): a JSON file of
+    ``[start, end]`` pairs, or an object mapping series names to such lists (NAB's layout) with
+    ``key`` naming the series."""
+
+    file: Path
+    key: str | None = None
+
+    def load(self) -> list[tuple[str, str]]:
+        import json
+
+        try:
+            raw = json.loads(self.file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ContractError(f"{self.file}: label windows file unreadable ({exc}); fix label_windows.file") from exc
+        if isinstance(raw, dict):
+            if self.key is None or self.key not in raw:
+                raise ContractError(
+                    f"{self.file}: label_windows.key {self.key!r} is not in the file; "
+                    f"use one of {sorted(raw)[:5]}{'...' if len(raw) > 5 else ''}"
+                )
+            raw = raw[self.key]
+        if not isinstance(raw, list) or not all(isinstance(w, list | tuple) and len(w) == 2 for w in raw):
+            raise ContractError(f"{self.file}: label windows must be a list of [start, end] pairs")
+        return [(str(a), str(b)) for a, b in raw]
+
+
+@dataclass(frozen=True)
 class Contract:
     name: str
     description: str
@@ -94,6 +122,16 @@ class Contract:
     label: Label | None = None
     delimiter: str = ","
     path: Path | None = None
+    cadence: str | None = None  # expected time between two readings of a device, e.g. "5min"
+    label_windows: LabelWindows | None = None
+
+    @property
+    def cadence_seconds(self) -> float | None:
+        if self.cadence is None:
+            return None
+        from pipelines.datasets import parse_duration
+
+        return parse_duration(self.cadence, what="cadence")
 
     @property
     def measurement_columns(self) -> list[str]:
@@ -145,7 +183,10 @@ class Contract:
 
 
 def available_contracts() -> list[str]:
-    return sorted(p.stem for p in CONTRACTS_DIR.glob("*.yaml"))
+    """Packaged contracts and those in PLATFORM_CONTRACTS_DIR."""
+    from pipelines.datasets import contract_files
+
+    return sorted(contract_files())
 
 
 def load_contract(name_or_path: str | Path) -> Contract:
@@ -172,7 +213,10 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
             raise fail(
                 key, "is missing", f"add a {key!r} section (see pipelines/contracts/iot_telemetry.yaml)"
             )
-    known = {"name", "description", "format", "event_time", "entity", "columns", "keys", "label"}
+    known = {
+        "name", "description", "format", "event_time", "entity", "columns", "keys", "label", "cadence",
+        "label_windows",
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise fail(unknown[0], "is not a contract field", f"use only {sorted(known)}")
@@ -249,6 +293,25 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
             ),
         )
 
+    cadence = raw.get("cadence")
+    if cadence is not None:
+        from pipelines.datasets import DatasetError, parse_duration
+
+        try:
+            parse_duration(cadence, what="cadence")
+        except DatasetError as exc:
+            raise fail("cadence", f"is {cadence!r}", "write a duration such as '5min' or '1h'") from exc
+    label_windows = None
+    if raw.get("label_windows") is not None:
+        lw = raw["label_windows"]
+        lw = {"file": lw} if isinstance(lw, str) else _mapping(lw, "label_windows", fail)
+        if not lw.get("file"):
+            raise fail("label_windows.file", "is missing", "name a JSON file of [start, end] windows")
+        file = Path(str(lw["file"])).expanduser()
+        if not file.is_absolute():
+            file = (Path(source).parent / file).resolve()
+        label_windows = LabelWindows(file=file, key=str(lw["key"]) if lw.get("key") is not None else None)
+
     keys = tuple(raw.get("keys") or (entity.column, event_time.column))
     if set(keys) != {entity.column, event_time.column}:
         raise fail("keys", f"is {list(keys)}", f"silver is keyed on [{entity.column}, {event_time.column}]")
@@ -263,6 +326,8 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
         label=label,
         delimiter=delimiter,
         path=Path(source),
+        cadence=str(cadence) if cadence is not None else None,
+        label_windows=label_windows,
     )
 
 
@@ -272,13 +337,15 @@ def _resolve(name_or_path: str | Path) -> Path:
         if not candidate.is_file():
             raise ContractError(f"{candidate}: contract file not found; check the path")
         return candidate
-    packaged = CONTRACTS_DIR / f"{name_or_path}.yaml"
-    if not packaged.is_file():
+    from pipelines.datasets import contract_dirs, contract_files
+
+    found = contract_files().get(str(name_or_path))
+    if found is None:
         raise ContractError(
-            f"{packaged}: no packaged contract named {str(name_or_path)!r}; "
+            f"no contract named {str(name_or_path)!r} in {' or '.join(str(d) for d in contract_dirs())}; "
             f"use one of {available_contracts()} or pass the path of your own YAML file"
         )
-    return packaged
+    return found
 
 
 def _mapping(value: Any, field: str, fail: Callable[[str, str, str], ContractError]) -> dict:

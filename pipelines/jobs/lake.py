@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.settings import get_settings, load_params
-from pipelines.storage import ObjectStore
+from pipelines.storage import LakeStore, ObjectStore
 
 Progress = Callable[[str], None]
 
@@ -44,11 +44,18 @@ def contract_name(dataset: str) -> str:
 
 def _contract(dataset: str):
     from pipelines.contracts import load_contract
+    from pipelines.datasets import get_dataset
 
-    return load_contract(contract_name(dataset))
+    return load_contract(get_dataset(dataset).contract_path)
 
 
-def _resolve(store: ObjectStore | None, dataset: str | None) -> tuple[ObjectStore, str]:
+def _grain(dataset: str) -> str:
+    from pipelines.datasets import get_dataset
+
+    return get_dataset(dataset).grain
+
+
+def _resolve(store: LakeStore | None, dataset: str | None) -> tuple[LakeStore, str]:
     """The store and dataset a job works on: the given ones, else the settings' defaults."""
     store = store or ObjectStore()
     return store, dataset or store.settings.dataset
@@ -77,7 +84,7 @@ def _gate(
     partition: str,
     progress: Progress,
     *,
-    store: ObjectStore | None = None,
+    store: LakeStore | None = None,
     dataset: str | None = None,
     **kwargs,
 ) -> dict:
@@ -100,7 +107,7 @@ def _gate(
     return result.to_dict()
 
 
-def publish_docs(store: ObjectStore | None = None, progress: Progress = print) -> str:
+def publish_docs(store: LakeStore | None = None, progress: Progress = print) -> str:
     """Rebuild the Data Docs site from every stored validation and upload it to the lake.
 
     Called once per lakehouse run after its gold partitions (and by a failing gate, so the failure
@@ -118,13 +125,13 @@ def publish_docs(store: ObjectStore | None = None, progress: Progress = print) -
         return ""
 
 
-def _put_quality(store: ObjectStore, layer: str, dataset: str, partition: str, quality: dict) -> None:
+def _put_quality(store: LakeStore, layer: str, dataset: str, partition: str, quality: dict) -> None:
     key = f"quality/{layer}/{dataset}/event_date={partition}/validation.json"
     store.put_bytes(store.settings.lake_bucket, key, json.dumps(quality, default=str).encode(), "application/json")
 
 
 # -- landing ------------------------------------------------------------------------------------
-def land_bytes(store: ObjectStore, dataset: str, partition: str, filename: str, data: bytes) -> str:
+def land_bytes(store: LakeStore, dataset: str, partition: str, filename: str, data: bytes) -> str:
     """Land a delivered file as-is (never modified later) under landing/<dataset>/<date>/."""
     key = storage.landing_prefix(dataset, partition) + filename
     store.put_bytes(store.settings.landing_bucket, key, data, "text/csv")
@@ -132,7 +139,7 @@ def land_bytes(store: ObjectStore, dataset: str, partition: str, filename: str, 
 
 
 def land_simulated_days(
-    start: dt.date, days: int, *, store: ObjectStore | None = None, progress: Progress = print
+    start: dt.date, days: int, *, store: LakeStore | None = None, progress: Progress = print
 ) -> list[str]:
     from pipelines.simulator import simulate_day_csv
 
@@ -200,13 +207,13 @@ class SourceLineCounter(io.RawIOBase):
         return max(self.lines - 1, 0)  # minus the header
 
 
-def open_landed(store: ObjectStore, bucket: str, key: str):
+def open_landed(store: LakeStore, bucket: str, key: str):
     """A streaming, decompressed, line-counted reader over a landed object."""
     import gzip
 
     from pipelines.layers.bronze import PrefixedStream
 
-    resp = store.client.get_object(bucket, key)
+    resp = store.open_object(bucket, key)  # one-lake: any LakeStore, not the S3 client
     head = resp.read(2)
     body = PrefixedStream(head, resp)
     stream = gzip.GzipFile(fileobj=body) if head == b"\x1f\x8b" else body
@@ -218,7 +225,7 @@ def build_bronze(
     run_id: str,
     *,
     dataset: str | None = None,
-    store: ObjectStore | None = None,
+    store: LakeStore | None = None,
     progress: Progress = print,
 ) -> BronzeReport:
     """Ingest every file delivered on `delivery_date` into bronze, partitioned by EVENT date.
@@ -233,6 +240,7 @@ def build_bronze(
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
+    grain = _grain(dataset)
     bucket = store.settings.landing_bucket
     prefix = storage.landing_prefix(dataset, delivery_date)
     keys = [k for k in store.list_keys(bucket, prefix) if not k.endswith("/")]
@@ -242,7 +250,7 @@ def build_bronze(
             "land data first (`platform land`)."
         )
     batch_id = f"delivery={delivery_date}"
-    now = dt.datetime.now(dt.UTC)
+    now = store.now()  # one-lake: the store's clock (LocalStore pins it for DVC)
     writers: dict[str, storage.PartitionWriter] = {}
     qualities, rows = [], 0
     try:
@@ -274,7 +282,7 @@ def build_bronze(
                     if contract.entity.source in table.column_names:
                         # device order inside each file: silver's device buckets skip row groups
                         table = table.sort_by(contract.entity.source)
-                    for event_date, part in split_by_event_date(table, contract, delivery_date).items():
+                    for event_date, part in split_by_event_date(table, contract, delivery_date, grain).items():
                         if event_date not in writers:
                             writers[event_date] = storage.PartitionWriter(
                                 store, "bronze", dataset, event_date, run_id, batch_id
@@ -282,8 +290,7 @@ def build_bronze(
                         writers[event_date].write(part)
                     file_rows += table.num_rows
             finally:
-                resp.close()
-                resp.release_conn()
+                resp.close()  # one-lake: also releases the S3 connection
             source_records = counter.lines if is_json_lines(key) else counter.records
             if file_rows != source_records:
                 raise RowCountMismatch(
@@ -332,14 +339,17 @@ def _merge_quality(results: list[dict]) -> dict:
     return merged
 
 
-def gold_targets(partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None) -> list[str]:
-    """Gold partitions to rebuild after silver changed `partitions`: those, plus the following day
-    where it exists, because its first rolling windows read the changed day's tail."""
+def gold_targets(partitions: list[str], *, dataset: str | None = None, store: LakeStore | None = None) -> list[str]:
+    """Gold partitions to rebuild after silver changed `partitions`: those, plus the following
+    partition where it exists, because its first rolling windows read the changed one's tail."""
+    from pipelines.layers.partitioning import next_partition
+
     store, dataset = _resolve(store, dataset)
+    grain = _grain(dataset)
     existing = set(storage.list_partitions(store, "silver", dataset))
     out = set(partitions)
     for p in partitions:
-        nxt = (dt.date.fromisoformat(p) + dt.timedelta(days=1)).isoformat()
+        nxt = next_partition(p, grain)
         if nxt in existing:
             out.add(nxt)
     return sorted(out)
@@ -379,7 +389,7 @@ def _bucket_label(bucket: list | None, index: int, total: int) -> str:
 class _BucketTask:
     """What every bucket of one partition needs; forked bucket workers inherit it."""
 
-    store: ObjectStore
+    store: LakeStore
     dataset: str
     partition: str
     contract: Any
@@ -393,9 +403,9 @@ class _BucketTask:
     def in_worker(self) -> bool:
         return os.getpid() != self.parent_pid
 
-    def worker_store(self) -> ObjectStore:
+    def worker_store(self) -> LakeStore:
         # A forked worker must not share the task process's open connections to the store.
-        return ObjectStore(self.store.settings) if self.in_worker else self.store
+        return self.store.for_worker() if self.in_worker else self.store  # one-lake
 
     def run(self, work: Callable[[Callable[[str], None]], dict[str, Any]]) -> dict[str, Any]:
         """Run one bucket's `work(say)`: in the task process its messages go straight to progress;
@@ -414,6 +424,7 @@ class _BucketTask:
 @dataclass
 class _SilverTask(_BucketTask):
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    grain: str = "day"
 
 
 def _silver_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
@@ -427,7 +438,9 @@ def _silver_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
     def work(say: Callable[[str], None]) -> dict[str, Any]:
         bronze = storage.decode_rows(task.files, task.contract.entity.source, bucket)
         rows_in = bronze.num_rows
-        silver, quarantine = to_silver(bronze, task.contract, partition=task.partition, now=task.now)
+        silver, quarantine = to_silver(
+            bronze, task.contract, partition=task.partition, now=task.now, grain=task.grain
+        )
         del bronze
         n_collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
         say(
@@ -457,7 +470,7 @@ def build_silver(
     run_id: str,
     *,
     dataset: str | None = None,
-    store: ObjectStore | None = None,
+    store: LakeStore | None = None,
     progress: Progress = print,
     bucket_rows: int | None = None,
     workers: int | None = None,
@@ -477,7 +490,7 @@ def build_silver(
     files = storage.read_partition_files(store, "bronze", dataset, partition)
     buckets = _device_buckets(files, contract.entity.source, bucket_rows)
     # one clock for the future-timestamp rule of every bucket
-    task = _SilverTask(store, dataset, partition, contract, files, progress)
+    task = _SilverTask(store, dataset, partition, contract, files, progress, grain=_grain(dataset), now=store.now())
     workers = workers_for(len(buckets), workers)
     silver_writer = storage.PartitionWriter(store, "silver", dataset, partition, run_id)
     quarantine_writer = storage.PartitionWriter(store, "quarantine", dataset, partition, run_id)
@@ -529,10 +542,10 @@ def build_silver(
 # -- gold ---------------------------------------------------------------------------------------
 @dataclass
 class _GoldTask(_BucketTask):
-    previous_files: list[bytes]  # the previous day's silver, for the warm-up ([] on the first day)
+    previous_files: list[bytes]  # the previous partition's silver, for the warm-up ([] on the first)
     reference: Any
-    window: int
-    long_window: int
+    window: int | str  # readings, or a duration such as "15min"
+    long_window: int | str
 
 
 def _gold_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
@@ -577,7 +590,7 @@ def build_gold(
     run_id: str,
     *,
     dataset: str | None = None,
-    store: ObjectStore | None = None,
+    store: LakeStore | None = None,
     progress: Progress = print,
     bucket_rows: int | None = None,
     workers: int | None = None,
@@ -587,15 +600,17 @@ def build_gold(
     Each bucket's rolling windows are warmed up with the same devices' last readings of the
     previous day; every bucket is gated against the previous gold partition's feature profile
     before the partition is committed. Buckets run side by side in `workers` processes, as silver's."""
+    from pipelines.datasets import effective_params
     from pipelines.jobs.buckets import map_buckets, workers_for
+    from pipelines.layers.partitioning import previous_partition
     from pipelines.quality.suites import combine_profiles
 
     store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
-    gold_params = load_params()["gold"]
+    gold_params = effective_params(dataset)["gold"]
     files = storage.read_partition_files(store, "silver", dataset, partition)
-    # Warm-up: the previous day's tail, so rolling features at midnight see the readings before it.
-    previous = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
+    # Warm-up: the previous partition's tail, so rolling features at its edge see the readings before it.
+    previous = previous_partition(partition, _grain(dataset))
     previous_files = (
         storage.read_partition_files(store, "silver", dataset, previous)
         if storage.read_manifest(store, "silver", dataset, previous) is not None
@@ -611,8 +626,8 @@ def build_gold(
         progress,
         previous_files=previous_files,
         reference=_gold_reference(store, dataset, partition),
-        window=int(gold_params["window"]),
-        long_window=int(gold_params.get("long_window", 240)),
+        window=gold_params["window"],
+        long_window=gold_params["long_window"],
     )
     workers = workers_for(len(buckets), workers)
     writer = storage.PartitionWriter(store, "gold", dataset, partition, run_id)
@@ -638,7 +653,7 @@ def build_gold(
     return _layer_report("gold", dataset, partition, rows_in, manifest, quality)
 
 
-def _gold_reference(store: ObjectStore, dataset: str, partition: str) -> pd.DataFrame | dict | None:
+def _gold_reference(store: LakeStore, dataset: str, partition: str) -> pd.DataFrame | dict | None:
     """The latest earlier gold partition's feature profile: the reference window for drift bounds.
 
     Its manifest carries the profile; a partition published before profiles existed is read whole."""
@@ -658,7 +673,7 @@ def _short(quality: dict) -> dict:
 
 # -- reading gold for training ------------------------------------------------------------------
 def read_gold(
-    partitions: list[str] | None = None, *, dataset: str | None = None, store: ObjectStore | None = None
+    partitions: list[str] | None = None, *, dataset: str | None = None, store: LakeStore | None = None
 ) -> tuple[pd.DataFrame, dict]:
     """All (or the given) gold partitions and a snapshot naming exactly what was read."""
     from pipelines.layers.gold import from_storage
@@ -685,7 +700,7 @@ def read_gold(
 
 
 def read_quality(
-    layer: str, partitions: list[str], *, dataset: str | None = None, store: ObjectStore | None = None
+    layer: str, partitions: list[str], *, dataset: str | None = None, store: LakeStore | None = None
 ) -> dict[str, Any]:
     store, dataset = _resolve(store, dataset)
     out = {}
@@ -699,8 +714,11 @@ def read_quality(
 def partition_from_context(context: dict[str, Any]) -> str:
     """The event date a DAG run owns: conf `partition_date` if given, else its data interval's start."""
     conf = (context.get("dag_run").conf if context.get("dag_run") else None) or {}
-    if conf.get("partition_date"):
-        return dt.date.fromisoformat(str(conf["partition_date"])).isoformat()
+    # A run for a delivery of any age names it in its conf: a logical date before the DAG's
+    # start_date would create a run without tasks.
+    for key in ("delivery_date", "partition_date"):
+        if conf.get(key):
+            return dt.date.fromisoformat(str(conf[key])).isoformat()
     start = context.get("data_interval_start") or context.get("logical_date")
     if start is None:
         raise ValueError(

@@ -27,6 +27,18 @@ _STD_EPSILON = 1e-9
 # Long-horizon baseline, in readings per device (4 h at the simulator's one reading a minute).
 LONG_WINDOW = 240
 
+# A window is a duration ("15min", "4h": time, whatever the cadence) or an int count of readings.
+Window = int | str
+
+
+def window_seconds(window: Window) -> float | None:
+    """Seconds of a duration window; None for a window counted in readings."""
+    if isinstance(window, str):
+        from pipelines.datasets import parse_duration
+
+        return parse_duration(window, what="gold window")
+    return None
+
 
 def warmup_rows(window: int, long_window: int = LONG_WINDOW) -> int:
     """Rows per device a caller should pass as ``warmup`` so no feature restarts at a partition edge."""
@@ -34,19 +46,30 @@ def warmup_rows(window: int, long_window: int = LONG_WINDOW) -> int:
 
 
 def warmup_tail(
-    previous: pd.DataFrame, device: str, ts: str, window: int, long_window: int = LONG_WINDOW
+    previous: pd.DataFrame, device: str, ts: str, window: Window, long_window: Window = LONG_WINDOW
 ) -> pd.DataFrame:
-    """The last readings of each device in the previous day's silver: what `to_gold` needs as
-    ``warmup`` so no feature (the long window's median included) restarts at midnight."""
-    return previous.sort_values(ts).groupby(device, group_keys=False).tail(warmup_rows(window, long_window))
+    """The last readings of each device in the previous partition's silver: what `to_gold` needs as
+    ``warmup`` so no feature (the long window's median included) restarts at the partition edge.
+    Duration windows take each device's readings within the longer duration before its last one."""
+    ordered = previous.sort_values(ts)
+    seconds = [window_seconds(w) for w in (window, long_window)]
+    if any(s is not None for s in seconds):
+        span = pd.Timedelta(seconds=max(s for s in seconds if s is not None))
+        last = ordered.groupby(device)[ts].transform("max")
+        by_time = ordered[ordered[ts] > last - span - pd.Timedelta(seconds=1)]
+        counts = [w for w in (window, long_window) if isinstance(w, int)]
+        if not counts:
+            return by_time
+        return pd.concat([by_time, ordered.groupby(device, group_keys=False).tail(max(counts))]).drop_duplicates()
+    return ordered.groupby(device, group_keys=False).tail(warmup_rows(int(window), int(long_window)))
 
 
 def to_gold(
     silver: pd.DataFrame,
     contract: Contract,
-    window: int = 15,
+    window: Window = 15,
     warmup: pd.DataFrame | None = None,
-    long_window: int = LONG_WINDOW,
+    long_window: Window = LONG_WINDOW,
 ) -> pd.DataFrame:
     """Features per (device, ts): raw value, rolling mean/std/min/max, delta, z-score, flat-line count,
     long-horizon deviation; hour_sin/cos.
@@ -58,8 +81,9 @@ def to_gold(
 
     Numeric columns are those of the contract that are not entirely null in `silver`; booleans become 0/1.
     """
-    if window < 1 or long_window < 1:
-        raise ValueError(f"window={window}, long_window={long_window}: both must be >= 1 reading")
+    for w in (window, long_window):
+        if isinstance(w, int) and w < 1:
+            raise ValueError(f"window={window}, long_window={long_window}: a count of readings must be >= 1")
     device, ts = contract.entity.column, contract.event_time.column
     # Only what features are made of: lineage columns would just be carried through the sort.
     used = [c for c in (device, ts, *contract.numeric_columns, *contract.bool_columns, "label", "event_date")]
@@ -72,7 +96,7 @@ def to_gold(
         frame = frame.sort_values([device, ts], kind="stable")
     frame = frame.reset_index(drop=True)
     starts = device_starts(frame[device])
-    short, long_ = DeviceWindow(window, starts), DeviceWindow(long_window, starts)
+    short, long_ = (_device_window(w, starts, frame[ts]) for w in (window, long_window))
 
     numeric = [c for c in contract.numeric_columns if c in silver and not silver[c].isna().all()]
     features: dict[str, pd.Series | np.ndarray] = {}
@@ -168,6 +192,40 @@ def from_storage(table: pa.Table) -> pd.DataFrame:
     frame = table.to_pandas()
     narrow = {c: "float64" for c in frame.columns if frame[c].dtype == np.float32}
     return frame.astype(narrow) if narrow else frame
+
+
+def _device_window(window: Window, starts: np.ndarray, ts: pd.Series) -> BaseIndexer:
+    seconds = window_seconds(window)
+    if seconds is None:
+        return DeviceWindow(int(window), starts)
+    return DeviceTimeWindow(time_window_starts(ts, starts, seconds))
+
+
+def time_window_starts(ts: pd.Series, starts: np.ndarray, seconds: float) -> np.ndarray:
+    """For rows sorted by (device, ts): the first row of each row's window (ts - seconds, ts] within
+    its own device. Each device's times are shifted onto one increasing axis with gaps wider than
+    the window, so one searchsorted serves every device."""
+    t = ts.astype("datetime64[ns, UTC]").to_numpy(dtype="datetime64[ns]").astype("int64")
+    if not len(t):
+        return np.zeros(0, dtype="int64")
+    width = int(seconds * 1e9)
+    rel = t - t[starts]
+    first = np.flatnonzero(starts == np.arange(len(starts)))
+    spans = np.maximum.reduceat(rel, first) + width + 1
+    offsets = np.repeat(np.concatenate([[0], np.cumsum(spans[:-1])]), np.diff(np.append(first, len(t))))
+    axis = offsets + rel
+    return np.searchsorted(axis, axis - width, side="right").astype("int64")
+
+
+class DeviceTimeWindow(BaseIndexer):
+    """Trailing windows with precomputed starts (``time_window_starts``): a duration, per device."""
+
+    def __init__(self, window_starts: np.ndarray):
+        super().__init__(window_size=0)
+        self.window_starts = window_starts
+
+    def get_window_bounds(self, num_values=0, min_periods=None, center=None, closed=None, step=None):
+        return self.window_starts[:num_values].astype("int64"), np.arange(1, num_values + 1, dtype="int64")
 
 
 class DeviceWindow(BaseIndexer):

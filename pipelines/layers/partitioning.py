@@ -1,4 +1,8 @@
-"""Event-date partitioning: which daily partition each delivered record belongs to."""
+"""Event-time partitioning: which partition (a day, or a month for long histories) each record belongs to.
+
+A partition is named by the ISO date it starts on: ``2026-01-05`` for a day, ``2013-12-01`` for the
+month of December 2013 when the dataset's ``grain`` is ``month``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,37 @@ import pyarrow as pa
 from pipelines.contracts import Contract
 
 UNPARSEABLE = None  # records whose event time can't be read stay with their delivery date
+GRAINS = ("day", "month")
+
+
+def _check_grain(grain: str) -> None:
+    if grain not in GRAINS:
+        raise ValueError(f"grain={grain!r}: use one of {GRAINS} (datasets.<name>.grain in params.yaml)")
+
+
+def partition_of(date: str, grain: str = "day") -> str:
+    """The partition an ISO event date belongs to."""
+    _check_grain(grain)
+    return date if grain == "day" else f"{date[:7]}-01"
+
+
+def partition_bounds(partition: str, grain: str = "day") -> tuple[pd.Timestamp, pd.Timestamp]:
+    """[start, end) of a partition in UTC."""
+    _check_grain(grain)
+    start = pd.Timestamp(partition).tz_localize("UTC")
+    if grain == "day":
+        return start, start + pd.Timedelta(days=1)
+    return start, start + pd.DateOffset(months=1)
+
+
+def next_partition(partition: str, grain: str = "day") -> str:
+    return partition_bounds(partition, grain)[1].date().isoformat()
+
+
+def previous_partition(partition: str, grain: str = "day") -> str:
+    start = pd.Timestamp(partition)
+    prev = start - (pd.Timedelta(days=1) if grain == "day" else pd.DateOffset(months=1))
+    return prev.date().isoformat()
 
 
 def event_dates(batch: pa.Table | pa.RecordBatch, contract: Contract) -> pd.Series:
@@ -24,9 +59,22 @@ def event_dates(batch: pa.Table | pa.RecordBatch, contract: Contract) -> pd.Seri
     return dates.astype("object").where(ts.notna(), UNPARSEABLE)
 
 
-def split_by_event_date(table: pa.Table, contract: Contract, delivery_date: str) -> dict[str, pa.Table]:
-    """Group a delivered batch by event date; unreadable timestamps go to the delivery's own date,
-    where silver quarantines them with the rule they break (nothing is dropped)."""
+def split_by_event_date(
+    table: pa.Table, contract: Contract, delivery_date: str, grain: str = "day"
+) -> dict[str, pa.Table]:
+    """Group a delivered batch by event-time partition; unreadable timestamps go to the delivery's
+    own partition, where silver quarantines them with the rule they break (nothing is dropped)."""
+    by_day = _split_by_day(table, contract, delivery_date)
+    if grain == "day":
+        return by_day
+    _check_grain(grain)
+    grouped: dict[str, list[pa.Table]] = {}
+    for day, part in by_day.items():
+        grouped.setdefault(partition_of(day, grain), []).append(part)
+    return {p: parts[0] if len(parts) == 1 else pa.concat_tables(parts) for p, parts in sorted(grouped.items())}
+
+
+def _split_by_day(table: pa.Table, contract: Contract, delivery_date: str) -> dict[str, pa.Table]:
     import numpy as np
 
     if table.num_rows == 0:

@@ -53,6 +53,7 @@ def silver_rules(
     now: datetime | None = None,
     partition: str | None = None,
     future_tolerance: timedelta = FUTURE_TOLERANCE,
+    grain: str = "day",
 ) -> list[Rule]:
     """The contract's row rules, in the order quarantine reports them. Ranges come only from the contract.
 
@@ -115,16 +116,18 @@ def silver_rules(
         )
     )
     if partition is not None:
-        day = pd.Timestamp(_partition_date(partition))
-        start, end = day.tz_localize("UTC"), day.tz_localize("UTC") + pd.Timedelta(days=1)
+        from pipelines.layers.partitioning import partition_bounds
+
+        start, end = partition_bounds(_partition_date(partition), grain)
+        span = f"event date {start.date()}" if grain == "day" else f"event month {start.strftime('%Y-%m')}"
         rules.append(
             Rule(
                 name="outside_partition",
                 column=ts,
-                description=f"{ts} on the partition's event date {day.date()} (UTC)",
+                description=f"{ts} in the partition's {span} (UTC)",
                 violations=lambda f: (f[ts] < start) | (f[ts] >= end),
                 explanation=(
-                    f"is not on the partition's event date {day.date()} (UTC); land it under its "
+                    f"is not in the partition's {span} (UTC); land it under its "
                     "own date (the lake will route rows by event date)"
                 ),
             )
@@ -143,6 +146,7 @@ def to_silver(
     *,
     now: datetime | None = None,
     partition: str | None = None,
+    grain: str = "day",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(silver, quarantine) from a bronze table. `now` is the ingestion time used for future timestamps.
 
@@ -178,7 +182,7 @@ def to_silver(
             + raw.loc[mask, _source_of(contract, col)].astype(str).map(repr)
             + f" is not a valid {_type_name(contract, col)}",
         )
-    for rule in silver_rules(contract, now=now, partition=partition):
+    for rule in silver_rules(contract, now=now, partition=partition, grain=grain):
         mask = rule.violations(typed).fillna(False).astype(bool) & ~malformed
         # A value that failed to parse is already reported as type:<col>; don't also call it missing.
         if rule.name.startswith("not_null:") and rule.column in type_errors:

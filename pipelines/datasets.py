@@ -1,0 +1,243 @@
+"""The dataset catalogue: every dataset is a source contract, plus an optional tuning section in params.yaml.
+
+A contract file in ``pipelines/contracts/`` or in the folder named by ``PLATFORM_CONTRACTS_DIR`` is a
+dataset: it gets its DAGs (``<prefix>_lakehouse``, ``<prefix>_training``), its Assets and its own
+registered model with no code change. ``datasets.<name>`` in params.yaml tunes it, read through one
+typed model (:class:`DatasetParams`): an unknown key is an error naming the key and the file.
+
+This module is light on purpose (PyYAML and pydantic only): the DAG files import it at parse time
+to declare one set of DAGs per dataset, and the dag-processor parses them often.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PACKAGED_CONTRACTS = Path(__file__).resolve().parent / "contracts"
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|min|m|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class DatasetError(ValueError):
+    """A dataset is unknown, or its parameters are invalid (the message names the key and the file)."""
+
+
+def parse_duration(value: str | int | float, *, what: str = "duration") -> float:
+    """Seconds in a duration written as ``15min``, ``4h``, ``30s``, ``1d`` (or a number of seconds)."""
+    if isinstance(value, bool):
+        raise DatasetError(f"{what}={value!r}: write a duration such as '15min' or '4h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise DatasetError(f"{what}={value!r}: write a duration such as '30s', '15min', '4h' or '1d'")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
+    if seconds <= 0:
+        raise DatasetError(f"{what}={value!r}: must be longer than 0")
+    return seconds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GoldParams(_Strict):
+    # Durations ("15min", "4h"); an integer is a count of readings (the simulator's old meaning).
+    # None: derived from the dataset's cadence (see DatasetParams.windows).
+    window: str | int | None = None
+    long_window: str | int | None = None
+
+    @field_validator("window", "long_window")
+    @classmethod
+    def _valid(cls, v):
+        if isinstance(v, str):
+            parse_duration(v)
+        elif isinstance(v, int) and v < 1:
+            raise ValueError("a window of readings must be >= 1")
+        return v
+
+
+class DatasetParams(_Strict):
+    """``datasets.<name>`` in params.yaml. Every field is optional; what is absent is derived."""
+
+    model_name: str | None = None  # registered model; default: the dataset's name
+    dag_prefix: str | None = None  # DAG ids <prefix>_lakehouse / <prefix>_training; default: the name
+    grain: Literal["day", "month"] = "day"  # event-time partition: long histories by month
+    gold: GoldParams = Field(default_factory=GoldParams)
+    # Overrides of the global `train:` and `registry:` sections for this dataset only.
+    train: dict[str, Any] = Field(default_factory=dict)
+    registry: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model_name", "dag_prefix")
+    @classmethod
+    def _name(cls, v):
+        if v is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
+            raise ValueError("use letters, digits, '_', '-' and '.'")
+        return v
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset of the catalogue: its contract file and its resolved parameters."""
+
+    name: str
+    contract_path: Path
+    params: DatasetParams
+
+    @property
+    def model_name(self) -> str:
+        return self.params.model_name or self.name
+
+    @property
+    def dag_prefix(self) -> str:
+        return self.params.dag_prefix or self.name
+
+    @property
+    def lakehouse_dag_id(self) -> str:
+        return f"{self.dag_prefix}_lakehouse"
+
+    @property
+    def training_dag_id(self) -> str:
+        return f"{self.dag_prefix}_training"
+
+    @property
+    def canary_dag_id(self) -> str:
+        return f"{self.dag_prefix}_canary"
+
+    def asset_uri(self, layer: str, lake_bucket: str = "lake") -> str:
+        return f"s3://{lake_bucket}/{layer}/{self.name}"
+
+    def asset_name(self, layer: str) -> str:
+        return f"{self.name}_{layer}"
+
+    @property
+    def grain(self) -> str:
+        return self.params.grain
+
+    def windows(self, cadence_seconds: float | None = None) -> tuple[str | int, str | int]:
+        """Gold's (short, long) windows: the configured ones, else derived from the cadence.
+
+        Derived: the short window spans at least an hour and 6 readings, the long one a day and 48
+        readings, so hourly data gets a 6 h and a 2-day window, 1-minute data 1 h and 1 day."""
+        cadence = cadence_seconds or 60.0
+        short = self.params.gold.window or _seconds_text(max(3600.0, 6 * cadence))
+        long_ = self.params.gold.long_window or _seconds_text(max(86400.0, 48 * cadence))
+        return short, long_
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{int(round(seconds))}s"
+
+
+def contract_dirs(contracts_dir: str | Path | None = None) -> list[Path]:
+    """Where contracts are looked up: the user's folder first (it may override a packaged one)."""
+    import os
+
+    extra = contracts_dir or os.environ.get("PLATFORM_CONTRACTS_DIR")
+    dirs = [Path(extra).expanduser().resolve()] if extra else []
+    return [*dirs, PACKAGED_CONTRACTS]
+
+
+def contract_files(contracts_dir: str | Path | None = None) -> dict[str, Path]:
+    """{dataset name: contract file}; a user's contract shadows a packaged one of the same name."""
+    found: dict[str, Path] = {}
+    for folder in contract_dirs(contracts_dir):
+        if not folder.is_dir():
+            continue
+        for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+            if _NAME.match(path.stem):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def _params_file(params_file: str | Path | None) -> Path:
+    if params_file:
+        return Path(params_file)
+    import os
+
+    from_env = os.environ.get("PLATFORM_PARAMS_FILE")
+    return Path(from_env) if from_env else Path(__file__).resolve().parent.parent / "params.yaml"
+
+
+def _raw_params(params_file: Path) -> dict:
+    import yaml
+
+    if not params_file.exists():
+        return {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(params_file.read_text(), Loader=loader) or {}  # noqa: S506 - a safe loader
+
+
+def dataset_params(name: str, raw: dict, params_file: Path) -> DatasetParams:
+    section = (raw.get("datasets") or {}).get(name) or {}
+    try:
+        return DatasetParams.model_validate(section)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in ("datasets", name, *first["loc"]))
+        problem = "is not a known key" if first["type"] == "extra_forbidden" else first["msg"]
+        known = ", ".join(DatasetParams.model_fields)
+        raise DatasetError(f"{params_file}: {key} {problem} (keys of a dataset: {known})") from None
+
+
+def catalogue(contracts_dir: str | Path | None = None, params_file: str | Path | None = None) -> dict[str, Dataset]:
+    """Every dataset: one per contract file, with its parameters validated."""
+    pfile = _params_file(params_file)
+    raw = _raw_params(pfile)
+    files = contract_files(contracts_dir)
+    unknown = sorted(set(raw.get("datasets") or {}) - set(files))
+    if unknown:
+        raise DatasetError(
+            f"{pfile}: datasets.{unknown[0]} has no contract; add {unknown[0]}.yaml to "
+            f"{' or '.join(str(d) for d in contract_dirs(contracts_dir))}, or remove the section"
+        )
+    return {name: Dataset(name, path, dataset_params(name, raw, pfile)) for name, path in files.items()}
+
+
+def get_dataset(name: str, contracts_dir: str | Path | None = None, params_file: str | Path | None = None) -> Dataset:
+    """The dataset named ``name`` (``<contract>.<variant>`` datasets share their contract's params)."""
+    datasets = catalogue(contracts_dir, params_file)
+    base = name.split(".", 1)[0]
+    if base not in datasets:
+        raise DatasetError(
+            f"unknown dataset {name!r}: no contract {base}.yaml in "
+            f"{' or '.join(str(d) for d in contract_dirs(contracts_dir))}; known: {sorted(datasets)}"
+        )
+    found = datasets[base]
+    return found if base == name else Dataset(name, found.contract_path, found.params)
+
+
+def effective_params(name: str, params: dict | None = None) -> dict:
+    """params.yaml as one dataset sees it: ``train`` and ``registry`` with the dataset's overrides
+    merged in, ``registry.model_name`` its own model, ``gold`` its windows."""
+    from pipelines.settings import load_params
+
+    merged = copy.deepcopy(params if params is not None else load_params())
+    ds = get_dataset(name)
+    for section, overrides in (("train", ds.params.train), ("registry", ds.params.registry)):
+        merged[section] = _deep_merge(merged.get(section) or {}, overrides)
+    merged.setdefault("registry", {})["model_name"] = ds.model_name
+    from pipelines.contracts import load_contract
+
+    short, long_ = ds.windows(load_contract(ds.contract_path).cadence_seconds)
+    merged["gold"] = {**(merged.get("gold") or {}), "window": short, "long_window": long_}
+    merged["dataset"] = {"name": ds.name, "grain": ds.grain, "model_name": ds.model_name}
+    return merged
+
+
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
