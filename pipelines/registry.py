@@ -90,9 +90,7 @@ def decide(
     """
     failed = sorted(name for name, g in guardrails.items() if not g.get("passed", False))
     if failed:
-        details = ", ".join(
-            f"{n}={guardrails[n].get('value')} > {guardrails[n].get('limit')}" for n in failed
-        )
+        details = ", ".join(f"{n}={guardrails[n].get('value')} > {guardrails[n].get('limit')}" for n in failed)
         return False, f"guardrail failed: {details}"
     unmeasurable = challenger_metric is None or np.isnan(challenger_metric)
     if unmeasurable and (champion_metric is None or np.isnan(champion_metric)):
@@ -100,7 +98,8 @@ def decide(
         # for either version, so the gate decides on the guardrails and the canary compares online.
         first = "first model becomes champion" if champion_metric is None else "challenger"
         return True, (
-            f"no labels in the evaluation range: gated on guardrails only ({first}; the canary compares online)"
+            f"the evaluation range has no labelled anomalies and normals: gated on guardrails only ({first}; "
+            "the canary compares online)"
         )
     if unmeasurable:
         return False, "challenger metric is not a number (eval set without both classes?)"
@@ -242,9 +241,7 @@ def register_version(result: TrainResult, model_name: str, *, tracking_uri: str)
             model_name, description="IoT sensor anomaly detector; aliases champion/challenger/previous."
         )
     except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "ALREADY_EXISTS" not in str(
-            exc.error_code
-        ):
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "ALREADY_EXISTS" not in str(exc.error_code):
             raise
     run = client.get_run(result.run_id)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
@@ -440,9 +437,7 @@ def offline_gate(
         if passed and champ is not None and current_challenger not in (None, version, champ):
             pending = score(current_challenger)["metric"]
             if pending > challenger["metric"]:
-                reason += (
-                    f"; challenger slot kept by v{current_challenger} ({metric} {pending:.4f} is higher)"
-                )
+                reason += f"; challenger slot kept by v{current_challenger} ({metric} {pending:.4f} is higher)"
                 current_challenger = "keep"
 
         _record_gate(
@@ -571,9 +566,7 @@ def promote(
     return describe_aliases(model_name, tracking_uri=tracking_uri)
 
 
-def rollback(
-    model_name: str, *, tracking_uri: str, actor: str = "unknown", reason: str = ""
-) -> dict[str, str]:
+def rollback(model_name: str, *, tracking_uri: str, actor: str = "unknown", reason: str = "") -> dict[str, str]:
     """champion <- previous; the rolled-back version keeps a tag saying who/why/when."""
     client = _client(tracking_uri)
     with registry_lease(client, model_name, who="rollback"):
@@ -596,9 +589,7 @@ def rollback(
                     "rolled_back.to": prev,
                 },
             )
-        _tag_many(
-            client, model_name, prev, {"restored.at": _now(), "restored.by": actor, "restored.reason": reason}
-        )
+        _tag_many(client, model_name, prev, {"restored.at": _now(), "restored.by": actor, "restored.reason": reason})
     return describe_aliases(model_name, tracking_uri=tracking_uri)
 
 

@@ -395,6 +395,27 @@ def fit_range_rule(train_df: pd.DataFrame, tail: float = 0.005, units: dict[str,
     return RangeRule(bounds, {c: u for c, u in (units or {}).items() if c in bounds})
 
 
+def nab_scores(df: pd.DataFrame, alarm: np.ndarray, windows: list) -> tuple[dict[str, float], str | None]:
+    """NAB's normalised score (three profiles) of the model's alarms at its decision threshold, each
+    device a series, on rows already out of sample (no probationary period). (metrics, why absent)."""
+    from pipelines.evaluation.nab import PROFILES, CorpusFile, normalised_scores
+
+    files = []
+    frame = df[["device", "ts"]].assign(_alarm=np.asarray(alarm, dtype=float))
+    for device, rows in frame.groupby("device", sort=True):
+        rows = rows.sort_values("ts")
+        ts = pd.to_datetime(rows["ts"], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+        bounds = [(pd.Timestamp(a).tz_localize(None), pd.Timestamp(b).tz_localize(None)) for a, b in windows]
+        files.append((CorpusFile(str(device), "", ts, np.zeros(len(ts)), bounds), rows["_alarm"].to_numpy()))
+    out = {}
+    try:
+        for name, profile in PROFILES.items():
+            out[f"nab_{name}"] = normalised_scores(files, profile, threshold=0.5, probation_percent=0.0).normalised
+    except ValueError as exc:
+        return {}, f"{exc} (no known window inside the test range)"
+    return out, None
+
+
 def context_units(context: TrainingContext) -> dict[str, str]:
     """Units of the dataset's readings, from its contract (empty when it cannot be found)."""
     try:
@@ -716,6 +737,10 @@ def train_and_log(
             f"(baseline rule: {int(rule_events['windows_detected'])}/{int(rule_events['windows'])}, "
             f"{rule_events['false_alarm_episodes_per_day']:.2f}/day)"
         )
+        nab, why = nab_scores(test_df, all_test_alarm, context.label_windows)
+        metrics.update(nab)
+        if why:
+            unmeasured["nab score"] = why
     else:
         unmeasured["event-level scores"] = "no anomaly windows known (the contract names no label_windows file)"
     for name, metric_set in (("model", metrics), ("baseline", baseline)):

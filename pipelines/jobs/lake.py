@@ -579,7 +579,8 @@ def _gold_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
             store=store,
             dataset=task.dataset,
         )
-        say(f"[gold] {task.partition}{_bucket_label(bucket, index, total)}: {len(gold)} feature rows")
+        if total > 1:  # a single bucket's line would repeat the partition's own
+            say(f"[gold] {task.partition}{_bucket_label(bucket, index, total)}: {len(gold)} feature rows")
         return {"rows_in": rows_in, "quality": quality, "profile": reference_profile(gold), "gold": to_storage(gold)}
 
     return task.run(work)

@@ -441,7 +441,8 @@ def validate_partition(
         statistics=statistics,
         raw=raw,
     )
-    log.info("%s", result.summary())
+    # The caller prints the summary (progress): logging it too printed every gate twice in task logs.
+    log.debug("%s", result.summary())
     return result
 
 
