@@ -131,9 +131,10 @@ def run_dags(
     failed = [r for r in results if not r.succeeded]
     if check and failed:
         r = failed[0]
+        run = runs[results.index(r)]
+        which = r.logical_date or ", ".join(f"{k} {v}" for k, v in (run.conf or {}).items()) or "a manual run"
         raise DagRunFailed(
-            f"DAG {r.dag_id} failed for {r.logical_date}; the task log is in {r.log_file}:\n"
-            + _failure_excerpt(Path(r.log_file))
+            f"DAG {r.dag_id} failed ({which}):\n{_failure_excerpt(Path(r.log_file))}\n  task log: {r.log_file}"
         )
     return results
 
@@ -182,8 +183,21 @@ def _tidy(line: str) -> str:
     return re.sub(r"^\S+Z \[\w+\s*\] ", "", line)[:300]
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed|Mismatch)): (.+)$")
+
+
 def _failure_excerpt(log_file: Path, lines: int = 40) -> str:
+    """The failed task's own error, one line: a deterministic failure carries the job's message in
+    Airflow's AirflowFailException; otherwise the first exception line that is not Airflow's own
+    wrapper. Falls back to the log's lines around the first traceback."""
     text = log_file.read_text(errors="replace").splitlines()
+    errors = [m for line in text if (m := _EXCEPTION_LINE.match(line.strip()))]
+    own = [m for m in errors if m.group(1) == "AirflowFailException"] or [
+        m for m in errors if m.group(1) not in ("DagRunFailed", "AirflowException", "SystemExit")
+    ]
+    if own:
+        message = own[0].group(2) if own[0].group(1) == "AirflowFailException" else own[0].group(0)
+        return f"  {message.removesuffix(' (deterministic: not retried)')}"
     interesting = [
         i
         for i, line in enumerate(text)

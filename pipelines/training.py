@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
+
+# skops finds a model's types by walking sys.modules with getattr; inside an Airflow task that touches
+# every deprecated Airflow attribute and printed ~1,160 DeprecatedImportWarning lines per training log.
+# Known noise attributed to skops' own module, so only it is silenced.
+warnings.filterwarnings("ignore", module=r"skops\.io\._utils")
 
 NON_FEATURE_COLUMNS = ("device", "ts", "event_date", "label", "is_anomaly")
 FAULT_TYPES = ("spike", "stuck", "drift", "dropout")

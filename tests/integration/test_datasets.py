@@ -135,3 +135,19 @@ def test_summary_names_the_dataset_and_one_line_per_layer(ec2_run, capsys):
     gate_lines = [line for line in out.splitlines() if "partitions passed" in line]
     assert len(gate_lines) == 3, out
     assert "events:" in out
+
+
+def test_a_deterministic_failure_fails_at_once_with_its_own_error(user_datasets, tmp_path, capsys):
+    """A file without the contract's columns fails bronze once (no retries) and the CLI prints the
+    job's own error and the log's path, not Airflow's stack frames."""
+    bad = tmp_path / "wrong-header.csv"
+    bad.write_text("when,reading\n2014-02-14 14:30:00,1.5\n")
+    assert _cli("land", "--file", str(bad), "--dataset", "art_jumps", "--date", "2026-03-01") == 0
+    capsys.readouterr()
+    assert _cli("run", "--dataset", "art_jumps", "2026-03-01", "--skip-training") == 1
+    err = capsys.readouterr().err
+    assert "DAG art_jumps_lakehouse failed (delivery_date 2026-03-01)" in err
+    assert "wrong-header.csv" in err and "timestamp" in err, err  # the job's message: file and missing column
+    assert "Traceback" not in err and "task_runner" not in err
+    log = Path(err.split("task log: ")[1].split()[0])
+    assert log.read_text().count("starting task_id=bronze") == 1  # not retried
