@@ -1,60 +1,69 @@
-"""The DVC pipeline's stages: the lake's pure functions on local Parquet under data/, repeatable to the byte.
+"""The DVC pipeline's stages: the lake's own layer jobs on a local store under data/, repeatable to the byte.
 
 `dvc.yaml` calls each stage as `python -m pipelines.cli stage <name>` from the checkout's root, so a
-reproduction in an old worktree runs that commit's code. Stages read only params.yaml and their
-declared deps, and write only their declared outs:
+reproduction in an old worktree runs that commit's code. The layer stages run exactly what the DAGs
+run (`pipelines.jobs.lake`: land_bytes, build_bronze, build_silver, build_gold, read_gold), through
+a `LocalStore` rooted at data/ instead of the S3 `ObjectStore`: buckets are folders, so data/ is
+laid out as the object store is (manifests, run-scoped files, quarantine), and one lake is written
+one way. Stages read only params.yaml and their declared deps, and write only their declared outs:
 
-    ingest   -> data/landing/<dataset>/<date>/*.csv          simulator (params.simulate) or dvc.ingest_file
-    bronze   -> data/bronze/<dataset>/event_date=<d>/part-0.parquet
-    silver   -> data/silver/..., data/quarantine/...
-    gold     -> data/gold/...
+    ingest   -> data/landing/<dataset>/<date>/*              simulator (params.simulate) or dvc.ingest_file
+    bronze   -> data/lake/bronze/<dataset>/event_date=<d>/: _manifest.json, run=dvc-<delivery>/delivery=<delivery>/*
+    silver   -> data/lake/silver/..., data/lake/quarantine/...
+    gold     -> data/lake/gold/...
     validate -> data/quality/<layer>/<dataset>/event_date=<d>/validation.json, metrics/quality.json
     train    -> models/model.skops, models/model.json, metrics/train.json   (+ an MLflow run)
     evaluate -> metrics/eval.json, plots/*.csv (PR curves, confusion pairs), plots/*.png
 
-Determinism: seeded simulator and models, sorted partitions and files, Parquet with fixed settings,
-no wall-clock time in any output (bronze lineage gets a run id and ingestion time derived from the
-partition date), and the skops model file normalised (zip entry names and timestamps).
+(The jobs also store their own gate results under data/lake/quality/; those hold run times and
+durations, so they are not DVC outputs: `validate` writes the deterministic summaries.)
+
+Determinism: seeded simulator and models, partitions processed in date order, fixed run ids
+(`dvc-<date>`) and a pinned store clock (ingestion and commit times: the end of the date a job
+runs for), so manifests, file names and Parquet bytes are the same on every run; the skops model
+file is normalised (zip entry names and timestamps).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+
+from pipelines.storage import LocalStore
 
 Progress = Callable[[str], Any]
 
 DATA = Path("data")
-LAYER_DIRS = ("landing", "bronze", "silver", "quarantine", "gold", "quality")
+LANDING_BUCKET = "landing"  # data/landing: what was delivered
+LAKE_BUCKET = "lake"  # data/lake: bronze, silver, quarantine, gold (+ the jobs' gate results)
+QUALITY_DIR = DATA / "quality"
 MODEL_FILE = Path("models/model.skops")
 MODEL_CARD = Path("models/model.json")
 TRAIN_METRICS = Path("metrics/train.json")
 EVAL_METRICS = Path("metrics/eval.json")
 QUALITY_METRICS = Path("metrics/quality.json")
 PLOTS = Path("plots")
-PART_FILE = "part-0.parquet"
-DATA_DIGEST_TAG = "dvc_data_digest"  # sha256 over the gold partitions a run was trained on
+DATA_DIGEST_TAG = "dvc_data_digest"  # the gold snapshot's content_sha256 (manifest hashes) a run trained on
 
 
 class StageError(RuntimeError):
     """A DVC stage cannot run: the message names the input and the fix."""
 
 
-# --------------------------------------------------------------------------- params and paths
+# --------------------------------------------------------------------------- params, store, clock
 
 
 def stage_params(root: Path) -> dict:
@@ -68,40 +77,68 @@ def dvc_params(params: dict) -> dict:
     return {"dataset": "iot_telemetry", "ingest_file": "", "ingest_date": "", **(params.get("dvc") or {})}
 
 
-def layer_dir(root: Path, layer: str, dataset: str) -> Path:
-    return root / DATA / layer / dataset
+def dataset_params(root: Path) -> tuple[str, dict]:
+    """The DVC dataset and params.yaml as its jobs see it (the dataset's train/registry/gold
+    overrides merged in, `pipelines.datasets.effective_params`), as the training DAG reads them."""
+    from pipelines.datasets import effective_params
 
-
-def partition_file(root: Path, layer: str, dataset: str, partition: str) -> Path:
-    return layer_dir(root, layer, dataset) / f"event_date={partition}" / PART_FILE
-
-
-def partitions(root: Path, layer: str, dataset: str) -> list[str]:
-    base = layer_dir(root, layer, dataset)
-    if not base.is_dir():
-        return []
-    return sorted(p.name.split("=", 1)[1] for p in base.iterdir() if p.name.startswith("event_date="))
+    params = stage_params(root)
+    dataset = dvc_params(params)["dataset"]
+    return dataset, effective_params(dataset, params)
 
 
 def ingested_at(partition: str) -> dt.datetime:
-    """Fixed ingestion time for DVC-built bronze: the end of the event date (no wall clock in outputs)."""
-    return dt.datetime.combine(dt.date.fromisoformat(partition), dt.time(), tzinfo=dt.UTC) + dt.timedelta(
-        days=1
+    """The pinned clock of a DVC job for a date: the end of that date (no wall clock in outputs)."""
+    return dt.datetime.combine(dt.date.fromisoformat(partition), dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=1)
+
+
+def run_id(date: str) -> str:
+    """The run id of a DVC job for a date: in file names, manifests and bronze lineage, so fixed."""
+    return f"dvc-{date}"
+
+
+def local_store(root: Path, dataset: str) -> LocalStore:
+    """The lake under <root>/data with fixed bucket names: dvc.yaml's outs name these folders,
+    whatever buckets the environment configures for the object store."""
+    from pipelines.settings import get_settings
+
+    settings = get_settings().model_copy(
+        update={"landing_bucket": LANDING_BUCKET, "lake_bucket": LAKE_BUCKET, "dataset": dataset}
     )
+    store = LocalStore(root / DATA, settings)
+    store.ensure_buckets()
+    return store
 
 
-def _fresh_dir(path: Path) -> Path:
+@contextmanager
+def job_context(store: LocalStore, root: Path, date: str) -> Iterator[None]:
+    """Run a lake job as of `date`: the store's clock pinned to the end of that date, and the jobs'
+    params read from <root>/params.yaml (the file DVC tracks), not the package's checkout."""
+    previous_clock, previous_params = store.clock, os.environ.get("PLATFORM_PARAMS_FILE")
+    at = ingested_at(date)
+    store.clock = lambda: at
+    os.environ["PLATFORM_PARAMS_FILE"] = str(root / "params.yaml")
+    try:
+        yield
+    finally:
+        store.clock = previous_clock
+        if previous_params is None:
+            os.environ.pop("PLATFORM_PARAMS_FILE", None)
+        else:
+            os.environ["PLATFORM_PARAMS_FILE"] = previous_params
+
+
+def _contract(dataset: str):
+    from pipelines.jobs.lake import _contract as lake_contract
+
+    return lake_contract(dataset)  # the jobs' own lookup, not a second one
+
+
+def _clear(store: LocalStore, bucket: str, prefix: str) -> None:
+    """Start a layer's output empty, as DVC does before it runs the stage (also for a run by hand)."""
+    path = store.root / bucket / prefix
     if path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    from pipelines.storage import table_to_parquet_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(table_to_parquet_bytes(table))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -120,165 +157,127 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _read_layer(root: Path, layer: str, dataset: str, partition: str) -> pa.Table:
-    path = partition_file(root, layer, dataset, partition)
-    if not path.exists():
-        raise StageError(f"{path} is missing: run `dvc repro {layer}` (or `dvc pull`) first")
-    return pq.read_table(path)
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _partitions(store: LocalStore, layer: str, dataset: str, before: str) -> list[str]:
+    from pipelines import storage
 
-
-def gold_snapshot(root: Path, dataset: str) -> dict:
-    """What training read: per-partition rows and file hashes, and one digest over them (as read_gold)."""
-    parts = partitions(root, "gold", dataset)
-    snapshot: dict[str, Any] = {"source": "dvc", "path": str(DATA / "gold" / dataset), "dataset": dataset}
-    snapshot["partitions"] = {
-        p: {
-            "rows": pq.read_metadata(partition_file(root, "gold", dataset, p)).num_rows,
-            "content_sha256": _sha256(partition_file(root, "gold", dataset, p)),
-        }
-        for p in parts
-    }
-    snapshot["content_sha256"] = hashlib.sha256(
-        "".join(v["content_sha256"] for _, v in sorted(snapshot["partitions"].items())).encode()
-    ).hexdigest()
-    return snapshot
-
-
-def read_gold_frame(root: Path, dataset: str) -> pd.DataFrame:
-    parts = partitions(root, "gold", dataset)
+    parts = storage.list_partitions(store, layer, dataset)
     if not parts:
-        raise StageError(f"no gold partitions under {layer_dir(root, 'gold', dataset)}: run `dvc repro gold`")
-    from pipelines.layers.gold import from_storage
+        raise StageError(
+            f"no {layer} partitions of {dataset} under {store.root / LAKE_BUCKET / layer}: run `dvc repro {before}`"
+            " (or `dvc pull`) first"
+        )
+    return parts
 
-    return pd.concat([from_storage(_read_layer(root, "gold", dataset, p)) for p in parts], ignore_index=True)
+
+def read_gold(root: Path, dataset: str) -> tuple[pd.DataFrame, dict]:
+    """Gold as training reads it in the DAG (`pipelines.jobs.lake.read_gold`), and its snapshot."""
+    from pipelines.jobs.lake import read_gold as read_lake_gold
+
+    store = local_store(root, dataset)
+    _partitions(store, "gold", dataset, "gold")
+    frame, snapshot = read_lake_gold(dataset=dataset, store=store)
+    return frame, {"source": "dvc", "path": str(DATA / LAKE_BUCKET / "gold" / dataset), **snapshot}
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def ingest(root: Path, progress: Progress = print) -> list[Path]:
-    """Land the simulator's days (params.simulate), or the file named by dvc.ingest_file, as CSV."""
+def ingest(root: Path, progress: Progress = print) -> list[str]:
+    """Land the simulator's days (params.simulate), or the file named by dvc.ingest_file, as delivered."""
+    from pipelines.jobs.lake import land_bytes
     from pipelines.simulator import simulate_day_csv
 
     params = stage_params(root)
     d = dvc_params(params)
-    out = _fresh_dir(root / DATA / "landing")
-    written = []
+    store = local_store(root, d["dataset"])
+    _fresh_dir(store.root / LANDING_BUCKET)
+    keys = []
     if d["ingest_file"]:
         source = root / d["ingest_file"]
         if not source.is_file():
             raise StageError(f"dvc.ingest_file={d['ingest_file']!r}: no such file under {root}")
         if not d["ingest_date"]:
-            raise StageError("dvc.ingest_file needs dvc.ingest_date (YYYY-MM-DD): the event date it holds")
+            raise StageError("dvc.ingest_file needs dvc.ingest_date (YYYY-MM-DD): the date it was delivered")
         day = dt.date.fromisoformat(str(d["ingest_date"])).isoformat()
-        target = out / d["dataset"] / day / source.name
-        target.parent.mkdir(parents=True)
-        shutil.copyfile(source, target)
-        written.append(target)
+        keys.append(land_bytes(store, d["dataset"], day, source.name, source.read_bytes()))
     else:
         p = params["simulate"]
         start = dt.date.fromisoformat(str(p["start_date"]))
         for i in range(int(p["days"])):
             day = start + dt.timedelta(days=i)
-            target = out / d["dataset"] / day.isoformat() / f"telemetry-{day}.csv"
-            target.parent.mkdir(parents=True)
-            target.write_bytes(
-                simulate_day_csv(
-                    day, devices=int(p["devices"]), freq_seconds=int(p["freq_seconds"]), seed=int(p["seed"])
-                )
+            data = simulate_day_csv(
+                day, devices=int(p["devices"]), freq_seconds=int(p["freq_seconds"]), seed=int(p["seed"])
             )
-            written.append(target)
-    for path in written:
-        progress(f"[ingest] {path.relative_to(root)} ({path.stat().st_size / 1e6:.2f} MB)")
-    return written
+            keys.append(land_bytes(store, d["dataset"], day.isoformat(), f"telemetry-{day}.csv", data))
+    for key in keys:
+        size = (store.root / LANDING_BUCKET / key).stat().st_size
+        progress(f"[ingest] {DATA / LANDING_BUCKET / key} ({size / 1e6:.2f} MB)")
+    return keys
+
+
+def deliveries(store: LocalStore, dataset: str) -> list[str]:
+    """The delivery dates landed for `dataset` (landing/<dataset>/<date>/), oldest first."""
+    from pipelines import storage
+
+    prefix = storage.landing_prefix(dataset)
+    folders = store.list_keys(store.settings.landing_bucket, prefix, recursive=False)
+    return sorted(k[len(prefix) :].rstrip("/") for k in folders if k.endswith("/"))
 
 
 def bronze(root: Path, progress: Progress = print) -> list[str]:
-    from pipelines.contracts import load_contract
-    from pipelines.layers.bronze import parse_landing_csv
+    """`build_bronze` for every delivery, oldest first (a later delivery supersedes an earlier one,
+    as when the DAG runs day by day): JSON lines, event-date split, source line counts and the
+    bronze gate all come with the job."""
+    from pipelines.jobs.lake import build_bronze
 
     dataset = dvc_params(stage_params(root))["dataset"]
-    contract = load_contract(dataset)
-    landing = layer_dir(root, "landing", dataset)
-    days = sorted(p.name for p in landing.iterdir() if p.is_dir()) if landing.is_dir() else []
-    if not days:
-        raise StageError(f"nothing landed under {landing}: run `dvc repro ingest`")
-    _fresh_dir(root / DATA / "bronze")
-    for day in days:
-        tables = []
-        for path in sorted(p for p in (landing / day).iterdir() if p.is_file()):
-            data = path.read_bytes()
-            tables.append(
-                parse_landing_csv(
-                    data,
-                    source_key=str(path.relative_to(root)),
-                    source_etag=hashlib.md5(data).hexdigest(),  # what S3 reports for a single-part PUT
-                    run_id=f"dvc:{dataset}:{day}",
-                    ingested_at=ingested_at(day),
-                    contract=contract,
-                )
-            )
-        table = pa.concat_tables(tables, promote_options="default")
-        _write_parquet(partition_file(root, "bronze", dataset, day), table)
-        progress(f"[bronze] {day}: {table.num_rows} records")
-    return days
+    store = local_store(root, dataset)
+    dates = deliveries(store, dataset)
+    if not dates:
+        raise StageError(f"nothing landed under {store.root / LANDING_BUCKET / dataset}: run `dvc repro ingest`")
+    _clear(store, LAKE_BUCKET, "bronze")
+    touched: set[str] = set()
+    for day in dates:
+        with job_context(store, root, day):
+            report = build_bronze(day, run_id(day), dataset=dataset, store=store, progress=progress)
+        touched |= set(report.partitions)
+    return sorted(touched)
 
 
 def silver(root: Path, progress: Progress = print) -> list[str]:
-    from pipelines.contracts import load_contract
-    from pipelines.layers.silver import to_silver
+    """`build_silver` for every bronze partition (quarantine, outside-partition and future rules, gate)."""
+    from pipelines.jobs.lake import build_silver
 
     dataset = dvc_params(stage_params(root))["dataset"]
-    contract = load_contract(dataset)
-    days = partitions(root, "bronze", dataset)
-    if not days:
-        raise StageError(f"no bronze partitions under {layer_dir(root, 'bronze', dataset)}")
-    _fresh_dir(root / DATA / "silver")
-    _fresh_dir(root / DATA / "quarantine")
+    store = local_store(root, dataset)
+    days = _partitions(store, "bronze", dataset, "bronze")
+    _clear(store, LAKE_BUCKET, "silver")
+    _clear(store, LAKE_BUCKET, "quarantine")
     for day in days:
-        table = _read_layer(root, "bronze", dataset, day)
-        rows, quarantine = to_silver(table, contract, now=ingested_at(day))
-        _write_parquet(
-            partition_file(root, "quarantine", dataset, day),
-            pa.Table.from_pandas(
-                quarantine.astype(str) if len(quarantine) else quarantine, preserve_index=False
-            ),
-        )
-        _write_parquet(
-            partition_file(root, "silver", dataset, day), pa.Table.from_pandas(rows, preserve_index=False)
-        )
-        progress(f"[silver] {day}: {table.num_rows} in -> {len(rows)} silver, {len(quarantine)} quarantined")
+        with job_context(store, root, day):
+            build_silver(day, run_id(day), dataset=dataset, store=store, progress=progress)
     return days
 
 
 def gold(root: Path, progress: Progress = print) -> list[str]:
-    """Per event date, with the previous day's tail as warm-up (exactly as the lake's gold job)."""
-    from pipelines.contracts import load_contract
-    from pipelines.layers.gold import to_gold, to_storage, warmup_tail
+    """`build_gold` for every silver partition, oldest first: each warms up with the previous day and
+    is gated against the previous gold partition's profile, as in the DAG."""
+    from pipelines.jobs.lake import build_gold
 
-    params = stage_params(root)
-    dataset = dvc_params(params)["dataset"]
-    contract = load_contract(dataset)
-    window = int(params["gold"]["window"])
-    long_window = int(params["gold"].get("long_window", 240))
-    days = partitions(root, "silver", dataset)
-    if not days:
-        raise StageError(f"no silver partitions under {layer_dir(root, 'silver', dataset)}")
-    _fresh_dir(root / DATA / "gold")
+    dataset = dvc_params(stage_params(root))["dataset"]
+    store = local_store(root, dataset)
+    days = _partitions(store, "silver", dataset, "silver")
+    _clear(store, LAKE_BUCKET, "gold")
     for day in days:
-        rows = _read_layer(root, "silver", dataset, day).to_pandas()
-        previous = (dt.date.fromisoformat(day) - dt.timedelta(days=1)).isoformat()
-        warmup = None
-        if previous in days:
-            prev = _read_layer(root, "silver", dataset, previous).to_pandas()
-            warmup = warmup_tail(prev, contract.entity.column, contract.event_time.column, window, long_window)
-        features = to_gold(rows, contract, window=window, warmup=warmup, long_window=long_window)
-        _write_parquet(partition_file(root, "gold", dataset, day), to_storage(features))
-        progress(f"[gold] {day}: {len(features)} feature rows")
+        with job_context(store, root, day):
+            build_gold(day, run_id(day), dataset=dataset, store=store, progress=progress)
     return days
 
 
@@ -308,32 +307,43 @@ def _quality_summary(result) -> dict:
 
 
 def validate(root: Path, progress: Progress = print) -> dict:
-    """GX suites of every layer and partition; exits non-zero on a critical failure (train never runs)."""
-    from pipelines.contracts import load_contract
+    """The GX suites of every layer and partition, re-run on what was published (read through the
+    lake's readers, with the jobs' config lookup); exits non-zero on a critical failure (train never runs).
+
+    Bronze's row count is checked against its manifest (the rows the writer committed): the count
+    against the delivered source lines is enforced by build_bronze itself. Gold is compared with the
+    previous gold partition's stored profile, as its job gate does."""
+    from pipelines import storage
+    from pipelines.jobs.lake import _gold_reference
+    from pipelines.layers.gold import from_storage
     from pipelines.quality import validate_partition
 
     params = stage_params(root)
     dataset = dvc_params(params)["dataset"]
-    contract = load_contract(dataset)
+    contract = _contract(dataset)
     config = (params.get("quality") or {}).get(contract.name, {})
-    _fresh_dir(root / DATA / "quality")
+    store = local_store(root, dataset)
+    _fresh_dir(root / QUALITY_DIR)
     totals: dict[str, dict[str, int]] = {}
     failed = []
     for layer in ("bronze", "silver", "gold"):
-        days = partitions(root, layer, dataset)
-        for i, day in enumerate(days):
-            frame = _read_layer(root, layer, dataset, day).to_pandas()
+        for day in _partitions(store, layer, dataset, layer):
+            table = storage.read_partition(store, layer, dataset, day)
             kwargs: dict[str, Any] = {}
             if layer == "bronze":
-                kwargs["expected_row_count"] = len(frame)
-            if layer == "gold" and i > 0:
-                kwargs["reference"] = _read_layer(root, "gold", dataset, days[i - 1]).to_pandas()
+                manifest = storage.read_manifest(store, layer, dataset, day)
+                kwargs["expected_row_count"] = manifest.rows if manifest is not None else None
+                frame = table.to_pandas(types_mapper=pd.ArrowDtype)  # as the bronze job gates it
+            elif layer == "silver":
+                kwargs["now"] = ingested_at(day)  # the clock build_silver ran with
+                frame = table.to_pandas()
+            else:
+                kwargs["reference"] = _gold_reference(store, dataset, day)
+                frame = from_storage(table)
             result = validate_partition(frame, layer, contract, day, config=config.get(layer), **kwargs)
             progress(result.summary())
             summary = _quality_summary(result)
-            _write_json(
-                root / DATA / "quality" / layer / dataset / f"event_date={day}" / "validation.json", summary
-            )
+            _write_json(root / QUALITY_DIR / layer / dataset / f"event_date={day}" / "validation.json", summary)
             t = totals.setdefault(layer, {"partitions": 0, "evaluated": 0, "passed": 0, "critical_failed": 0})
             t["partitions"] += 1
             for key in ("evaluated", "passed", "critical_failed"):
@@ -344,7 +354,7 @@ def validate(root: Path, progress: Progress = print) -> dict:
     if failed:
         raise StageError(
             f"quality gate failed for {', '.join(failed)}: see the expectations above and "
-            f"{DATA / 'quality'}; fix the data or the contract, then `dvc repro` again"
+            f"{QUALITY_DIR}; fix the data or the contract, then `dvc repro` again"
         )
     return totals
 
@@ -399,20 +409,18 @@ def logged_metrics(result) -> dict[str, float]:
 
 
 def train(root: Path, progress: Progress = print) -> dict:
-    """train_and_log on data/gold; the model, its card and the run's metrics as DVC outputs."""
+    """train_and_log on the local lake's gold; the model, its card and the run's metrics as DVC outputs."""
     import mlflow.sklearn
 
     import mlflow
     from pipelines import lineage
     from pipelines.training import TrainingContext, train_and_log
 
-    params = stage_params(root)
-    dataset = dvc_params(params)["dataset"]
-    frame = read_gold_frame(root, dataset)
-    snapshot = gold_snapshot(root, dataset)
+    dataset, params = dataset_params(root)
+    frame, snapshot = read_gold(root, dataset)
     quality = {
         p.parent.name.split("=", 1)[1]: json.loads(p.read_text())
-        for p in sorted((root / DATA / "quality" / "gold" / dataset).glob("event_date=*/validation.json"))
+        for p in sorted((root / QUALITY_DIR / "gold" / dataset).glob("event_date=*/validation.json"))
     }
     uri, experiment, tmp = _tracking(root)
     try:
@@ -423,9 +431,7 @@ def train(root: Path, progress: Progress = print) -> dict:
             dvc_lock_digest=lineage.dvc_lock_digest(),
             gx_summary={"statistics": _gx_totals(quality)} if quality else None,
         )
-        result = train_and_log(
-            frame, params, context, tracking_uri=uri, experiment=experiment, progress=progress
-        )
+        result = train_and_log(frame, params, context, tracking_uri=uri, experiment=experiment, progress=progress)
         client = mlflow.MlflowClient(uri)
         for key, value in {
             DATA_DIGEST_TAG: snapshot["content_sha256"],
@@ -452,6 +458,8 @@ def train(root: Path, progress: Progress = print) -> dict:
             "feature_columns": result.feature_columns,
             "training_partitions": result.training_partitions,
             "data_digest": snapshot["content_sha256"],
+            # the rule's T as training used it (a number, or fitted on the training range for "fit")
+            "threshold_rule_temp_above": result.baseline_temp_above,
         },
     )
     _write_json(root / TRAIN_METRICS, metrics)
@@ -466,6 +474,17 @@ def _gx_totals(quality: dict) -> dict:
         "successful_expectations": sum(q["passed"] for q in quality.values()),
         "unsuccessful_expectations": sum(q["evaluated"] - q["passed"] for q in quality.values()),
     }
+
+
+def rule_temp_above(card: dict, train_df: pd.DataFrame, rule: dict) -> float:
+    """The threshold rule's T: the one training recorded in the model card; else params
+    (`temp_above: fit` fitted on the training range, exactly as training does)."""
+    from pipelines.training import fit_threshold_rule
+
+    if card.get("threshold_rule_temp_above") is not None:
+        return float(card["threshold_rule_temp_above"])
+    configured = rule.get("temp_above", 32.0)
+    return fit_threshold_rule(train_df) if configured == "fit" else float(configured)
 
 
 def evaluate(root: Path, progress: Progress = print) -> dict:
@@ -485,17 +504,16 @@ def evaluate(root: Path, progress: Progress = print) -> dict:
     )
     from pipelines.training import evaluate as evaluate_scores
 
-    params = stage_params(root)
+    dataset, params = dataset_params(root)
     tp = params["train"]
-    dataset = dvc_params(params)["dataset"]
     card = json.loads((root / MODEL_CARD).read_text())
     model = skops.io.loads((root / MODEL_FILE).read_bytes(), trusted=SKOPS_TRUSTED_TYPES)
-    _, test_df = split_by_time(read_gold_frame(root, dataset), float(tp["test_fraction"]))
+    train_df, test_df = split_by_time(read_gold(root, dataset)[0], float(tp["test_fraction"]))
     test = labelled(test_df)
     y = test["is_anomaly"].astype(int).to_numpy()
     scores = anomaly_scores(model, test[card["feature_columns"]])
     threshold = float(card["threshold"])
-    temp_above = float(tp.get("threshold_rule", {}).get("temp_above", 32.0))
+    temp_above = rule_temp_above(card, train_df, tp.get("threshold_rule") or {})
     model_metrics = evaluate_scores(scores, y, test["label"], threshold)
     rule_metrics = threshold_rule_metrics(test, temp_above)
     metrics = {**model_metrics, **{f"baseline_threshold_{k}": v for k, v in rule_metrics.items()}}
@@ -512,9 +530,7 @@ def evaluate(root: Path, progress: Progress = print) -> dict:
         root / PLOTS / "confusion_matrix.csv", index=False, lineterminator="\n"
     )
     figures = {
-        "pr_curve.png": plots.pr_curves(
-            y, {card["model_family"]: scores, f"temp > {temp_above}": rule_scores}
-        ),
+        "pr_curve.png": plots.pr_curves(y, {card["model_family"]: scores, f"temp > {temp_above:g}": rule_scores}),
         "confusion_matrix.png": plots.confusion_matrix_figure(y, (scores >= threshold).astype(int)),
     }
     for name, fig in figures.items():
@@ -522,7 +538,7 @@ def evaluate(root: Path, progress: Progress = print) -> dict:
         plots.close(fig)
     progress(
         f"[evaluate] test rows {len(test)}: PR-AUC {model_metrics['pr_auc']:.4f} F1 {model_metrics['f1']:.4f}"
-        f" | threshold rule PR-AUC {rule_metrics['pr_auc']:.4f}"
+        f" | threshold rule (temp > {temp_above:g}) PR-AUC {rule_metrics['pr_auc']:.4f}"
     )
     return metrics
 
@@ -554,9 +570,7 @@ def stable_skops_bytes(data: bytes) -> bytes:
     pattern = re.compile("|".join(re.escape(n) for n in sorted(renames, key=len, reverse=True)))
     new_schema = pattern.sub(lambda m: renames[m.group(0)], schema) if renames else schema
     ids: dict[str, str] = {}  # "__id__" (shared-reference memo keys) are id()s too: number by first use
-    new_schema = _OBJECT_ID.sub(
-        lambda m: f'"__id__": {ids.setdefault(m.group(1), str(len(ids) + 1))}', new_schema
-    )
+    new_schema = _OBJECT_ID.sub(lambda m: f'"__id__": {ids.setdefault(m.group(1), str(len(ids) + 1))}', new_schema)
     entries = {"schema.json": new_schema.encode()}
     for info in src.infolist():
         if info.filename != "schema.json":

@@ -10,6 +10,10 @@ Commit protocol (Delta Lake's idea, reduced to one object per partition):
 A writer killed before step 2 leaves only unreferenced files, which the next publish of the
 same partition removes. Re-running a logical date rewrites exactly that partition
 (idempotent): the manifest is replaced, never appended to.
+
+One interface, two stores (`LakeStore`): `ObjectStore` (S3: MinIO, SeaweedFS) for the DAGs, and
+`LocalStore` (a directory: buckets are sub-folders, keys relative paths) for the DVC stages, so
+both run the same layer jobs and write the same lake.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -57,7 +65,98 @@ class Manifest:
         return cls(**json.loads(data))
 
 
-class ObjectStore:
+@runtime_checkable
+class LakeStore(Protocol):
+    """What the lake jobs need from a store: buckets of objects addressed by key.
+
+    Keys are '/'-separated; `list_keys` returns them sorted (S3's order); a put is atomic (a
+    reader sees the old object or the new one). Implemented by `ObjectStore` (S3) and
+    `LocalStore` (a directory)."""
+
+    settings: Settings
+
+    def ensure_buckets(self, *names: str) -> None: ...
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = ...) -> str: ...
+
+    def get_bytes(self, bucket: str, key: str) -> bytes: ...
+
+    def open_object(self, bucket: str, key: str) -> BinaryIO:
+        """A streaming reader of one object (read(n), close()); the caller closes it."""
+        ...
+
+    def etag(self, bucket: str, key: str) -> str: ...
+
+    def exists(self, bucket: str, key: str) -> bool: ...
+
+    def list_keys(self, bucket: str, prefix: str = "", recursive: bool = True) -> list[str]: ...
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None: ...
+
+    def put_parquet(self, bucket: str, key: str, table: pa.Table) -> dict[str, Any]: ...
+
+    def put_encoded_parquet(self, bucket: str, key: str, data: bytes, rows: int) -> dict[str, Any]: ...
+
+    def get_parquet(self, bucket: str, key: str) -> pa.Table: ...
+
+    def now(self) -> datetime:
+        """The clock the lake records (commit and ingestion times): a reproducible store pins it."""
+        ...
+
+    def for_worker(self) -> LakeStore:
+        """The store a forked worker process uses (it must not share open connections)."""
+        ...
+
+
+class _ParquetObjects:
+    """Parquet objects over put_bytes/get_bytes: one definition for every store."""
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        raise NotImplementedError
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        raise NotImplementedError
+
+    def put_parquet(self, bucket: str, key: str, table: pa.Table) -> dict[str, Any]:
+        return self.put_encoded_parquet(bucket, key, table_to_parquet_bytes(table), table.num_rows)
+
+    def put_encoded_parquet(self, bucket: str, key: str, data: bytes, rows: int) -> dict[str, Any]:
+        """Store Parquet bytes; the file's entry as a manifest lists it (key, rows, bytes, sha256)."""
+        self.put_bytes(bucket, key, data)
+        return {"key": key, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def get_parquet(self, bucket: str, key: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.get_bytes(bucket, key)))
+
+
+class _ResponseStream(io.RawIOBase):
+    """A MinIO response as a plain stream: close() also returns its connection to the pool."""
+
+    def __init__(self, response: Any):
+        super().__init__()
+        self._response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        return self._response.read(None if size is None or size < 0 else size)
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._response.close()
+                self._response.release_conn()
+            finally:
+                super().close()
+
+
+class ObjectStore(_ParquetObjects):
     """Thin wrapper over the MinIO client (works against MinIO and SeaweedFS alike)."""
 
     def __init__(self, settings: Settings | None = None):
@@ -99,6 +198,9 @@ class ObjectStore:
 
         return self._retry(_get)
 
+    def open_object(self, bucket: str, key: str) -> BinaryIO:
+        return _ResponseStream(self.client.get_object(bucket, key))  # type: ignore[return-value]
+
     def etag(self, bucket: str, key: str) -> str:
         return (self.client.stat_object(bucket, key).etag or "").strip('"')
 
@@ -134,17 +236,130 @@ class ObjectStore:
                     raise
                 time.sleep(base_delay * 2**attempt)
 
-    # -- parquet ----------------------------------------------------------------------------
-    def put_parquet(self, bucket: str, key: str, table: pa.Table) -> dict[str, Any]:
-        return self.put_encoded_parquet(bucket, key, table_to_parquet_bytes(table), table.num_rows)
+    # -- clock and processes (see LakeStore) --------------------------------------------------
+    def now(self) -> datetime:
+        return datetime.now(UTC)
 
-    def put_encoded_parquet(self, bucket: str, key: str, data: bytes, rows: int) -> dict[str, Any]:
-        """Store Parquet bytes; the file's entry as a manifest lists it (key, rows, bytes, sha256)."""
-        self.put_bytes(bucket, key, data)
-        return {"key": key, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    def for_worker(self) -> ObjectStore:
+        return ObjectStore(self.settings)
 
-    def get_parquet(self, bucket: str, key: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.get_bytes(bucket, key)))
+
+_TEMP_PREFIX = ".tmp-"  # an object being written; never listed, removed if its writer dies
+
+
+class LocalStore(_ParquetObjects):
+    """The lake in a local directory, with ObjectStore's methods: `<root>/<bucket>/<key>`.
+
+    The DVC stages run the lake jobs on it, so data/ holds exactly what the object store would.
+    A put writes a temp file beside its target and renames it over the target (os.replace is
+    atomic), so the commit protocol holds here too: a reader sees the old manifest or the new one.
+    `clock` pins `now()` (ingestion and commit times) for outputs that must not change run to run.
+    """
+
+    def __init__(self, root: Path | str, settings: Settings | None = None, clock: Callable[[], datetime] | None = None):
+        self.root = Path(root)
+        self.settings = settings or get_settings()
+        self.clock = clock
+
+    def _path(self, bucket: str, key: str) -> Path:
+        parts = key.split("/")
+        if not bucket or "/" in bucket or bucket in (".", "..") or key.startswith("/") or not key:
+            raise StorageError(f"Invalid object {bucket!r}/{key!r}: a bucket name and a relative key are required")
+        if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+            raise StorageError(f"Invalid key {key!r} in bucket {bucket!r}: no empty, '.' or '..' segments")
+        return self.root / bucket / key
+
+    # -- buckets ----------------------------------------------------------------------------
+    def ensure_buckets(self, *names: str) -> None:
+        for bucket in names or (self.settings.landing_bucket, self.settings.lake_bucket):
+            (self.root / bucket).mkdir(parents=True, exist_ok=True)
+
+    # -- objects ----------------------------------------------------------------------------
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        path = self._path(bucket, key)
+        if key.endswith("/"):  # a "folder marker" object: nothing to store locally
+            path.mkdir(parents=True, exist_ok=True)
+            return hashlib.md5(data).hexdigest()  # noqa: S324 - S3's ETag, not security
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; an object is as readable as any other file
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return hashlib.md5(data).hexdigest()  # noqa: S324 - S3's ETag of a single-part PUT
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        path = self._path(bucket, key)
+        if not path.is_file():
+            raise FileNotFoundError(f"No object {key!r} in bucket {bucket!r} (looked for {path})")
+        return path.read_bytes()
+
+    def open_object(self, bucket: str, key: str) -> BinaryIO:
+        path = self._path(bucket, key)
+        if not path.is_file():
+            raise FileNotFoundError(f"No object {key!r} in bucket {bucket!r} (looked for {path})")
+        return open(path, "rb")
+
+    def etag(self, bucket: str, key: str) -> str:
+        """The MD5 hex digest, as S3 reports for an object stored with one PUT."""
+        h = hashlib.md5()  # noqa: S324 - S3's ETag, not security
+        with self.open_object(bucket, key) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self._path(bucket, key).is_file()
+
+    def list_keys(self, bucket: str, prefix: str = "", recursive: bool = True) -> list[str]:
+        """Keys starting with `prefix` (a string prefix, as S3's), sorted as S3 lists them; not
+        recursive: the keys and "sub/" prefixes one level below `prefix`'s last '/'."""
+        base = self.root / bucket
+        folder = base / prefix.rsplit("/", 1)[0] if "/" in prefix else base
+        if not folder.is_dir():
+            return []
+        found: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(folder):
+            rel = Path(dirpath).relative_to(base).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            for name in filenames:
+                key = rel + name
+                if not name.startswith(_TEMP_PREFIX) and key.startswith(prefix):
+                    found.add(key)
+            # only descend where keys can still start with the prefix
+            dirnames[:] = [
+                d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")
+            ]
+        if not recursive:
+            found = {
+                prefix + rest.split("/", 1)[0] + ("/" if "/" in rest else "")
+                for rest in (k[len(prefix) :] for k in found)
+            }
+        return sorted(found)  # code point order = UTF-8 byte order = S3's listing order
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        """Delete objects (a missing one is no error, as in S3) and the folders they leave empty."""
+        base = self.root / bucket
+        for key in keys:
+            path = self._path(bucket, key)
+            path.unlink(missing_ok=True)
+            parent = path.parent
+            while parent != base and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+
+    # -- clock and processes (see LakeStore) --------------------------------------------------
+    def now(self) -> datetime:
+        return self.clock() if self.clock is not None else datetime.now(UTC)
+
+    def for_worker(self) -> LocalStore:
+        return self  # no connections to share: a forked worker uses the same directory
 
 
 ROW_GROUP_ROWS = 65_536
@@ -194,7 +409,7 @@ def landing_prefix(dataset: str, partition: str | None = None) -> str:
 
 # -- commit protocol --------------------------------------------------------------------------
 def publish_partition(
-    store: ObjectStore,
+    store: LakeStore,
     layer: str,
     dataset: str,
     partition: str,
@@ -227,7 +442,7 @@ class PartitionWriter:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: LakeStore,
         layer: str,
         dataset: str,
         partition: str,
@@ -313,7 +528,7 @@ class PartitionWriter:
             rows=sum(f["rows"] for f in all_files),
             content_sha256=content,
             schema=self.schema,
-            committed_at=datetime.now(UTC).isoformat(),
+            committed_at=self.store.now().isoformat(),
             extra=extra or {},
         )
         self.store.put_bytes(self.bucket, self.prefix + MANIFEST_NAME, manifest.to_json(), "application/json")
@@ -337,20 +552,20 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.:+=" else "_" for c in name)
 
 
-def read_manifest(store: ObjectStore, layer: str, dataset: str, partition: str) -> Manifest | None:
+def read_manifest(store: LakeStore, layer: str, dataset: str, partition: str) -> Manifest | None:
     key = partition_prefix(layer, dataset, partition) + MANIFEST_NAME
     if not store.exists(store.settings.lake_bucket, key):
         return None
     return Manifest.from_json(store.get_bytes(store.settings.lake_bucket, key))
 
 
-def read_partition(store: ObjectStore, layer: str, dataset: str, partition: str) -> pa.Table:
+def read_partition(store: LakeStore, layer: str, dataset: str, partition: str) -> pa.Table:
     """Only committed data: the files the manifest names, nothing else under the prefix."""
     tables = [pq.read_table(io.BytesIO(blob)) for blob in read_partition_files(store, layer, dataset, partition)]
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
-def read_partition_files(store: ObjectStore, layer: str, dataset: str, partition: str) -> list[bytes]:
+def read_partition_files(store: LakeStore, layer: str, dataset: str, partition: str) -> list[bytes]:
     """The committed Parquet files of a partition, still encoded (a few bytes per row): a job
     that works through a large partition in device buckets decodes only one bucket at a time."""
     manifest = read_manifest(store, layer, dataset, partition)
@@ -417,7 +632,7 @@ def _row_groups_for(source: pq.ParquetFile, column: str, values: list) -> list[i
     return groups
 
 
-def list_partitions(store: ObjectStore, layer: str, dataset: str) -> list[str]:
+def list_partitions(store: LakeStore, layer: str, dataset: str) -> list[str]:
     prefix = f"{layer}/{dataset}/"
     parts = set()
     for key in store.list_keys(store.settings.lake_bucket, prefix):

@@ -110,7 +110,7 @@ def clone(origin, tmp_path_factory):
     """A fresh clone that only pulls: no config.local, the endpoint comes from AWS_ENDPOINT_URL."""
     repo = tmp_path_factory.mktemp("clone") / "repo"
     sh(["git", "clone", "-q", str(origin["repo"]), str(repo)], origin["repo"], origin["env"])
-    assert not (repo / "data" / "gold").exists()  # only DVC's .gitignore files came with git
+    assert not (repo / "data" / "lake" / "gold").exists()  # only DVC's .gitignore files came with git
     dvc("pull", cwd=repo, env=origin["env"])
     return repo
 
@@ -160,9 +160,9 @@ def test_platform_reproduce_identical_then_reports_tampered_data(origin, clone, 
 
     # Tamper with one gold Parquet file in the DVC remote: the pull still works, the check names it.
     lock = __import__("yaml").safe_load((origin["repo"] / "dvc.lock").read_text())
-    gold_dir = next(o for o in lock["stages"]["gold"]["outs"] if o["path"] == "data/gold")["md5"]
+    gold_dir = next(o for o in lock["stages"]["gold"]["outs"] if o["path"] == "data/lake/gold")["md5"]
     listing = json.loads(store.get_bytes(DVC_BUCKET, f"store/files/md5/{gold_dir[:2]}/{gold_dir[2:]}"))
-    victim = listing[0]
+    victim = next(e for e in listing if e["relpath"].endswith(".parquet"))  # not the manifest, listed first
     key = f"store/files/md5/{victim['md5'][:2]}/{victim['md5'][2:]}"
     original = store.get_bytes(DVC_BUCKET, key)
     mlflow.MlflowClient().set_registered_model_alias(MODEL, "candidate", version)
@@ -173,7 +173,7 @@ def test_platform_reproduce_identical_then_reports_tampered_data(origin, clone, 
         store.put_bytes(DVC_BUCKET, key, original)
     assert not tampered.identical
     names = [d.name for d in tampered.differences if d.what == "data"]
-    assert f"data/gold/{victim['relpath']}" in names, tampered.summary()
+    assert f"data/lake/gold/{victim['relpath']}" in names, tampered.summary()
     assert "gold" in tampered.stages_run, tampered.summary()
 
 
