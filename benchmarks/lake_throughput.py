@@ -186,12 +186,13 @@ def phase_ceiling(days: int) -> dict:
     from pipelines import storage
     from pipelines.jobs import lake
     from pipelines.layers.gold import DeviceWindow, _diff_within, device_starts
-    from pipelines.settings import load_params
+    from pipelines.datasets import effective_params, parse_duration
 
     store = storage.ObjectStore()
     contract = lake._contract(DATASET)
     device, ts = contract.entity.column, contract.event_time.column
-    window = int(load_params()["gold"]["window"])
+    configured = effective_params(DATASET)["gold"]["window"]  # a duration: in readings at this cadence
+    window = configured if isinstance(configured, int) else max(1, int(parse_duration(configured) // 60))
     silver_columns = [*contract.silver_columns]
     kernel_s, rows = 0.0, 0
     gold_write = {codec: [0.0, 0] for codec in CEILING_CODECS}  # seconds, bytes

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.contracts import load_contract
+from pipelines.datasets import effective_params
 from pipelines.layers.bronze import iter_landing_batches
 from pipelines.layers.gold import to_gold
 from pipelines.layers.partitioning import split_by_event_date
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params()
     config = (params.get("quality") or {}).get(contract.name, {})
     partition = "2026-01-05"
-    gold_params = params["gold"]
-    window, long_window = int(gold_params["window"]), int(gold_params.get("long_window", 240))
+    gold_params = effective_params(contract.name)["gold"]
+    window, long_window = gold_params["window"], gold_params["long_window"]
     print(f"generating {args.rows:,} rows ...", flush=True)
     data = synthetic_csv(args.rows)
     now = dt.datetime(2026, 1, 6, tzinfo=dt.UTC)

@@ -157,6 +157,7 @@ def main() -> int:
         os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{state / 'airflow' / 'airflow.db'}"
         (state / "airflow").mkdir(parents=True)
     from pipelines import services
+    from pipelines.datasets import get_dataset
     from pipelines.settings import get_settings, load_params
 
     procs: list[subprocess.Popen] = []
@@ -173,7 +174,7 @@ def main() -> int:
         settings = get_settings()
         os.environ.update(settings.client_env())
         os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"  # our own registry's model (skops)
-        name = args.model or load_params(settings.params_file)["registry"]["model_name"]
+        name = args.model or get_dataset(settings.dataset).model_name
         uri = settings.mlflow_tracking_uri
         if args.ephemeral:
             name = "serving-benchmark"

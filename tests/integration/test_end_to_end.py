@@ -78,10 +78,10 @@ def test_rerunning_a_date_is_idempotent(pipeline_run, store, settings):
 
 def test_model_is_registered_with_alias_and_artifacts_in_object_store(pipeline_run, settings, store):
     from mlflow import MlflowClient
-    from pipelines.settings import load_params
+    from pipelines.datasets import get_dataset
 
     client = MlflowClient(settings.mlflow_tracking_uri)
-    name = load_params()["registry"]["model_name"]
+    name = get_dataset("iot_telemetry").model_name
     model = client.get_registered_model(name)
     assert model.aliases.get("champion") == "1"
     version = client.get_model_version(name, "1")

@@ -283,7 +283,7 @@ def _settings_of(state_dir: Path):
 def _params_file(path: Path) -> Path:
     """params.yaml with this module's registered model name, for both runs: training identical."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["registry"]["model_name"] = MODEL_NAME
+    params["datasets"]["iot_telemetry"]["model_name"] = MODEL_NAME
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
