@@ -184,9 +184,9 @@ def phase_ceiling(days: int) -> dict:
     import pyarrow.parquet as pq
 
     from pipelines import storage
+    from pipelines.datasets import effective_params, parse_duration
     from pipelines.jobs import lake
     from pipelines.layers.gold import DeviceWindow, _diff_within, device_starts
-    from pipelines.datasets import effective_params, parse_duration
 
     store = storage.ObjectStore()
     contract = lake._contract(DATASET)

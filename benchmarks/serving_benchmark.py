@@ -158,7 +158,7 @@ def main() -> int:
         (state / "airflow").mkdir(parents=True)
     from pipelines import services
     from pipelines.datasets import get_dataset
-    from pipelines.settings import get_settings, load_params
+    from pipelines.settings import get_settings
 
     procs: list[subprocess.Popen] = []
     try:
