@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
 def cmd_status(args) -> int:
     from pipelines.canary import controller
 
-    status = controller.status()
+    status = controller.status(dataset=args.dataset)
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
@@ -47,7 +47,7 @@ def cmd_status(args) -> int:
 def cmd_history(args) -> int:
     from pipelines.canary import controller
 
-    events = controller.history_events()
+    events = controller.history_events(dataset=args.dataset)
     if args.json:
         print(json.dumps(events, indent=2, default=str))
         return 0
@@ -59,7 +59,7 @@ def cmd_history(args) -> int:
 def cmd_start(args) -> int:
     from pipelines.canary import controller
 
-    state = controller.start_rollout(actor=_actor(args), reason=args.reason)
+    state = controller.start_rollout(actor=_actor(args), reason=args.reason, dataset=args.dataset)
     print(controller.stage_note(state))
     return 0
 
@@ -67,7 +67,7 @@ def cmd_start(args) -> int:
 def cmd_step(args) -> int:
     from pipelines.canary import controller
 
-    result = controller.evaluate_step(actor=_actor(args))
+    result = controller.evaluate_step(actor=_actor(args), dataset=args.dataset)
     print(result["note"])
     return 0
 
@@ -75,14 +75,18 @@ def cmd_step(args) -> int:
 def cmd_promote(args) -> int:
     from pipelines.canary import controller
 
-    print(controller.promote(actor=_actor(args), reason=args.reason, version=args.version, force=args.force))
+    print(
+        controller.promote(
+            actor=_actor(args), reason=args.reason, version=args.version, force=args.force, dataset=args.dataset
+        )
+    )
     return 0
 
 
 def cmd_rollback(args) -> int:
     from pipelines.canary import controller
 
-    result = controller.rollback(actor=_actor(args), reason=args.reason)
+    result = controller.rollback(actor=_actor(args), reason=args.reason, dataset=args.dataset)
     print(result.get("note") or result)
     return 0
 
@@ -90,7 +94,9 @@ def cmd_rollback(args) -> int:
 def cmd_set_weight(args) -> int:
     from pipelines.canary import controller
 
-    state = controller.set_weight(args.weight, args.shadow, actor=_actor(args), reason=args.reason)
+    state = controller.set_weight(
+        args.weight, args.shadow, actor=_actor(args), reason=args.reason, dataset=args.dataset
+    )
     print(controller.stage_note(state))
     return 0
 
@@ -102,9 +108,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_serve)
 
-    canary = subparsers.add_parser(
-        "canary", help="canary rollout of the challenger: status, history, actions"
-    )
+    canary = subparsers.add_parser("canary", help="canary rollout of the challenger: status, history, actions")
+    canary.add_argument("--dataset", help="the dataset whose model rolls out (default: PLATFORM_DATASET)")
     sub = canary.add_subparsers(dest="canary_command", required=True)
 
     def with_actor(parser: argparse.ArgumentParser, reason_required: bool = True) -> argparse.ArgumentParser:
@@ -130,9 +135,9 @@ def register_commands(subparsers) -> None:
     p.add_argument("--version")
     p.add_argument("--force", action="store_true", help="promote even without a passed offline gate")
     p.set_defaults(func=cmd_promote)
-    with_actor(
-        sub.add_parser("rollback", help="abort the running rollout, or champion <- previous")
-    ).set_defaults(func=cmd_rollback)
+    with_actor(sub.add_parser("rollback", help="abort the running rollout, or champion <- previous")).set_defaults(
+        func=cmd_rollback
+    )
     p = with_actor(sub.add_parser("set-weight", help="override the running rollout's challenger weight"))
     p.add_argument("weight", type=int, help="percent of devices routed to the challenger (0..100)")
     p.add_argument("--shadow", choices=["none", "challenger", "champion"])

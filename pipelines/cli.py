@@ -489,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.umask(0o077)  # what the CLI writes (logs, data) is its owner's alone, as the stack's files are
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -29,16 +29,14 @@ MLflow has no transactions on aliases, and two training runs can finish together
 So a version that lost the gate never receives an alias: its ``gate.passed`` tag is ``false`` and
 check (a) runs after the tag is written, under the lease.
 
-Loading models: offline_gate loads ``models:/<name>/<version>`` with pyfunc. MLflow 3.17 refuses to
-deserialise any sklearn model (skops included) unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``;
-models in our own registry are trusted, so the gate sets it for the duration of a load
-(``trust_registry_models=True``, the default).
+Loading models: offline_gate loads ``models:/<name>/<version>`` as the scoring service does
+(``pipelines.serving.models.load_skops_model``): the skops file with the platform's trusted types
+only, never pickle or pyfunc's loader; a version in another format is refused with its reason.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import tempfile
 import threading
@@ -274,35 +272,6 @@ def register_version(result: TrainResult, model_name: str, *, tracking_uri: str)
 
 # --------------------------------------------------------------------------- scoring a version
 
-_trust_lock = threading.Lock()
-_trust_depth = 0
-
-
-@contextmanager
-def _trusted_loading(enabled: bool):
-    """Set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true while loading our own models (thread-safe refcount)."""
-    global _trust_depth
-    var = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
-    if not enabled:
-        yield
-        return
-    with _trust_lock:
-        if _trust_depth == 0:
-            _trusted_loading.previous = os.environ.get(var)  # type: ignore[attr-defined]
-            os.environ[var] = "true"
-        _trust_depth += 1
-    try:
-        yield
-    finally:
-        with _trust_lock:
-            _trust_depth -= 1
-            if _trust_depth == 0:
-                prev = _trusted_loading.previous  # type: ignore[attr-defined]
-                if prev is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = prev
-
 
 def _dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
@@ -316,10 +285,11 @@ def score_version(
     metric: str,
     *,
     tracking_uri: str,
-    trust_registry_models: bool = True,
 ) -> dict[str, Any]:
-    """Load ``models:/name/version`` via pyfunc, score the labelled eval rows; metric, timing and size."""
+    """Load ``models:/name/version`` (skops with the platform's trusted types only: no pickle), score the
+    labelled eval rows; metric, timing and size."""
     import mlflow
+    from pipelines.serving.models import load_skops_model
 
     lab = labelled(eval_df)
     if lab.empty:  # no labels: timing, size and the flag rate are still measured on every row
@@ -332,9 +302,8 @@ def score_version(
             registry_uri=tracking_uri,
         )
         size_mb = _dir_size_mb(Path(local))
-        with _trusted_loading(trust_registry_models):
-            model = mlflow.pyfunc.load_model(local)
-    columns = model.metadata.get_input_schema().input_names()
+        model, mlmodel = load_skops_model(local, model_name, version)
+    columns = mlmodel.get_input_schema().input_names()
     missing = [c for c in columns if c not in lab.columns]
     if missing:
         raise ValueError(f"eval set lacks columns {missing} that {model_name} v{version} needs; rebuild gold")
@@ -376,7 +345,6 @@ def offline_gate(
     params: dict,
     *,
     tracking_uri: str,
-    trust_registry_models: bool = True,
     progress=print,
 ) -> GateDecision:
     """Compare ``version`` with the champion on ``eval_df``; set ``challenger`` (or ``champion`` if first)."""
@@ -396,7 +364,6 @@ def offline_gate(
             eval_df,
             metric,
             tracking_uri=tracking_uri,
-            trust_registry_models=trust_registry_models,
         )
 
     challenger = score(version)  # outside the lease: independent of the other writers

@@ -1,9 +1,23 @@
 """The embedded stack: start, stop and inspect the object store, MLflow and Airflow as local processes.
 
-Everything binds to 127.0.0.1. Each process runs in its own session with its PID in
-<state>/pids/, logs in <state>/logs/, so `platform down` stops exactly what `platform up`
-started and nothing else. `platform up` writes <state>/stack.env (generated credentials,
-chosen ports) which pipelines.settings reads, so any later process finds the stack.
+Everything binds to 127.0.0.1. Each process runs in its own session with its PID (and the
+process's start time, so a recycled PID is not mistaken for ours) in <state>/pids/, logs in
+<state>/logs/, so `platform down` stops exactly what `platform up` started and nothing else.
+`platform up` writes <state>/stack.env (generated credentials, chosen ports) which
+pipelines.settings reads, so any later process finds the stack.
+
+Other users of the machine share the loopback interface, so 127.0.0.1 alone protects nothing:
+* the state directory and everything in it is private (directories 0700, files 0600; the servers
+  run with umask 077);
+* the object store exposes one unauthenticated-looking port, its S3 endpoint, which checks the
+  access keys. SeaweedFS's other listeners (master, volume, filer, admin: HTTP and gRPC) require a
+  client certificate of a CA generated per start into <state>/s3/security/ (SeaweedFS's own
+  security.toml: mutual TLS on every HTTP and gRPC listener, plus JWT signing keys for volume and
+  filer reads and writes), so anonymous connections fail the TLS handshake;
+* `platform up` never talks to a server it did not start: every port the stack will open (the
+  object store's derived ports too) is checked before the start, a recorded port another process
+  took is replaced by a free one, and a server is used only once the process group we started is
+  the one listening on its port.
 
 With AIRFLOW__CORE__EXECUTOR=CeleryExecutor (broker and result backend in the standard
 AIRFLOW__CELERY__BROKER_URL / AIRFLOW__CELERY__RESULT_BACKEND), `platform up --workers N` also
@@ -23,6 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +53,8 @@ def _bin(name: str) -> str:
 
 # -- ports ------------------------------------------------------------------------------------
 def port_is_free(port: int) -> bool:
+    if not 0 < port < 65536:  # e.g. a derived port (+10000) past the end of the range
+        return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -55,17 +72,118 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
-def free_port_block(count: int, offset_also: int = 10000) -> int:
+GRPC_OFFSET = 10000  # SeaweedFS's default gRPC port = HTTP port + 10000
+
+
+def free_port_block(count: int, offset_also: int = GRPC_OFFSET, avoid: Iterable[int] = ()) -> int:
     """A base port with `count` consecutive free ports, and free at +offset too (weed's gRPC ports)."""
     import random
 
     rng = random.Random(os.getpid() ^ time.time_ns())
+    avoid = set(avoid)
     for _ in range(200):
         base = rng.randrange(20000, 29000)
         ports = [base + i for i in range(count)] + [base + offset_also + i for i in range(count)]
-        if all(port_is_free(p) for p in ports):
+        if not avoid.intersection(ports) and all(port_is_free(p) for p in ports):
             return base
     raise RuntimeError("Could not find free loopback ports for the object store")
+
+
+def _listening_inodes(port: int) -> set[int]:
+    """Socket inodes listening on TCP `port` (any local address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _process_group(pgid: int) -> list[int]:
+    """The processes of group `pgid` (each of our services leads its own group and session)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def pid_listens_on(pid: int, port: int) -> bool:
+    """Whether the process group we started as `pid` is what listens on 127.0.0.1:`port`."""
+    listening = _listening_inodes(port)
+    if not listening:
+        return False
+    return any(_socket_inodes(member) & listening for member in _process_group(pid) or [pid])
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on `port`: 'pid 123 (weed ...)' when the process is visible to us, else a note."""
+    listening = _listening_inodes(port)
+    if not listening:
+        return None
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _socket_inodes(int(entry)) & listening:
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            return f"pid {entry} ({cmd.strip()[:120]})"
+    return "a process of another user (not visible to us)"
+
+
+def _recorded_port(settings: Settings, key: str) -> int | None:
+    from urllib.parse import urlparse
+
+    value = read_env_file(stack_env_path(settings)).get(key, "")
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    return urlparse(value).port
+
+
+def choose_port(settings: Settings, key: str, name: str, default: int, progress=print) -> int:
+    """The port for service `name`: the one recorded under `key` in stack.env if it is free, a new free
+    one (reported, and recorded by the caller) if another process took it, `default` if free otherwise.
+
+    Only for a service that is not running: a running one of ours keeps its port (`_our_service`)."""
+    recorded = _recorded_port(settings, key)
+    if recorded and port_is_free(recorded):
+        return recorded
+    port = free_port(None if recorded else default)
+    if recorded:
+        progress(
+            f"[up] {name}: recorded port {recorded} is taken by {port_holder(recorded) or 'another process'}; "
+            f"using {port} instead (recorded in {stack_env_path(settings)})"
+        )
+    return port
 
 
 # -- process bookkeeping -----------------------------------------------------------------------
@@ -76,19 +194,83 @@ class Service:
     health_url: str | None
 
 
+PRIVATE_UMASK = 0o077  # every server we start creates files readable by our user only
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write `path` as a 0600 file (created so, never world-readable even for an instant)."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def make_state_private(state_dir: Path) -> None:
+    """Directories 0700 and files 0600 under `state_dir` (our own entries; symlinks are left alone).
+
+    The servers run with umask 077, but a state directory from an older version, or a file a server
+    chmods itself (SeaweedFS writes its .vif volume metadata 0644), is tightened here."""
+    uid = os.geteuid()
+    private_dir(state_dir)
+    for root, dirs, files in os.walk(state_dir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # removed meanwhile
+            if st.st_uid != uid or os.path.islink(path):
+                continue
+            wanted = 0o700 if name in dirs else 0o600 if not _is_socket(st.st_mode) else 0o700
+            if st.st_mode & 0o777 & ~wanted:
+                try:
+                    os.chmod(path, (st.st_mode & 0o777) & wanted)
+                except OSError:
+                    pass
+
+
+def _is_socket(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(mode)
+
+
 def _pid_file(settings: Settings, name: str) -> Path:
     return settings.state_dir / "pids" / f"{name}.pid"
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot: with the PID, an identity token."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _read_pid(settings: Settings, name: str) -> int | None:
+    """The PID of our `name` if that very process is still alive (PID and start time both match)."""
     path = _pid_file(settings, name)
     if not path.exists():
         return None
     try:
-        pid = int(path.read_text().strip())
-    except ValueError:
+        fields = path.read_text().split()
+        pid = int(fields[0])
+    except (ValueError, IndexError):
         return None
-    return pid if _alive(pid) else None
+    if not _alive(pid):
+        return None
+    if len(fields) > 1 and _start_time(pid) not in (None, fields[1]):
+        return None  # the PID was recycled by a process that is not ours
+    return pid
 
 
 def _alive(pid: int) -> bool:
@@ -107,20 +289,33 @@ def _spawn(settings: Settings, name: str, cmd: list[str], env: dict[str, str], c
     existing = _read_pid(settings, name)
     if existing:
         return existing
-    (settings.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (settings.state_dir / "pids").mkdir(parents=True, exist_ok=True)
-    log = open(settings.state_dir / "logs" / f"{name}.log", "ab")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **env},
-        cwd=str(cwd or settings.state_dir),
-        start_new_session=True,  # own process group: `down` stops it and its children
-    )
-    _pid_file(settings, name).write_text(str(proc.pid))
+    logs = private_dir(settings.state_dir / "logs")
+    private_dir(settings.state_dir / "pids")
+    log_fd = os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(log_fd, 0o600)
+    with os.fdopen(log_fd, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            cwd=str(cwd or settings.state_dir),
+            start_new_session=True,  # own process group: `down` stops it and its children
+            umask=PRIVATE_UMASK,
+        )
+    write_private(_pid_file(settings, name), f"{proc.pid} {_start_time(proc.pid) or ''}".strip())
     return proc.pid
+
+
+def _our_service(settings: Settings, name: str, port: int | None) -> int | None:
+    """The PID of our running `name` if it (its process group) listens on `port`; a process of ours
+    that is alive but not listening there is stopped, so the caller starts a fresh one."""
+    pid = _read_pid(settings, name)
+    if pid and port and not pid_listens_on(pid, port):
+        _stop(settings, name)
+        return None
+    return pid
 
 
 def _stop(settings: Settings, name: str, timeout: float = 20) -> bool:
@@ -146,9 +341,24 @@ def _stop(settings: Settings, name: str, timeout: float = 20) -> bool:
 
 
 def _wait_http(url: str, timeout: float, name: str, settings: Settings, ok=(200,)) -> None:
+    """Wait until `url` answers `ok`, asking only once our `name` process group listens on its port:
+    a foreign server that took the port is never talked to."""
+    from urllib.parse import urlparse
+
+    port = urlparse(url).port
     deadline = time.time() + timeout
     last: object = None
     while time.time() < deadline:
+        pid = _read_pid(settings, name)
+        if not pid:
+            break
+        if port and not pid_listens_on(pid, port):
+            last = f"{name} (pid {pid}) is not listening on port {port} yet"
+            holder = port_holder(port)
+            if holder:
+                last = f"port {port} is held by {holder}, not by {name} (pid {pid})"
+            time.sleep(0.5)
+            continue
         try:
             with urllib.request.urlopen(url, timeout=3) as resp:
                 if resp.status in ok:
@@ -159,12 +369,19 @@ def _wait_http(url: str, timeout: float, name: str, settings: Settings, ok=(200,
             last = e
         except Exception as e:  # noqa: BLE001 - still starting
             last = e
-        if not _read_pid(settings, name):
-            break
         time.sleep(0.5)
+    raise RuntimeError(f"{name} did not become healthy at {url} ({last}).{_log_tail(settings, name)}")
+
+
+def _log_tail(settings: Settings, name: str, chars: int = 3000) -> str:
     log = settings.state_dir / "logs" / f"{name}.log"
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    raise RuntimeError(f"{name} did not become healthy at {url} ({last}). Last log lines ({log}):\n{tail}")
+    if not log.exists():
+        return ""
+    text = log.read_text(errors="replace")
+    # The line that names the cause (a port another process took) is often far above the tail.
+    causes = [line for line in text.splitlines() if "not available" in line or "address already in use" in line]
+    cause = ("\nCause: " + causes[-1].strip()) if causes else ""
+    return f"{cause}\nLast log lines ({log}):\n{text[-chars:]}"
 
 
 # -- stack.env --------------------------------------------------------------------------------
@@ -176,12 +393,11 @@ def write_stack_env(settings: Settings, values: dict[str, str]) -> None:
     path = stack_env_path(settings)
     current = read_env_file(path)
     current.update(values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    write_private(
+        path,
         "# written by `platform up`: generated credentials and ports of the embedded stack\n"
-        + "".join(f"{k}={v}\n" for k, v in sorted(current.items()))
+        + "".join(f"{k}={v}\n" for k, v in sorted(current.items())),
     )
-    path.chmod(0o600)
 
 
 def ensure_credentials(settings: Settings) -> Settings:
@@ -198,21 +414,141 @@ def ensure_credentials(settings: Settings) -> Settings:
     return get_settings()
 
 
+# -- the object store's own security ------------------------------------------------------------
+# Components of `weed mini` and the security.toml sections that secure their listeners.
+WEED_GRPC_SECTIONS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq")
+WEED_HTTPS_SECTIONS = ("master", "volume", "filer", "admin")
+WEED_JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+
+
+def _issue_store_certificates(directory: Path) -> dict[str, Path]:
+    """A CA and one certificate (server and client use) for every SeaweedFS component, new each start.
+
+    Only the object store's own process holds the key, so only it passes the mutual-TLS handshake of
+    its master, volume, filer and admin listeners; nobody else can connect to them."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    valid = {"not_valid_before": now - dt.timedelta(minutes=5), "not_valid_after": now + dt.timedelta(days=3650)}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "platform object store CA")])
+    ca = (
+        x509.CertificateBuilder(issuer_name=ca_name, subject_name=ca_name, public_key=ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder(
+            issuer_name=ca_name,
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "platform-object-store")]),
+            public_key=key.public_key(),
+        )
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": directory / "ca.pem", "cert": directory / "store.pem", "key": directory / "store.key"}
+    write_private(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
+    write_private(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
+    write_private(
+        paths["key"],
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    return paths
+
+
+def write_store_security(directory: Path) -> Path:
+    """<directory>/security.toml for `weed` (read from its working directory): mutual TLS on every
+    HTTP and gRPC listener except the S3 endpoint, JWT signing keys for volume and filer reads and
+    writes, no UI or directory metadata on the filer and volume. All generated, never committed."""
+    private_dir(directory)
+    tls = _issue_store_certificates(directory)
+    ca, cert, key = (json.dumps(str(tls[k])) for k in ("ca", "cert", "key"))
+    lines = ["# written by `platform up` for the embedded object store; regenerated at every start"]
+    for section in WEED_JWT_SECTIONS:
+        lines += [f"[{section}]", f'key = "{secrets.token_urlsafe(32)}"', "expires_after_seconds = 10"]
+    lines += ["[access]", "ui = false", "[filer.expose_directory_metadata]", "enabled = false"]
+    lines += ["[grpc]", f"ca = {ca}"]
+    for component in WEED_GRPC_SECTIONS:
+        lines += [f"[grpc.{component}]", f"cert = {cert}", f"key = {key}"]
+    lines += ["[grpc.client]", f"cert = {cert}", f"key = {key}"]
+    for component in WEED_HTTPS_SECTIONS:
+        # `ca` set = the listener demands a client certificate signed by it (mutual TLS).
+        lines += [f"[https.{component}]", f"cert = {cert}", f"key = {key}", f"ca = {ca}"]
+    lines += ["[https.client]", "enabled = true", f"cert = {cert}", f"key = {key}", f"ca = {ca}"]
+    path = directory / "security.toml"
+    write_private(path, "\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class StorePorts:
+    """Every TCP port `weed mini` opens: its S3 endpoint and the internal listeners behind it."""
+
+    s3: int
+    s3_grpc: int
+    base: int  # master, volume, filer, admin HTTP at base..base+3, their gRPC at +GRPC_OFFSET
+
+    @property
+    def internal(self) -> list[int]:
+        http = [self.base + i for i in range(4)]
+        return [self.s3_grpc, *http, *(p + GRPC_OFFSET for p in http)]
+
+    def all(self) -> list[int]:
+        return [self.s3, *self.internal]
+
+
+def _store_ports(settings: Settings, progress=print) -> StorePorts:
+    """Free ports for every listener of the store, checked before the start (the derived ones too)."""
+    s3 = choose_port(settings, "AWS_ENDPOINT_URL", "object store", 9000, progress)
+    base = free_port_block(4, avoid=(s3,))
+    taken = {s3, *(base + i for i in range(4)), *(base + GRPC_OFFSET + i for i in range(4))}
+    s3_grpc = s3 + GRPC_OFFSET
+    if s3_grpc in taken or not port_is_free(s3_grpc):
+        s3_grpc = next(p for p in iter(free_port, None) if p not in taken)
+    ports = StorePorts(s3=s3, s3_grpc=s3_grpc, base=base)
+    busy = [p for p in ports.all() if not port_is_free(p)]
+    if busy:
+        raise RuntimeError(
+            "object store ports taken: "
+            + ", ".join(f"{p} by {port_holder(p) or 'another process'}" for p in busy)
+            + "; run `platform up` again to pick other ports"
+        )
+    return ports
+
+
 # -- the services -----------------------------------------------------------------------------
-def start_object_store(settings: Settings) -> Service:
+def start_object_store(settings: Settings, progress=print) -> Service:
     name = "object-store"
     access, secret = settings.require_s3_credentials()
-    if _read_pid(settings, name):
+    recorded = _recorded_port(settings, "AWS_ENDPOINT_URL")
+    if _our_service(settings, name, recorded):
         return Service(name, settings.s3_endpoint_url, settings.s3_endpoint_url + "/healthz")
-    stored = read_env_file(stack_env_path(settings))
-    from urllib.parse import urlparse
-
-    s3_port = urlparse(stored.get("AWS_ENDPOINT_URL", "")).port or free_port(9000)
-    base = free_port_block(6)
-    data_dir = settings.state_dir / "s3" / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    cfg = settings.state_dir / "s3" / "identities.json"
-    cfg.write_text(
+    ports = _store_ports(settings, progress)
+    s3_dir = private_dir(settings.state_dir / "s3")
+    data_dir = private_dir(s3_dir / "data")
+    make_state_private(s3_dir)  # volumes written by an older version were 0644
+    cfg = s3_dir / "identities.json"
+    write_private(
+        cfg,
         json.dumps(
             {
                 "identities": [
@@ -223,12 +559,11 @@ def start_object_store(settings: Settings) -> Service:
                     }
                 ]
             }
-        )
+        ),
     )
-    cfg.chmod(0o600)
-    logdir = settings.state_dir / "logs" / "weed"
-    logdir.mkdir(parents=True, exist_ok=True)
-    sock = settings.state_dir / "s3"
+    security_dir = s3_dir / "security"
+    write_store_security(security_dir)
+    logdir = private_dir(settings.state_dir / "logs" / "weed")
     cmd = [
         _bin("weed"),
         f"-logdir={logdir}",
@@ -237,48 +572,62 @@ def start_object_store(settings: Settings) -> Service:
         "-ip.bind=127.0.0.1",
         f"-dir={data_dir}",
         f"-s3.config={cfg}",
-        f"-s3.port={s3_port}",
-        f"-master.port={base}",
-        f"-volume.port={base + 1}",
-        f"-filer.port={base + 2}",
-        f"-admin.port={base + 3}",
-        f"-s3.port.lance={base + 4}",
-        f"-webdav.port={base + 5}",
-        "-admin.ui=false",
+        f"-s3.port={ports.s3}",
+        f"-s3.port.grpc={ports.s3_grpc}",
+        f"-master.port={ports.base}",
+        f"-master.port.grpc={ports.base + GRPC_OFFSET}",
+        f"-volume.port={ports.base + 1}",
+        f"-volume.port.grpc={ports.base + 1 + GRPC_OFFSET}",
+        f"-filer.port={ports.base + 2}",
+        f"-filer.port.grpc={ports.base + 2 + GRPC_OFFSET}",
+        f"-admin.port={ports.base + 3}",
+        f"-admin.port.grpc={ports.base + 3 + GRPC_OFFSET}",
+        # Listeners we don't use are switched off: Lance and Iceberg catalogs, WebDAV, the admin UI.
+        "-s3.port.lance=0",
+        "-s3.port.iceberg=0",
         "-webdav=false",
-        f"-s3.localSocket={sock / 's3.sock'}",
-        f"-filer.localSocket={sock / 'filer.sock'}",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        f"-s3.localSocket={s3_dir / 's3.sock'}",
+        f"-filer.localSocket={s3_dir / 'filer.sock'}",
         "-master.volumeSizeLimitMB=256",
     ]
-    _spawn(settings, name, cmd, env={})
-    endpoint = f"http://127.0.0.1:{s3_port}"
+    # weed reads ./security.toml first: its working directory is the private security directory.
+    pid = _spawn(settings, name, cmd, env={}, cwd=security_dir)
+    endpoint = f"http://127.0.0.1:{ports.s3}"
     write_stack_env(settings, {"AWS_ENDPOINT_URL": endpoint})
     os.environ["AWS_ENDPOINT_URL"] = endpoint
-    # Healthy = an authenticated bucket listing works (anonymous requests get 403 by design).
+    # Healthy = an authenticated bucket listing works (anonymous requests get 403 by design), asked
+    # only once our process listens on the port: our keys never go to a server we did not start.
     settings = get_settings()
     deadline = time.time() + 60
     from pipelines.storage import ObjectStore
 
     while True:
         try:
+            if not pid_listens_on(pid, ports.s3):
+                raise RuntimeError(
+                    f"port {ports.s3} is "
+                    + (f"held by {port_holder(ports.s3)}" if port_holder(ports.s3) else "not listening yet")
+                )
             ObjectStore(settings).ensure_buckets()
             break
         except Exception as e:  # noqa: BLE001
             if time.time() > deadline or not _read_pid(settings, name):
-                raise RuntimeError(f"object store failed to start: {e}; see {settings.state_dir / 'logs'}") from e
+                raise RuntimeError(f"object store failed to start: {e}.{_log_tail(settings, name)}") from e
             time.sleep(0.5)
+    make_state_private(s3_dir)
     return Service(name, endpoint, endpoint + "/healthz")
 
 
-def start_mlflow(settings: Settings, wait: bool = True) -> Service:
+def start_mlflow(settings: Settings, wait: bool = True, progress=print) -> Service:
     name = "mlflow"
-    stored = read_env_file(stack_env_path(settings))
-    from urllib.parse import urlparse
-
-    port = urlparse(stored.get("MLFLOW_TRACKING_URI", "")).port or free_port(5000)
+    port = _recorded_port(settings, "MLFLOW_TRACKING_URI")
+    if not _our_service(settings, name, port):
+        port = choose_port(settings, "MLFLOW_TRACKING_URI", "MLflow", 5000, progress)
     url = f"http://127.0.0.1:{port}"
     if not _read_pid(settings, name):
-        (settings.state_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+        private_dir(settings.state_dir / "mlflow")
         cmd = [
             _bin("mlflow"),
             "server",
@@ -390,16 +739,20 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 def airflow_migrate(settings: Settings) -> None:
-    if not (settings.airflow_db_uri or "").strip():
-        (settings.airflow_home).mkdir(parents=True, exist_ok=True)
+    if settings.airflow_home.resolve().is_relative_to(settings.state_dir):
+        private_dir(settings.airflow_home)
+    else:  # the user's own AIRFLOW_HOME: created if missing, its mode is theirs
+        settings.airflow_home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings.client_env(), **airflow_env(settings)}
     marker = settings.airflow_home / ".migrated"
     if marker.exists() and marker.read_text() == env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]:
         return
-    out = subprocess.run([_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True, umask=PRIVATE_UMASK
+    )
     if out.returncode != 0:
         raise RuntimeError(f"`airflow db migrate` failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    marker.write_text(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    write_private(marker, env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
 
 
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -456,8 +809,11 @@ def start_airflow(
     stored = read_env_file(stack_env_path(settings))
     if "AIRFLOW__API_AUTH__JWT_SECRET" not in stored:
         write_stack_env(settings, {"AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32)})
-    if "PLATFORM_AIRFLOW_PORT" not in stored:
-        write_stack_env(settings, {"PLATFORM_AIRFLOW_PORT": str(free_port(8080))})
+    recorded = _recorded_port(settings, "PLATFORM_AIRFLOW_PORT")
+    if not recorded or (ui and not _our_service(settings, "airflow-api-server", recorded)):
+        port = choose_port(settings, "PLATFORM_AIRFLOW_PORT", "Airflow api-server", 8080)
+        if port != recorded:
+            write_stack_env(settings, {"PLATFORM_AIRFLOW_PORT": str(port)})
     settings = get_settings()
     airflow_migrate(settings)
     if not ui:
@@ -479,13 +835,13 @@ def up(ui: bool = True, progress=print, workers: int = 0, worker_concurrency: in
     if workers and not ui:
         raise RuntimeError("Celery workers need the scheduler and api-server: drop --no-ui to use --workers")
     settings = get_settings()
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_private(settings.state_dir)
     settings = ensure_credentials(settings)
     progress(f"[up] state directory {settings.state_dir}")
     progress("[up] object store (SeaweedFS S3, credentials enforced) ...")
-    start_object_store(settings)
+    start_object_store(settings, progress=progress)
     progress("[up] MLflow tracking server ...")
-    mlflow = start_mlflow(get_settings(), wait=False)  # starts while Airflow migrates its DB
+    mlflow = start_mlflow(get_settings(), wait=False, progress=progress)  # starts while Airflow migrates its DB
     progress("[up] Airflow metadata database" + (" + UI components ..." if ui else " ..."))
     if workers:
         progress(f"[up] {workers} Celery worker(s) ({airflow_executor()}) ...")
@@ -493,6 +849,7 @@ def up(ui: bool = True, progress=print, workers: int = 0, worker_concurrency: in
     _wait_http(mlflow.health_url or mlflow.url, 120, mlflow.name, get_settings())
     if ui:
         progress("[up] MLflow UI ready")
+    make_state_private(get_settings().state_dir)  # files the servers created meanwhile
     return status()
 
 
@@ -521,14 +878,41 @@ def down(progress=print) -> list[str]:
     other components, then MLflow and the object store."""
     settings = get_settings()
     stopped = stop_airflow(settings)
+    store_sockets = _store_grpc_sockets(settings)
     rest = ["mlflow", "object-store"]
     stopped += [n for n, ran in zip(rest, _stop_together(settings, rest), strict=True) if ran]
+    for sock in store_sockets:  # `weed mini` leaves its gRPC sockets in /tmp behind
+        try:
+            if sock.is_socket() and sock.lstat().st_uid == os.geteuid():
+                sock.unlink()
+        except OSError:
+            pass
     for name in stopped:
         progress(f"[down] stopped {name}")
     return stopped
 
 
+def _store_grpc_sockets(settings: Settings) -> list[Path]:
+    """The /tmp/seaweedfs-<component>-grpc-<port>.sock files of our running object store."""
+    pid = _read_pid(settings, "object-store")
+    if not pid:
+        return []
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    sockets = []
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag.endswith(".port.grpc") and value.isdigit():
+            component = flag.lstrip("-").split(".")[0]
+            sockets.append(Path(f"/tmp/seaweedfs-{component}-grpc-{value}.sock"))
+    return sockets
+
+
 def status() -> dict:
+    from urllib.parse import urlparse
+
     settings = get_settings()
     services = {}
     airflow_url = f"http://127.0.0.1:{settings.airflow_port}"
@@ -543,7 +927,10 @@ def status() -> dict:
     ):
         pid = _read_pid(settings, name)
         healthy = None
-        if pid and health:
+        port = urlparse(url).port if url else None
+        if pid and port and not pid_listens_on(pid, port):
+            healthy = False  # ours is running but something else answers on its port: don't ask it
+        elif pid and health:
             try:
                 with urllib.request.urlopen(health, timeout=2) as r:
                     healthy = r.status == 200

@@ -20,12 +20,15 @@ from pipelines.canary import state as st
 from pipelines.canary.stages import CanaryPlan, load_plan
 
 
-def _context(store=None, params: dict | None = None):
+def _context(store=None, params: dict | None = None, dataset: str | None = None):
+    from pipelines.datasets import effective_params
     from pipelines.serving.predlog import lake_store
     from pipelines.settings import get_settings, load_params
 
     settings = get_settings()
     params = params if params is not None else load_params(settings.params_file)
+    # The dataset's view of params: its own registered model unless canary.model_name names another.
+    params = effective_params(dataset or settings.dataset, params)
     return settings, load_plan(params), store or lake_store(settings, 30.0)
 
 
@@ -80,11 +83,13 @@ def stage_note(state: st.RolloutState) -> str:
 # --------------------------------------------------------------------------- start
 
 
-def start_rollout(*, actor: str, reason: str = "", store=None, params: dict | None = None) -> st.RolloutState:
+def start_rollout(
+    *, actor: str, reason: str = "", store=None, params: dict | None = None, dataset: str | None = None
+) -> st.RolloutState:
     """Begin a rollout of the ``challenger`` alias against ``champion`` at the first step."""
-    settings, plan, store = _context(store, params)
+    settings, plan, store = _context(store, params, dataset)
     client = _client(settings)
-    current = st.read_state(store)
+    current = st.read_state(store, plan.model_name)
     if current.active:
         raise ValueError(
             f"rollout {current.rollout_id} is still running at {current.step_name}; "
@@ -93,8 +98,7 @@ def start_rollout(*, actor: str, reason: str = "", store=None, params: dict | No
     aliases = _aliases(client, plan.model_name)
     if "champion" not in aliases or "challenger" not in aliases:
         raise ValueError(
-            f"{plan.model_name} needs both a champion and a challenger alias to start a canary; "
-            f"it has {aliases}"
+            f"{plan.model_name} needs both a champion and a challenger alias to start a canary; it has {aliases}"
         )
     if aliases["champion"] == aliases["challenger"]:
         raise ValueError(f"challenger v{aliases['challenger']} is already champion: nothing to roll out")
@@ -202,11 +206,11 @@ def read_step_traffic(store, state: st.RolloutState) -> tuple[pd.DataFrame, pd.D
 
 
 def evaluate_step(
-    *, actor: str = "canary-dag", store=None, params: dict | None = None, progress=print
+    *, actor: str = "canary-dag", store=None, params: dict | None = None, progress=print, dataset: str | None = None
 ) -> dict[str, Any]:
     """Evaluate the current step once and act: hold, advance, promote (at the last step) or roll back."""
-    settings, plan, store = _context(store, params)
-    state = st.read_state(store)
+    settings, plan, store = _context(store, params, dataset)
+    state = st.read_state(store, plan.model_name)
     if not state.active:
         note = stage_note(state)
         progress(f"[canary] nothing to evaluate: {note}")
@@ -315,14 +319,19 @@ def _log_to_mlflow(client, new: st.RolloutState, old: st.RolloutState, action: s
 
 
 def set_weight(
-    weight: int, shadow: str | None = None, *, actor: str, reason: str, store=None, params: dict | None = None
+    weight: int,
+    shadow: str | None = None,
+    *,
+    actor: str,
+    reason: str,
+    store=None,
+    params: dict | None = None,
+    dataset: str | None = None,
 ) -> st.RolloutState:
-    settings, plan, store = _context(store, params)
-    state = st.read_state(store)
+    settings, plan, store = _context(store, params, dataset)
+    state = st.read_state(store, plan.model_name)
     if not state.active:
-        raise ValueError(
-            f"no running rollout (status {state.status}): start one with `platform canary start`"
-        )
+        raise ValueError(f"no running rollout (status {state.status}): start one with `platform canary start`")
     new = st.with_weight(state, weight, shadow, actor, reason)
     st.write_state(store, new)
     _tag(_client(settings), plan.model_name, new.challenger_version, _transition_tags(new, "set-weight"))
@@ -348,20 +357,19 @@ def promote(
     force: bool = False,
     store=None,
     params: dict | None = None,
+    dataset: str | None = None,
 ) -> dict[str, str]:
     """Manual promotion: ``version`` (default: the running rollout's challenger, else the alias)."""
     from pipelines import registry
 
-    settings, plan, store = _context(store, params)
+    settings, plan, store = _context(store, params, dataset)
     client = _client(settings)
-    state = st.read_state(store)
+    state = st.read_state(store, plan.model_name)
     version = version or (
         state.challenger_version if state.active else _aliases(client, plan.model_name).get("challenger")
     )
     if not version:
-        raise ValueError(
-            f"{plan.model_name} has no challenger and no --version was given: nothing to promote"
-        )
+        raise ValueError(f"{plan.model_name} has no challenger and no --version was given: nothing to promote")
     aliases = registry.promote(
         plan.model_name,
         version,
@@ -393,19 +401,19 @@ def promote(
     return aliases
 
 
-def rollback(*, actor: str, reason: str, store=None, params: dict | None = None) -> dict[str, Any]:
+def rollback(
+    *, actor: str, reason: str, store=None, params: dict | None = None, dataset: str | None = None
+) -> dict[str, Any]:
     """A running rollout: abort it (weight 0). Otherwise: champion <- previous (registry.rollback)."""
     from pipelines import registry
 
-    settings, plan, store = _context(store, params)
-    state = st.read_state(store)
+    settings, plan, store = _context(store, params, dataset)
+    state = st.read_state(store, plan.model_name)
     if state.active:
         new = st.abort(state, actor, f"manual rollback: {reason}")
         result = _apply(settings, plan, store, state, new, "rollback", actor, progress=lambda s: None)
         return {"aborted_rollout": state.rollout_id, **result}
-    aliases = registry.rollback(
-        plan.model_name, tracking_uri=settings.mlflow_tracking_uri, actor=actor, reason=reason
-    )
+    aliases = registry.rollback(plan.model_name, tracking_uri=settings.mlflow_tracking_uri, actor=actor, reason=reason)
     history.record_event(
         store,
         "champion rolled back to previous (manual)",
@@ -418,9 +426,9 @@ def rollback(*, actor: str, reason: str, store=None, params: dict | None = None)
     return {"aliases": aliases}
 
 
-def status(store=None, params: dict | None = None) -> dict[str, Any]:
-    settings, plan, store = _context(store, params)
-    state = st.read_state(store)
+def status(store=None, params: dict | None = None, dataset: str | None = None) -> dict[str, Any]:
+    settings, plan, store = _context(store, params, dataset)
+    state = st.read_state(store, plan.model_name)
     try:
         aliases = _aliases(_client(settings), plan.model_name)
     except Exception as exc:  # noqa: BLE001 - the state is still worth showing
@@ -434,6 +442,6 @@ def status(store=None, params: dict | None = None) -> dict[str, Any]:
     }
 
 
-def history_events(store=None, params: dict | None = None) -> list[dict[str, Any]]:
-    settings, plan, store = _context(store, params)
+def history_events(store=None, params: dict | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
+    settings, plan, store = _context(store, params, dataset)
     return history.merged_history(store, _client(settings), plan.model_name)

@@ -1,5 +1,6 @@
-"""The rollout state machine: one JSON object in the lake (``serving/rollout.json``) read by the
-scoring service and the canary DAG, written with one atomic PUT; transitions are pure functions.
+"""The rollout state machine: one JSON object per registered model in the lake
+(``serving/rollouts/<model>.json``) read by the scoring service and the model's canary DAG, written
+with one atomic PUT; transitions are pure functions. Each dataset's model rolls out on its own.
 
 States: ``running`` (at ``step_index``) -> ``promoted`` | ``rolled_back``. ``idle`` when none started.
 """
@@ -14,7 +15,14 @@ from typing import Any
 
 from pipelines.canary.stages import CanaryPlan, Step
 
-ROLLOUT_KEY = "serving/rollout.json"
+ROLLOUT_PREFIX = "serving/rollouts/"
+
+
+def rollout_key(model_name: str) -> str:
+    """Where a model's rollout state lives in the lake bucket."""
+    if not model_name:
+        raise ValueError("a rollout state belongs to a registered model: model_name is empty")
+    return f"{ROLLOUT_PREFIX}{model_name}.json"
 IDLE, RUNNING, PROMOTED, ROLLED_BACK = "idle", "running", "promoted", "rolled_back"
 
 
@@ -149,14 +157,14 @@ def with_weight(
 # --------------------------------------------------------------------------- the lake object
 
 
-def read_state(store) -> RolloutState:
-    """The current state; ``idle`` when no rollout was ever started."""
-    bucket = store.settings.lake_bucket
-    if not store.exists(bucket, ROLLOUT_KEY):
-        return RolloutState()
-    return RolloutState.from_json(store.get_bytes(bucket, ROLLOUT_KEY))
+def read_state(store, model_name: str) -> RolloutState:
+    """The model's current state; ``idle`` when no rollout of it was ever started."""
+    bucket, key = store.settings.lake_bucket, rollout_key(model_name)
+    if not store.exists(bucket, key):
+        return RolloutState(model_name=model_name)
+    return RolloutState.from_json(store.get_bytes(bucket, key))
 
 
 def write_state(store, state: RolloutState) -> None:
     """One PUT of the whole object: readers see the old state or the new one, never a mix."""
-    store.put_bytes(store.settings.lake_bucket, ROLLOUT_KEY, state.to_json(), "application/json")
+    store.put_bytes(store.settings.lake_bucket, rollout_key(state.model_name), state.to_json(), "application/json")

@@ -1,8 +1,15 @@
-"""GX Data Docs: a static HTML site (index.html + pages) built locally, ready to upload to the lake."""
+"""GX Data Docs: a static HTML site (index.html + pages) built locally, ready to upload to the lake.
+
+GX's renderer puts values into the HTML as they are (a device id ``<img src=x onerror=...>`` in a
+failed expectation's examples ran as script in the reader's browser), so every string of every
+validation result is HTML-escaped before GX sees it (``escape_data_values``): the site is always
+built from escaped copies, never from the raw results or a caller's context.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,32 +42,47 @@ def add_local_site(context: Any, output_dir: Path, site_name: str = SITE_NAME) -
 def build_data_docs(results_dir_or_context: Any, output_dir: Path) -> Path:
     """Build the Data Docs site into `output_dir` and return the path of its index.html.
 
-    `results_dir_or_context` is either a GX data context (its stored validation results and
-    suites are rendered, e.g. `pipelines.quality.quality_context()` after some validations), or
-    a directory searched recursively for `*.json` files holding `GateResult.to_dict()` output
-    (or raw GX validation results), e.g. the reports stored next to the lake partitions.
+    `results_dir_or_context` is either a GX data context (its stored validation results are
+    rendered, e.g. `pipelines.quality.quality_context()` after some validations), or a directory
+    searched recursively for `*.json` files holding `GateResult.to_dict()` output (or raw GX
+    validation results), e.g. the reports stored next to the lake partitions. Either way the pages
+    are rendered from HTML-escaped copies of the results (`escape_data_values`).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(results_dir_or_context, str | Path):
-        context = _context_from_results(_load_raw_results(Path(results_dir_or_context)))
+        raws = _load_raw_results(Path(results_dir_or_context))
     else:
-        context = results_dir_or_context
-    previous = (context.list_data_docs_sites() or {}).get(SITE_NAME)
+        raws = _stored_raw_results(results_dir_or_context)
+    # Always a throw-away context of escaped copies (the caller's context is only read): the
+    # values are data, never markup.
+    context = _context_from_results(raws)
     add_local_site(context, output_dir)
-    try:
-        context.build_data_docs(site_names=[SITE_NAME])
-    finally:
-        # Leave the caller's context as it was: a site left behind would make every later
-        # validation on it rebuild these docs through a Checkpoint.
-        if previous is None:
-            context.delete_data_docs_site(SITE_NAME)
-        else:
-            context.update_data_docs_site(SITE_NAME, previous)
+    context.build_data_docs(site_names=[SITE_NAME])
     index = output_dir / "index.html"
     if not index.is_file():
         raise FileNotFoundError(f"GX did not write {index}; check the Data Docs site config of the context")
     return index
+
+
+def escape_data_values(value: Any) -> Any:
+    """A copy of `value` (JSON-like: dicts, lists, scalars) with every string and key HTML-escaped.
+
+    Names the platform chooses (suite, expectation, column names) have no markup characters and
+    come out unchanged; a value with <, >, &, " or ' is shown as text, not run as markup."""
+    if isinstance(value, str):
+        return html.escape(value, quote=True)
+    if isinstance(value, dict):
+        return {escape_data_values(k) if isinstance(k, str) else k: escape_data_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [escape_data_values(v) for v in value]
+    return value
+
+
+def _stored_raw_results(context: Any) -> list[dict]:
+    """The validation results a GX context holds, as JSON dicts."""
+    store = context.validation_results_store
+    return [store.get(key).to_json_dict() for key in store.list_keys()]
 
 
 def _load_raw_results(results_dir: Path) -> list[dict]:
@@ -101,6 +123,7 @@ def _context_from_results(raws: Iterable[dict]) -> Any:
         context.delete_data_docs_site(site)  # GX's default temp-dir site
         _remove_empty_dir(site_config.get("store_backend", {}).get("base_directory"))
     for i, raw in enumerate(raws):
+        raw = escape_data_values(raw)
         result = expectationSuiteValidationResultSchema.load(raw)
         run = (raw.get("meta") or {}).get("run_id") or {}
         run_time = run.get("run_time")

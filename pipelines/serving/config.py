@@ -37,5 +37,9 @@ def serving_settings(params: dict | None = None) -> ServingSettings:
         if key in ServingSettings.model_fields and key not in settings.model_fields_set:
             setattr(settings, key, value)
     if settings.model_name is None:
-        settings.model_name = (params or {}).get("registry", {}).get("model_name", "iot-anomaly-detector")
+        # the dataset the service scores (PLATFORM_DATASET): its own registered model
+        from pipelines.datasets import get_dataset
+        from pipelines.settings import get_settings
+
+        settings.model_name = get_dataset(get_settings().dataset).model_name
     return settings

@@ -25,7 +25,7 @@ class LoadedModel:
     version: str
     columns: list[str]
     threshold: float
-    estimator: Any  # the raw AnomalyScorer when available (skips pyfunc per-call schema work), else pyfunc
+    estimator: Any  # the skops-loaded estimator (e.g. an AnomalyScorer), called without pyfunc
     loaded_at: float = field(default_factory=time.time)
 
     def predict(self, records: list[dict]) -> np.ndarray:
@@ -35,12 +35,68 @@ class LoadedModel:
         return np.asarray(self.estimator.predict(frame), dtype=np.float64).ravel()
 
 
+class UntrustedModelError(ValueError):
+    """A registry version the platform refuses to load: not skops, or skops naming unreviewed types."""
+
+
+def trusted_skops_types() -> list[str]:
+    """The one list of types a registry model may contain beyond skops' own safe defaults.
+
+    Read at call time from ``pipelines.training.SKOPS_TRUSTED_TYPES`` (the list training checks before
+    it logs a model), so a model family added there (e.g. the detectors in ``pipelines.detectors``)
+    is loadable without a second list here. The trusted list in a model's own MLmodel file is never
+    used: whoever can write the registry could name any type in it."""
+    from pipelines import training
+
+    return list(training.SKOPS_TRUSTED_TYPES)
+
+
+def load_skops_model(local_dir: str, model_name: str, version: str) -> tuple[Any, Any]:
+    """Load a downloaded MLflow model directory with skops only; return (estimator, mlflow Model).
+
+    No pickle, cloudpickle or pyfunc loader ever runs: the sklearn flavour must say
+    ``serialization_format: skops``, and skops loads the file with our trusted types only. Anything
+    else raises UntrustedModelError naming the version and what to do."""
+    import os
+
+    import skops.io
+    from mlflow.models import Model
+
+    label = f"{model_name} v{version}"
+    mlmodel = Model.load(local_dir)
+    flavor = mlmodel.flavors.get("sklearn")
+    if flavor is None:
+        raise UntrustedModelError(
+            f"{label} is refused: it has no sklearn flavour (flavours: {sorted(mlmodel.flavors)}); only "
+            "skops-serialised scikit-learn models are loaded. Re-log it with "
+            "mlflow.sklearn.log_model(..., serialization_format='skops')."
+        )
+    fmt = flavor.get("serialization_format", "pickle")
+    if fmt != "skops":
+        raise UntrustedModelError(
+            f"{label} is refused: its artifact is serialised with {fmt!r}, which can run arbitrary code "
+            "when loaded; only the skops format is loaded. Re-log it with "
+            "mlflow.sklearn.log_model(..., serialization_format='skops', "
+            "skops_trusted_types=pipelines.training.SKOPS_TRUSTED_TYPES)."
+        )
+    path = os.path.join(local_dir, flavor.get("pickled_model", "model.skops"))
+    if not os.path.realpath(path).startswith(os.path.realpath(local_dir) + os.sep) or not os.path.isfile(path):
+        raise UntrustedModelError(f"{label} is refused: its model file {flavor.get('pickled_model')!r} is missing")
+    trusted = trusted_skops_types()
+    unknown = sorted(set(skops.io.get_untrusted_types(file=path)) - set(trusted))
+    if unknown:
+        raise UntrustedModelError(
+            f"{label} is refused: its skops file needs types that are not trusted: {unknown}. If they are "
+            "the platform's own, review them and add them to pipelines.training.SKOPS_TRUSTED_TYPES."
+        )
+    return skops.io.load(path, trusted=trusted), mlmodel
+
+
 def load_version(client, model_name: str, role: str, version: str, tracking_uri: str) -> LoadedModel:
-    """Download and load ``models:/name/version``; our own registry's models are trusted (skops)."""
+    """Download and load ``models:/name/version`` (skops only, see load_skops_model)."""
     import tempfile
 
     import mlflow
-    from pipelines.registry import _trusted_loading
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
@@ -49,20 +105,13 @@ def load_version(client, model_name: str, role: str, version: str, tracking_uri:
             tracking_uri=tracking_uri,
             registry_uri=tracking_uri,
         )
-        with _trusted_loading(True):
-            pyfunc = mlflow.pyfunc.load_model(local)
-    schema = pyfunc.metadata.get_input_schema()
+        raw, mlmodel = load_skops_model(local, model_name, str(version))
+    schema = mlmodel.get_input_schema()
     if schema is None:
         raise ValueError(f"{model_name} v{version} has no signature: cannot validate requests; re-log it")
-    estimator: Any = pyfunc
-    try:
-        from sklearn.base import BaseEstimator
-
-        raw = pyfunc.get_raw_model()
-        if isinstance(raw, BaseEstimator):  # sklearn flavour: call it directly, we validate inputs ourselves
-            estimator = raw
-    except Exception:  # noqa: BLE001 - other flavours go through pyfunc predict
-        pass
+    if not callable(getattr(raw, "predict", None)):
+        raise UntrustedModelError(f"{model_name} v{version} is refused: its model has no predict method")
+    estimator: Any = raw  # called directly: we validate inputs ourselves
     mv = client.get_model_version(model_name, version)
     threshold = float("inf")
     if mv.tags.get("decision_threshold"):
@@ -162,7 +211,7 @@ class ModelManager:
         try:
             from pipelines.canary.state import read_state
 
-            self.rollout = read_state(self.store)
+            self.rollout = read_state(self.store, self.model_name)
             self.problems.pop("rollout_state", None)
         except Exception as exc:  # noqa: BLE001 - keep the last known weights
             self.problems["rollout_state"] = f"{type(exc).__name__}: {str(exc)[:300]}"

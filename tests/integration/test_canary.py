@@ -335,7 +335,7 @@ def test_good_challenger_goes_from_shadow_to_champion_and_bad_one_is_rolled_back
             result = run_step(svc, setup, state, traffic[step], seed=10 + i)
             actions.append(result["action"])
             assert result["action"] in ("advance", "promote"), (step, result["verdict"])
-            state = st.read_state(store)
+            state = st.read_state(store, name)
         assert actions == ["advance", "advance", "advance", "promote"]
         assert registry_aliases(client, name) == {"champion": setup["v2"], "previous": setup["v1"]}
         tags = client.get_model_version(name, setup["v2"]).tags
@@ -350,7 +350,7 @@ def test_good_challenger_goes_from_shadow_to_champion_and_bad_one_is_rolled_back
         assert result["action"] == "rollback", result["verdict"]
         failed = {k for k, m in result["verdict"]["metrics"].items() if m["verdict"] == "fail"}
         assert failed & {"f1", "agreement", "score_shift", "flag_rate"}, result["verdict"]
-        state = st.read_state(store)
+        state = st.read_state(store, name)
         assert (state.status, state.weight) == (st.ROLLED_BACK, 0)
         tags = client.get_model_version(name, setup["bad"]).tags
         assert tags["canary.failed_step"] == "shadow" and "failed" in tags["canary.failed_reason"]

@@ -403,10 +403,10 @@ def test_minio_policies_grant_each_service_what_it_needs_and_no_more():
     writes = {r for r, a in scoring.items() if a & {"s3:PutObject", "s3:DeleteObject"}}
     assert writes == {"lake/predictions/*", "lake/feedback/*", "lake/serving/*"}
     assert not any("s3:DeleteObject" in a for a in scoring.values())
-    from pipelines.canary.state import ROLLOUT_KEY
+    from pipelines.canary.state import rollout_key
     from pipelines.serving.predlog import FEEDBACK, PREDICTIONS
 
-    for key in (f"{PREDICTIONS}/x", f"{FEEDBACK}/x", ROLLOUT_KEY):
+    for key in (f"{PREDICTIONS}/x", f"{FEEDBACK}/x", rollout_key("any-model")):
         assert any(re.fullmatch(w.replace("*", ".*"), f"lake/{key}") for w in writes), key
 
     operator = grants("operator")
