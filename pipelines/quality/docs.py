@@ -160,15 +160,31 @@ _CONTENT_TYPES = {
 }
 
 
-def stored_validation_results(store: Any, dataset: str | None = None) -> list[dict]:
-    """Every gate result the lake jobs stored (quality/<layer>/<dataset>/event_date=<d>/validation.json)."""
+# Data Docs render the latest partitions of each layer and dataset, not all history: one dataset's
+# 311 daily partitions made a 74 MB, 1,562-page site rebuilt on every run. Older results stay in
+# s3://<lake>/quality/ as JSON (and in `platform summary`'s totals); nothing is deleted.
+DOCS_PARTITIONS_PER_LAYER = 14
+
+
+def latest_validation_keys(keys: Iterable[str], per_layer: int = DOCS_PARTITIONS_PER_LAYER) -> list[str]:
+    """Of quality/<layer>/<dataset>/event_date=<d>/validation.json keys, the latest `per_layer`
+    partitions of each (layer, dataset)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        if key.endswith(".json"):
+            groups.setdefault(key.rsplit("/", 2)[0], []).append(key)
+    return sorted(k for group in groups.values() for k in sorted(group)[-per_layer:])
+
+
+def stored_validation_results(
+    store: Any, dataset: str | None = None, per_layer: int = DOCS_PARTITIONS_PER_LAYER
+) -> list[dict]:
+    """The gate results the lake jobs stored (quality/<layer>/<dataset>/event_date=<d>/validation.json),
+    the latest `per_layer` partitions of each layer and dataset."""
     bucket = store.settings.lake_bucket
     results = []
-    for key in store.list_keys(bucket, VALIDATIONS_PREFIX):
-        if not key.endswith(".json"):
-            continue
-        if dataset is not None and f"/{dataset}/" not in key:
-            continue
+    keys = [k for k in store.list_keys(bucket, VALIDATIONS_PREFIX) if dataset is None or f"/{dataset}/" in k]
+    for key in latest_validation_keys(keys, per_layer):
         try:
             results.append(json.loads(store.get_bytes(bucket, key)))
         except json.JSONDecodeError:

@@ -343,3 +343,25 @@ def test_context_with_a_site_refreshes_docs_through_a_checkpoint(contract, tmp_p
     assert not result.success
     assert (tmp_path / "live" / "index.html").is_file()
     assert list((tmp_path / "live" / "validations").rglob("*.html"))
+
+
+def test_data_docs_render_the_latest_partitions_of_each_layer_only():
+    """A long history does not grow the Data Docs site without bound: the latest N partitions of each
+    (layer, dataset) are rendered; older results stay in the lake as JSON."""
+    from pipelines.quality.docs import latest_validation_keys
+
+    keys = [
+        f"quality/{layer}/ds/event_date=2026-01-{d:02d}/validation.json"
+        for layer in ("silver", "gold")
+        for d in range(1, 31)
+    ]
+    keys += ["quality/gold/other/event_date=2025-01-01/validation.json", "quality/gold/ds/notes.txt"]
+    chosen = latest_validation_keys(keys, per_layer=3)
+    assert chosen == sorted(
+        [
+            f"quality/{layer}/ds/event_date=2026-01-{d}/validation.json"
+            for layer in ("silver", "gold")
+            for d in (28, 29, 30)
+        ]
+        + ["quality/gold/other/event_date=2025-01-01/validation.json"]
+    )
