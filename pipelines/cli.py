@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.reproduce_cli import register_commands as reproduce_commands
 
     reproduce_commands(sub)  # platform stage <name>, platform reproduce, platform dvc-remote
+    from pipelines.streaming.cli import register_commands as streaming_commands
+
+    streaming_commands(sub)  # platform stream, platform simulate --mqtt
     return parser
 
 

@@ -174,9 +174,11 @@ def _run_batch(batch: list[dict]) -> int:
 
 def _tidy(line: str) -> str:
     line = line.rstrip()
-    m = re.search(r"\[DAG TEST\] (starting|end task) task_id=(\S+)", line)
+    m = re.search(r"\[DAG TEST\] (starting|end task) task_id=(\S+)(?: map_index=(-?\d+))?", line)
     if m:
-        return f"task {m.group(2)}: {'started' if m.group(1) == 'starting' else 'finished'}"
+        # mapped tasks (one per partition) show their index: the run's progress through the partitions
+        index = f"[{m.group(3)}]" if m.group(3) not in (None, "-1") else ""
+        return f"task {m.group(2)}{index}: {'started' if m.group(1) == 'starting' else 'finished'}"
     m = re.search(r"DagRun Finished: dag_id=(\S+), .*state=(\w+)", line)
     if m:
         return f"DAG run {m.group(1).rstrip(',')}: {m.group(2)}"

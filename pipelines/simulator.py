@@ -181,3 +181,35 @@ def _fault_events(rng: np.random.Generator, devices: int, n: int) -> list[tuple[
             magnitude = sign * (rng.uniform(10.0, 25.0) if kind == _SPIKE else rng.uniform(4.0, 10.0))
             events.append((device, int(kind), start, length, magnitude))
     return events
+
+
+def stream_readings(
+    start_date: dt.date, days: int, devices: int = 4, freq_seconds: int = 60, seed: int = 42
+):
+    """The same telemetry as `simulate_telemetry`, as the messages a device sends: one dict per
+    reading, time-major (all devices at t0, then t1, ...), each with ``seq``, the device's own
+    counter from 0 (MQTT has no sequence numbers: a receiver recognises redeliveries by it).
+
+    Booleans and the fault label are as in the landed CSV (true/false, "" for normal)."""
+    _check_args(days, devices, freq_seconds)
+    seqs: dict[str, int] = {}
+    for i in range(days):
+        cols = _simulate_day(start_date + dt.timedelta(days=i), devices, freq_seconds, seed)
+        records = _frame(cols).to_dict("records")
+        for record in records:
+            device = record["device"]
+            seq = seqs.get(device, 0)
+            seqs[device] = seq + 1
+            yield {
+                "device": device,
+                "seq": seq,
+                "ts": int(record["ts"]),
+                "co": float(record["co"]),
+                "humidity": float(record["humidity"]),
+                "light": bool(record["light"]),
+                "lpg": float(record["lpg"]),
+                "motion": bool(record["motion"]),
+                "smoke": float(record["smoke"]),
+                "temp": float(record["temp"]),
+                "fault": record["fault"],
+            }
