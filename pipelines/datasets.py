@@ -5,7 +5,7 @@ dataset: it gets its DAGs (``<prefix>_lakehouse``, ``<prefix>_training``), its A
 registered model with no code change. ``datasets.<name>`` in params.yaml tunes it, read through one
 typed model (:class:`DatasetParams`): an unknown key is an error naming the key and the file.
 
-This module is light on purpose (PyYAML and pydantic only): the DAG files import it at parse time
+This module is light on purpose (PyYAML, pydantic and the settings object): the DAG files import it at parse time
 to declare one set of DAGs per dataset, and the dag-processor parses them often.
 """
 
@@ -139,9 +139,9 @@ def _seconds_text(seconds: float) -> str:
 
 def contract_dirs(contracts_dir: str | Path | None = None) -> list[Path]:
     """Where contracts are looked up: the user's folder first (it may override a packaged one)."""
-    import os
+    from pipelines.settings import get_settings
 
-    extra = contracts_dir or os.environ.get("PLATFORM_CONTRACTS_DIR")
+    extra = contracts_dir or get_settings().contracts_dir
     dirs = [Path(extra).expanduser().resolve()] if extra else []
     return [*dirs, PACKAGED_CONTRACTS]
 
@@ -161,10 +161,9 @@ def contract_files(contracts_dir: str | Path | None = None) -> dict[str, Path]:
 def _params_file(params_file: str | Path | None) -> Path:
     if params_file:
         return Path(params_file)
-    import os
+    from pipelines.settings import get_settings
 
-    from_env = os.environ.get("PLATFORM_PARAMS_FILE")
-    return Path(from_env) if from_env else Path(__file__).resolve().parent.parent / "params.yaml"
+    return Path(get_settings().params_file)
 
 
 def _raw_params(params_file: Path) -> dict:

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     s3_base_port: int = Field(0, validation_alias="PLATFORM_S3_BASE_PORT")
 
     dataset: str = Field("iot_telemetry", validation_alias="PLATFORM_DATASET")
+    # A folder of the user's own contracts: each file is a dataset beside the packaged ones.
+    contracts_dir: Path | None = Field(None, validation_alias="PLATFORM_CONTRACTS_DIR")
     params_file: Path = Field(REPO_ROOT / "params.yaml", validation_alias="PLATFORM_PARAMS_FILE")
 
     # --- derived -------------------------------------------------------------------------
