@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipelines.services import _bin, airflow_env
+from pipelines.services import _bin, airflow_env, private_dir
 from pipelines.settings import get_settings
 
 LAKEHOUSE_DAG = "iot_lakehouse"
@@ -73,7 +73,7 @@ def run_dags(
     settings = get_settings()
     env = {**os.environ, **settings.client_env(), **airflow_env(settings)}
     log_dir = settings.state_dir / "logs" / "dag-runs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(log_dir)
 
     def log_path(run: DagRunRequest) -> Path:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
@@ -99,7 +99,8 @@ def run_dags(
                 run = runs[int(index)]
                 if what == "start":
                     path = log_path(run)
-                    log = open(path, "w")  # noqa: SIM115 - one file per run, closed at its end
+                    # one file per run, closed at its end; private like every file of the state directory
+                    log = os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w")
                     log.writelines(preamble)  # what Airflow printed before this run began
                     preamble = []
                     current = (run, path, time.time())

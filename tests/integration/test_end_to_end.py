@@ -157,7 +157,7 @@ def test_a_failed_run_ends_the_batch_and_names_its_log(pipeline_run, settings):
 
     log_dir = settings.state_dir / "logs" / "dag-runs"
     before = set(log_dir.iterdir())
-    with pytest.raises(DagRunFailed, match=r"no_such_dag failed for 2031-01-02") as err:
+    with pytest.raises(DagRunFailed, match=r"no_such_dag failed \(2031-01-02\)") as err:
         run_dags([DagRunRequest("no_such_dag", "2031-01-02"), DagRunRequest(TRAINING_DAG)], progress=lambda _: None)
     new_logs = set(log_dir.iterdir()) - before
     assert len(new_logs) == 1 and TRAINING_DAG not in next(iter(new_logs)).name, new_logs

@@ -183,6 +183,8 @@ class ServiceProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ["PLATFORM_STATE_DIR"]) / "logs" / f"serving-{self.port}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        # the stack's own log files are private (0600, tests/integration/test_security.py): so is this one
+        os.close(os.open(self.log, os.O_CREAT | os.O_WRONLY, 0o600))
         self.env = {
             **os.environ,
             "PLATFORM_SERVING_MODEL_NAME": model_name,
