@@ -1,0 +1,61 @@
+"""The latest state per device over HTTP (Starlette on uvicorn, like the scoring service).
+
+GET /devices            the dataset's devices with a state
+GET /devices/{device}   its last reading, score, threshold, model version, anomaly flag
+GET /health             ok | degraded (state store unreachable: 503)
+GET /status             the ingester's counters (received, committed, refused, alerts, ...)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data, default=str), status, media_type="application/json")
+
+
+def state_app(state, status: Callable[[], dict] | None = None) -> Starlette:
+    async def devices(request: Request) -> Response:
+        return _json({"devices": state.devices()})
+
+    async def device(request: Request) -> Response:
+        name = request.path_params["device"]
+        found = state.get(name)
+        if found is None:
+            return _json({"detail": f"no state for device {name!r}: it has not reported a scored reading yet"}, 404)
+        return _json(found)
+
+    async def health(request: Request) -> Response:
+        ok = state.ping()
+        return _json({"status": "ok" if ok else "degraded", "state_store": ok}, 200 if ok else 503)
+
+    async def status_route(request: Request) -> Response:
+        return _json(status() if status else {})
+
+    return Starlette(
+        routes=[
+            Route("/devices", devices),
+            Route("/devices/{device}", device),
+            Route("/health", health),
+            Route("/status", status_route),
+        ]
+    )
+
+
+def serve_in_thread(app: Starlette, host: str, port: int):
+    """Run uvicorn beside the ingester (a daemon thread); returns the server (`should_exit` stops it)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="stream-http", daemon=True)
+    thread.start()
+    return server

@@ -1,0 +1,393 @@
+"""`platform stream`: MQTT readings into bronze exactly once, scored online, anomalies alerted.
+
+Threads, one job each:
+  network   paho's loop: receives messages (QoS 1, persistent session) and queues them; it never
+            acknowledges (manual_ack), so an unacknowledged message stays the broker's to redeliver;
+  intake    reads each message (a reading or a refusal), drops what bronze already holds or the open
+            batch already has, hands new readings to the scorer and closes the micro-batch at
+            `batch_max_readings` messages or `batch_max_seconds` after its first;
+  scorer    (in-process mode only; `platform stream` scores in a process of its own, see `live`)
+            scores everything that queued during its previous pass: alerts and device state;
+  committer commits a closed batch to bronze (and refusals to quarantine), and only then
+            acknowledges its messages, in the order they came, then announces the commit.
+A crash anywhere before a batch's manifests are written leaves its messages unacknowledged: the
+broker redelivers them to the next session. A crash after the commit and before the
+acknowledgements redelivers readings bronze already holds: the ledger leaves them out. Either way
+each reading is in bronze exactly once.
+
+An acknowledgement names a packet id of one connection: after a reconnect the same id may belong to
+another, uncommitted message. Messages remember the connection they came on and are acknowledged
+only on it; those of a lost connection are redelivered and recognised as duplicates.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.streaming.commit import BronzeCommitter, CommitResult
+from pipelines.streaming.config import StreamSettings
+from pipelines.streaming.messages import MessageReader, Reading, Refusal, subscription
+
+log = logging.getLogger("pipelines.streaming")
+
+
+@dataclass(slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    connection: int
+    received_ns: int
+
+
+@dataclass
+class MicroBatch:
+    opened: float = field(default_factory=time.monotonic)
+    readings: list[Reading] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    acks: list[tuple[int, int, int]] = field(default_factory=list)  # (connection, mid, qos) in arrival order
+    duplicates: int = 0
+    first_received_ns: int = 0
+
+    @property
+    def messages(self) -> int:
+        return len(self.acks)
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    readings: int = 0
+    refused: int = 0
+    duplicates: int = 0
+    committed_rows: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    acked: int = 0
+    ack_skipped_reconnected: int = 0
+    connected: bool = False
+    connections: int = 0
+    last_commit: dict[str, Any] = field(default_factory=dict)
+    refused_rules: dict[str, int] = field(default_factory=dict)
+
+
+class Ingester:
+    def __init__(
+        self,
+        dataset: str,
+        cfg: StreamSettings,
+        *,
+        store,
+        scorer=None,
+        state=None,
+        notifier=None,
+        grain: str = "day",
+    ):
+        from pipelines.contracts import load_contract
+        from pipelines.datasets import get_dataset
+
+        self.dataset, self.cfg, self.store = dataset, cfg, store
+        self.contract = load_contract(get_dataset(dataset).contract_path)
+        self.reader = MessageReader(dataset, self.contract, cfg.device_allow_list())
+        self.run_id = f"stream-{cfg.session_id(dataset)}"
+        self.committer = BronzeCommitter(store, dataset, self.contract, self.reader.columns, grain, self.run_id)
+        self.scorer, self.state, self.notifier = scorer, state, notifier
+        self.stats = IngestStats()
+        self._inbox: collections.deque[Inbound] = collections.deque()
+        self._arrived = threading.Event()
+        self.scoring = None
+        if scorer is not None or state is not None:
+            from pipelines.streaming.live import ScoringWorker
+
+            self.scoring = ScoringWorker(
+                dataset,
+                scorer,
+                state,
+                self._publish,
+                columns=self.reader.columns,
+                alerts_topic=cfg.alerts_topic,
+                run_id=self.run_id,
+            )
+        self._closed: queue.Queue[MicroBatch | None] = queue.Queue(maxsize=2)  # backpressure on intake
+        self._batch = MicroBatch()
+        self._in_flight: set[tuple[str, int]] = set()  # (device, seq) in open or committing batches
+        self._in_flight_lock = threading.Lock()
+        self._connection = 0
+        self._ack_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.client = self._mqtt_client()
+
+    # -- MQTT ---------------------------------------------------------------------------------
+    def _mqtt_client(self):
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.session_id(self.dataset),
+            clean_session=False,  # the broker keeps our subscription and queues QoS 1 while we are away
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if self.cfg.mqtt_username:
+            client.username_pw_set(self.cfg.mqtt_username, self.cfg.secret("mqtt_password"))
+        client.max_inflight_messages_set(1000)  # our alerts and commit events
+        client.max_queued_messages_set(100_000)
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        with self._ack_lock:
+            self._connection += 1
+            self.stats.connected = True
+            self.stats.connections += 1
+        client.subscribe(subscription(self.dataset), qos=1)
+        log.info("connected (session present: %s), subscribed to %s", flags.session_present, subscription(self.dataset))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._ack_lock:
+            self._connection += 1  # ids of the lost connection must not be acknowledged on the next
+            self.stats.connected = False
+        log.warning("disconnected from the broker: %s", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._inbox.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, self._connection, time.time_ns()))
+        self._arrived.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> Ingester:
+        if self.scoring is not None:
+            self.scoring.start()
+        for target, name in ((self._intake_loop, "stream-intake"), (self._commit_loop, "stream-committer")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.client.connect_async(self.cfg.mqtt_host, self.cfg.mqtt_port, keepalive=self.cfg.keepalive_seconds)
+        self.client.loop_start()
+        return self
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stats.connected:
+            time.sleep(0.02)
+        return self.stats.connected
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Commit and acknowledge what was received, then disconnect (SIGTERM's path)."""
+        self._stop.set()
+        self._arrived.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self.scoring is not None:
+            self.scoring.stop(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+
+    # -- intake ------------------------------------------------------------------------------------
+    def _intake_loop(self) -> None:
+        while True:
+            self._arrived.wait(0.05)
+            self._arrived.clear()
+            stopping = self._stop.is_set()
+            fresh: list[Reading] = []
+            while self._inbox:
+                fresh_one = self._take(self._inbox.popleft())
+                if fresh_one is not None:
+                    fresh.append(fresh_one)
+                if self._batch.messages >= self.cfg.batch_max_readings:
+                    self._close_batch()
+            if fresh and self.scoring is not None:
+                self.scoring.submit(fresh)
+            if self._batch.messages and (
+                stopping or time.monotonic() - self._batch.opened >= self.cfg.batch_max_seconds
+            ):
+                self._close_batch()
+            if stopping and not self._inbox:
+                self._closed.put(None)
+                return
+
+    def _take(self, message: Inbound) -> Reading | None:
+        batch = self._batch
+        if not batch.messages:
+            batch.opened = time.monotonic()
+            batch.first_received_ns = message.received_ns
+        batch.acks.append((message.connection, message.mid, message.qos))
+        self.stats.received += 1
+        item = self.reader.read(message.topic, message.payload)
+        if isinstance(item, Refusal):
+            item.received_ns = message.received_ns
+            batch.refusals.append(item)
+            self.stats.refused += 1
+            self.stats.refused_rules[item.rule] = self.stats.refused_rules.get(item.rule, 0) + 1
+            return None
+        item.received_ns = message.received_ns
+        key = (item.device, item.seq)
+        with self._in_flight_lock:
+            duplicate = key in self._in_flight
+            if not duplicate:
+                duplicate = self.committer.already_committed(item)
+            if not duplicate:
+                self._in_flight.add(key)
+        if duplicate:
+            batch.duplicates += 1
+            self.stats.duplicates += 1
+            return None
+        batch.readings.append(item)
+        self.stats.readings += 1
+        return item
+
+    def _close_batch(self) -> None:
+        batch, self._batch = self._batch, MicroBatch()
+        self._closed.put(batch)  # blocks while two batches wait: the broker's in-flight window then fills
+
+    def _publish(self, topic: str, payload: str) -> None:
+        self.client.publish(topic, payload, qos=1)
+
+    # -- commits -----------------------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            batch = self._closed.get()
+            if batch is None:
+                return
+            result = self._commit_with_retry(batch)
+            self._ack(batch)
+            with self._in_flight_lock:
+                self._in_flight.difference_update((r.device, r.seq) for r in batch.readings)
+            self._announce(batch, result)
+
+    def _commit_with_retry(self, batch: MicroBatch) -> CommitResult:
+        delay = 0.5
+        while True:
+            try:
+                return self.committer.commit(batch.readings, batch.refusals)
+            except Exception:  # noqa: BLE001 - nothing is acknowledged until the commit succeeds
+                self.stats.commit_failures += 1
+                log.exception("bronze commit failed; retrying in %.1fs (messages stay unacknowledged)", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _ack(self, batch: MicroBatch) -> None:
+        with self._ack_lock:
+            current = self._connection
+            for connection, mid, qos in batch.acks:
+                if qos == 0:
+                    continue
+                if connection != current:
+                    self.stats.ack_skipped_reconnected += 1
+                    continue
+                self.client.ack(mid, qos)
+                self.stats.acked += 1
+
+    def _announce(self, batch: MicroBatch, result: CommitResult) -> None:
+        self.stats.commits += 1
+        self.stats.committed_rows += result.rows
+        event = {
+            "dataset": self.dataset,
+            "partitions": result.partitions,
+            "rows": result.rows,
+            "duplicates": result.duplicates + batch.duplicates,
+            "refused": result.refused,
+            "runs": {d: [list(r) for r in runs] for d, runs in result.runs.items()},
+            "commit_seconds": round(result.seconds, 4),
+            "committed_at": time.time(),
+            "first_received_at": batch.first_received_ns / 1e9,
+        }
+        self.stats.last_commit = {k: v for k, v in event.items() if k != "runs"}
+        self.client.publish(f"{self.cfg.commits_topic}/{self.dataset}/commits", json.dumps(event), qos=1)
+        if self.notifier is not None and result.partitions:
+            self.notifier.touched(result.partitions)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dataset": self.dataset, "ingest": self.stats.__dict__.copy()}
+        out["ingest"]["inbox"] = len(self._inbox)
+        if self.scoring is not None:
+            out["scoring"] = self.scoring.status()
+        if self.notifier is not None:
+            out["airflow"] = {"sent_events": self.notifier.sent_events, "last_error": self.notifier.last_error}
+        return out
+
+
+def build_scorer(dataset: str, cfg: StreamSettings, settings, store, models=None):
+    """The online scorer of a dataset: its gold windows, and the champion (a `ModelManager` polling
+    the registry and the canary's rollout state, unless `models` is given)."""
+    from pipelines.contracts import load_contract
+    from pipelines.datasets import effective_params, get_dataset
+    from pipelines.streaming.scoring import OnlineScorer
+
+    ds = get_dataset(dataset)
+    if models is None:
+        from pipelines.serving.models import ModelManager
+
+        models = ModelManager(settings, ds.model_name, cfg.model_poll_seconds, store)
+        models.start()
+    gold = effective_params(dataset)["gold"]
+    return OnlineScorer(load_contract(ds.contract_path), gold["window"], gold["long_window"], models, ds.model_name)
+
+
+def build_scorer_process(dataset: str, cfg: StreamSettings | None = None, *, store=None, models=None):
+    """`platform stream --role scorer`: scoring, alerts and device state in a process of their own."""
+    from pipelines.settings import get_settings
+    from pipelines.storage import ObjectStore
+    from pipelines.streaming.live import ScorerProcess
+    from pipelines.streaming.state import state_store
+
+    cfg = cfg or StreamSettings()
+    settings = get_settings()
+    store = store or ObjectStore(settings)
+    scorer = build_scorer(dataset, cfg, settings, store, models) if cfg.scoring else None
+    state = state_store(cfg.redis_url, dataset, cfg.secret("redis_password"))
+    return ScorerProcess(dataset, cfg, store=store, scorer=scorer, state=state)
+
+
+def build_ingester(
+    dataset: str, cfg: StreamSettings | None = None, *, store=None, models=None, score_in_process: bool = True
+) -> Ingester:
+    """The ingester: the stack's store, the Airflow notifier as configured and, when scoring in this
+    process (tests, small fleets), the registry's champion and the state store."""
+    from pipelines.datasets import get_dataset
+    from pipelines.settings import get_settings
+    from pipelines.storage import ObjectStore
+    from pipelines.streaming.notify import AirflowAssetNotifier
+    from pipelines.streaming.state import state_store
+
+    cfg = cfg or StreamSettings()
+    settings = get_settings()
+    store = store or ObjectStore(settings)
+    ds = get_dataset(dataset)
+    scorer = build_scorer(dataset, cfg, settings, store, models) if cfg.scoring and score_in_process else None
+    notifier = None
+    if cfg.airflow_api_url:
+        password = cfg.secret("airflow_password")
+        notifier = AirflowAssetNotifier(
+            cfg.airflow_api_url,
+            ds.asset_uri("bronze", settings.lake_bucket),
+            dataset,
+            username=cfg.airflow_username,
+            password=password,
+            interval_seconds=cfg.notify_interval_seconds,
+        ).start()
+    return Ingester(
+        dataset,
+        cfg,
+        store=store,
+        scorer=scorer,
+        state=state_store(cfg.redis_url, dataset, cfg.secret("redis_password")) if score_in_process else None,
+        notifier=notifier,
+        grain=ds.grain,
+    )
