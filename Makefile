@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: demo test up down status lint bench clean repro browser
+.PHONY: demo test up down status lint bench clean repro browser brokers
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## the main job end to end on embedded defaults (KEEP_UP=1 leaves the stack running)
 	$(BIN)/platform demo $(if $(KEEP_UP),--keep-up,)
 
-test: $(STAMP) browser  ## the test suite (starts and stops its own services on free ports)
+test: $(STAMP) browser brokers  ## the test suite (starts and stops its own services on free ports)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 browser:  ## Debian's headless Chromium for the UI tests (Playwright's own browser download is not used)
@@ -28,6 +28,12 @@ browser:  ## Debian's headless Chromium for the UI tests (Playwright's own brows
 	  echo "installing Debian chromium for the UI tests"; \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+brokers:  ## Debian's mosquitto and redis-server binaries: the stream tests start their own on free ports
+	@command -v mosquitto >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing Debian mosquitto and redis-server for the stream tests"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients redis-server >/dev/null; }
 
 up: $(STAMP)    ## start the stack with the Airflow and MLflow UIs
 	$(BIN)/platform up
