@@ -5,13 +5,13 @@
     .venv/bin/python benchmarks/nab.py --profile standard
 
 Runs a detector through the model family training registers (``pipelines.training.StreamingScorer``
-over ``pipelines.detectors``: the same object the registry stores and the gate and scoring load)
-online over every file of a folder in NAB's layout (``data/<category>/*.csv``, ``labels/combined_windows.json``, optionally
-``results/<detector>/``), one fresh state per file from its first row, as NAB requires. Scores it with
-``pipelines.evaluation.nab`` (one threshold per profile optimised over all files), beside every
-reference detector found in ``DIR/results`` scored the same way on the same files, and prints the
-normalised score per category and in total, false alarms per day and windows detected at the
-optimised threshold, and the time taken.
+over ``pipelines.detectors``: the object the registry stores and the gate and scoring load) online
+over every file of a folder in NAB's layout (``data/<category>/*.csv``, ``labels/combined_windows.json``,
+optionally ``results/<detector>/``), one fresh state per file from its first row, as NAB requires.
+Scores it with ``pipelines.evaluation.nab`` (one threshold per profile optimised over all files),
+beside every reference detector found in ``DIR/results`` scored the same way on the same files, and
+prints the normalised score per category and in total, false alarms per day and windows detected at
+the optimised threshold, and the time taken.
 """
 
 from __future__ import annotations

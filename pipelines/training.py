@@ -44,8 +44,11 @@ warnings.filterwarnings("ignore", module=r"skops\.io\._utils")
 
 NON_FEATURE_COLUMNS = ("device", "ts", "event_date", "label", "is_anomaly")
 FAULT_TYPES = ("spike", "stuck", "drift", "dropout")
-FAMILIES = ("isolation_forest", "hist_gradient_boosting", "local_outlier_factor")
-DEFAULT_FAMILIES = ("isolation_forest", "hist_gradient_boosting")
+FAMILIES = ("streaming_detector", "isolation_forest", "hist_gradient_boosting", "local_outlier_factor")
+DEFAULT_FAMILIES = ("streaming_detector", "isolation_forest", "hist_gradient_boosting")
+# Families that score a device's readings in time order from per-device state (pipelines.detectors):
+# their input is (device, ts, readings), not the gold features.
+STREAMING_FAMILIES = ("streaming_detector",)
 SUPERVISED_FAMILIES = ("hist_gradient_boosting",)
 # A supervised candidate needs at least this many labelled anomalies in the rows it is fitted on.
 MIN_SUPERVISED_POSITIVES = 10
@@ -61,6 +64,7 @@ TAG_VALUE_MAX = 5000  # MLflow caps tag values (8,000 chars); full JSON goes to 
 # scikit-learn 1.9). Anything else showing up is refused, not silently trusted (see _check_skops_types).
 SKOPS_TRUSTED_TYPES = [
     "pipelines.training.AnomalyScorer",
+    "pipelines.training.StreamingScorer",
     "numpy.dtype",
     "sklearn.tree._tree.Tree",  # IsolationForest trees
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",  # HistGradientBoosting trees
@@ -105,6 +109,142 @@ class AnomalyScorer(BaseEstimator):
         if self._supervised:
             return np.asarray(self.pipeline.predict_proba(X)[:, 1], dtype=np.float64)
         return -np.asarray(self.pipeline.score_samples(X), dtype=np.float64)
+
+
+class StreamingScorer(BaseEstimator):
+    """A causal streaming detector (``pipelines.detectors``) as a model: one detector state per device
+    and reading, learned from the training rows in time order; ``predict`` continues each device's
+    stream from the state at the end of its training rows (a copy: the model itself never changes),
+    so scoring the rows that follow training gives exactly what online scoring gives. A row's score
+    is the highest over its readings. Input columns: device, ts and the readings.
+
+    The states are kept as JSON text (``pipelines.training.encode_state``): skops serialises a
+    string, and decoding builds only the detectors' own state classes."""
+
+    def __init__(self, detector: str = "contextual", readings=None, config=None, states=None):
+        self.detector = detector
+        self.readings = readings
+        self.config = config
+        self.states = states
+
+    def _detector(self):
+        from pipelines.detectors import DETECTORS
+
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; use one of {sorted(DETECTORS)}")
+        cls = DETECTORS[self.detector]
+        return cls(**(self.config or {}))
+
+    @property
+    def columns(self) -> list[str]:
+        return ["device", "ts", *(self.readings or [])]
+
+    @staticmethod
+    def _ordered(X: pd.DataFrame):
+        frame = X.reset_index(drop=True)
+        for device, rows in frame.groupby("device", sort=True):
+            yield device, rows.sort_values("ts", kind="stable").index.to_numpy(), frame
+
+    def fit(self, X, y=None):
+        detector = self._detector()
+        states: dict = {}
+        for device, order, frame in self._ordered(X):
+            states[str(device)] = {}
+            for col in self.readings or []:
+                state = detector.new_state()
+                detector.score_series(None, frame.loc[order, col].to_numpy(dtype=float, na_value=np.nan), state=state)
+                states[str(device)][col] = state
+        self.states = encode_state(states)
+        return self
+
+    def predict(self, X):
+        detector = self._detector()
+        states = decode_state(self.states) if self.states else {}
+        out = np.zeros(len(X), dtype=np.float64)
+        for device, order, frame in self._ordered(X):
+            best = np.zeros(len(order))
+            for col in self.readings or []:
+                state = states.get(str(device), {}).get(col) or detector.new_state()
+                values = frame.loc[order, col].to_numpy(dtype=float, na_value=np.nan)
+                best = np.fmax(best, detector.score_series(None, values, state=state))
+            out[order] = best
+        return out
+
+    def alarm_threshold(self) -> float | None:
+        """The detector's own alarm threshold (chosen by measurement on NAB), if it declares one."""
+        value = getattr(self._detector().config, "alarm_threshold", None)
+        return None if value is None else float(value)
+
+
+def encode_state(value: Any) -> str:
+    """A detector's state (dataclasses, dicts with any keys, tuples, lists, numbers) as JSON text."""
+
+    def enc(v: Any) -> Any:
+        import dataclasses as dc
+
+        if dc.is_dataclass(v) and not isinstance(v, type):
+            return {
+                "__state__": f"{type(v).__module__}.{type(v).__qualname__}",
+                "f": {f.name: enc(getattr(v, f.name)) for f in dc.fields(v)},
+            }
+        if isinstance(v, dict):
+            return {"__dict__": [[enc(k), enc(x)] for k, x in v.items()]}
+        if isinstance(v, tuple):
+            return {"__tuple__": [enc(x) for x in v]}
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, np.ndarray):
+            return {"__array__": v.tolist(), "dtype": str(v.dtype)}
+        if isinstance(v, float) and not np.isfinite(v):
+            return {"__float__": repr(v)}
+        return v
+
+    return json.dumps(enc(value), separators=(",", ":"))
+
+
+def decode_state(text: str) -> Any:
+    """Inverse of ``encode_state``; builds only state classes defined in ``pipelines.detectors``."""
+    import importlib
+
+    def dec(v: Any) -> Any:
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if "__state__" in v:
+            module, _, name = v["__state__"].rpartition(".")
+            if not module.startswith("pipelines.detectors"):
+                raise ValueError(f"refusing to build {v['__state__']!r}: not a pipelines.detectors state class")
+            cls = getattr(importlib.import_module(module), name)
+            return cls(**{k: dec(x) for k, x in v["f"].items()})
+        if "__dict__" in v:
+            return {_hashable(dec(k)): dec(x) for k, x in v["__dict__"]}
+        if "__tuple__" in v:
+            return tuple(dec(x) for x in v["__tuple__"])
+        if "__array__" in v:
+            return np.asarray(v["__array__"], dtype=v["dtype"])
+        if "__float__" in v:
+            return float(v["__float__"])
+        return {k: dec(x) for k, x in v.items()}
+
+    return dec(json.loads(text))
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def default_detector() -> str:
+    from pipelines.detectors import DEFAULT_DETECTOR
+
+    return DEFAULT_DETECTOR
+
+
+def model_inputs(model, feats: list[str]) -> list[str]:
+    """The columns a fitted family reads from a gold frame."""
+    return model.columns if isinstance(model, StreamingScorer) else list(feats)
 
 
 @dataclass
@@ -270,6 +410,13 @@ def fit_candidates(
     lab = labelled(train_df)
     out: dict[str, AnomalyScorer] = {}
     for family in families if families is not None else model_families(params):
+        if family in STREAMING_FAMILIES:
+            # a stream has no holes: every training row, in time order (labels are not used)
+            cfg = dict(tp.get(family, {}) or {})
+            detector = str(cfg.pop("detector", "") or default_detector())
+            streaming = StreamingScorer(detector, readings=reading_columns(train_df), config=cfg or None)
+            out[family] = streaming.fit(train_df[streaming.columns])
+            continue
         scorer = AnomalyScorer(_pipeline(family, tp), columns=family_columns(family, feats, params))
         if family in SUPERVISED_FAMILIES:
             if not can_fit_supervised(train_df):
@@ -613,6 +760,14 @@ def train_and_log(
     tp = train_params(params)
     feats = feature_columns(gold)
     readings = reading_columns(gold)
+
+    def scores_of(m, df: pd.DataFrame, in_sample: bool = False) -> np.ndarray:
+        """Scores of family `m` on `df`. A streaming detector continues from the end of its training
+        rows; ``in_sample`` scores the training rows themselves as the stream saw them (causally)."""
+        if in_sample and isinstance(m, StreamingScorer):
+            m = StreamingScorer(m.detector, m.readings, m.config)
+        return anomaly_scores(m, df[model_inputs(m, feats)])
+
     if not readings:
         raise ValueError(
             f"gold of {context.dataset_name} has no numeric reading: the contract must declare at least one "
@@ -645,7 +800,7 @@ def train_and_log(
     for family, cand in candidates.items():
         if not val_measurable:
             continue
-        val_scores[family] = anomaly_scores(cand, val_lab[feats])
+        val_scores[family] = scores_of(cand, val_lab)
         ap = evaluate(val_scores[family], y_val, None, float("inf"))["pr_auc"]
         candidate_metrics[f"cand_{family}_pr_auc"] = ap
         progress(f"[train] candidate {family}: validation PR-AUC {ap:.4f}")
@@ -673,20 +828,25 @@ def train_and_log(
         threshold_source = "f1_best_on_validation_labels"
     elif len(train_lab):
         threshold = choose_threshold(
-            anomaly_scores(model, train_lab[feats]),
+            scores_of(model, train_lab, in_sample=True),
             train_lab["is_anomaly"].astype(int).to_numpy(),
             contamination,
         )
         threshold_source = "f1_best_on_train_labels_else_contamination_quantile"
     else:
-        threshold = choose_threshold(anomaly_scores(model, train_df[feats]), None, contamination)
-        threshold_source = "contamination_quantile_of_training_scores"
+        own = model.alarm_threshold() if isinstance(model, StreamingScorer) else None
+        if own is not None:
+            threshold = own
+            threshold_source = f"detector_default ({model.detector}: one threshold chosen on the NAB corpus)"
+        else:
+            threshold = choose_threshold(scores_of(model, train_df, in_sample=True), None, contamination)
+            threshold_source = "contamination_quantile_of_training_scores"
 
     # 3. the held-out test range, touched once
     test_lab = labelled(test_df)
     y_test = test_lab["is_anomaly"].astype(int).to_numpy()
     test_measurable = 0 < y_test.sum() < len(y_test)
-    all_test_scores = anomaly_scores(model, test_df[feats])
+    all_test_scores = scores_of(model, test_df)
     all_test_alarm = all_test_scores >= threshold
     rule_cfg = tp.get("threshold_rule", {}) or {}
     temp_above: float | None = None
@@ -703,13 +863,13 @@ def train_and_log(
         rule = fit_range_rule(train_df, float(rule_cfg.get("tail", 0.005)), context_units(context))
         rule_name, rule_scores, rule_threshold = rule.describe(), rule.scores, rule.threshold
     if test_measurable:
-        test_scores = anomaly_scores(model, test_lab[feats])
+        test_scores = scores_of(model, test_lab)
         metrics = evaluate(test_scores, y_test, test_lab["label"], threshold)
         baseline = evaluate(rule_scores(test_lab), y_test, test_lab["label"], rule_threshold)
         for fam, cand in candidates.items():  # informative only: not used for any choice
             refit = model if fam == family else cand
             candidate_metrics[f"cand_{fam}_test_pr_auc"] = evaluate(
-                anomaly_scores(refit, test_lab[feats]), y_test, None, float("inf")
+                scores_of(refit, test_lab), y_test, None, float("inf")
             )["pr_auc"]
         progress(
             f"[train] test: model PR-AUC {metrics['pr_auc']:.4f} F1 {metrics['f1']:.4f} | "
@@ -832,7 +992,7 @@ def train_and_log(
 
         progress("[train] logging model (skops)")
         _check_skops_types(model)
-        X_sig = train_df[feats]
+        X_sig = train_df[model_inputs(model, feats)]
         example = X_sig.dropna().head(5)
         if example.empty:
             example = X_sig.head(5)
