@@ -826,13 +826,13 @@ def train_and_log(
         # out-of-sample scores: a supervised model's in-sample probabilities are over-confident
         threshold = choose_threshold(val_scores[family], y_val, contamination)
         threshold_source = "f1_best_on_validation_labels"
-    elif len(train_lab):
+    elif 0 < int(train_lab["is_anomaly"].astype(int).sum()) < len(train_lab):
         threshold = choose_threshold(
             scores_of(model, train_lab, in_sample=True),
             train_lab["is_anomaly"].astype(int).to_numpy(),
             contamination,
         )
-        threshold_source = "f1_best_on_train_labels_else_contamination_quantile"
+        threshold_source = "f1_best_on_train_labels"
     else:
         own = model.alarm_threshold() if isinstance(model, StreamingScorer) else None
         if own is not None:

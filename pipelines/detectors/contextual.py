@@ -59,6 +59,10 @@ class ContextualConfig:
     rank_window: int = 1000
     refit_at: int = 750  # if > warmup: at this many readings re-learn the range from all of them and replay
     likelihood: bool = False  # post-process raw scores with the HTM anomaly likelihood instead of rest
+    # Alarm at score >= this. Not used by the algorithm: the one threshold NAB's standard profile
+    # chose for this detector over the 45 labelled series of ../shared (benchmarks/nab.py, 0.572),
+    # i.e. set from labelled history of this kind of data, never from the dataset being trained.
+    alarm_threshold: float = 0.572
 
 
 @dataclass

@@ -106,6 +106,10 @@ def test_the_dataset_gets_its_own_registered_model_with_event_scores(ec2_run, se
     assert metrics["event_windows"] == 2
     assert all(v == v for v in metrics.values())
     assert "value outside [" in run.data.tags["baseline_rule"]  # fitted per reading, not "temp > 32"
+    # the default family: the causal streaming detector, alarming at its own NAB-chosen threshold
+    assert run.data.params["model_family"] == "streaming_detector"
+    assert run.data.params["threshold_choice"].startswith("detector_default")
+    assert run.data.params["model_columns"] == "device,ts,value"
     # the readings plot is there, with the reading's name
     assert any(a.path == "plots" for a in client.list_artifacts(run.info.run_id))
 

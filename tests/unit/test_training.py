@@ -61,9 +61,7 @@ def make_gold(devices: int = 3, days: int = 2, seed: int = 7, freq: str = "1min"
                 temp[start : start + 10] = np.nan
                 label[start : start + 10] = "dropout"
         label[rng.random(n) < 0.05] = None  # some rows unlabelled
-        frames.append(
-            pd.DataFrame({"device": f"dev-{d}", "ts": ts, "temp": temp, "humidity": hum, "label": label})
-        )
+        frames.append(pd.DataFrame({"device": f"dev-{d}", "ts": ts, "temp": temp, "humidity": hum, "label": label}))
     df = pd.concat(frames, ignore_index=True)
     df["event_date"] = df["ts"].dt.strftime("%Y-%m-%d")
     df["label"] = df["label"].astype("str").where(df["label"].notna(), None)
@@ -163,9 +161,7 @@ def test_evaluate_and_rule():
     m = training.evaluate(scores, y, np.array(["normal", "normal", "spike", "drift", "normal"]), 0.5)
     assert m["precision"] == m["recall"] == m["f1"] == m["pr_auc"] == 1.0
     assert m["recall_spike"] == 1.0 and m["recall_drift"] == 1.0
-    df = pd.DataFrame(
-        {"temp": [20.0, np.nan, 40.0], "is_anomaly": [0, 1, 1], "label": ["normal", "dropout", "spike"]}
-    )
+    df = pd.DataFrame({"temp": [20.0, np.nan, 40.0], "is_anomaly": [0, 1, 1], "label": ["normal", "dropout", "spike"]})
     s, pred = training.threshold_rule_scores(df, 32.0)
     assert pred.tolist() == [0, 0, 1]
     assert training.threshold_rule_metrics(df, 32.0)["recall_dropout"] == 0.0
@@ -202,9 +198,7 @@ def test_label_from_windows_and_window_metrics():
 
 
 def test_fit_threshold_rule_uses_training_labels():
-    df = pd.DataFrame(
-        {"temp": [20.0, 21, 35, 36, 22], "is_anomaly": [0, 0, 1, 1, 0], "label": ["normal"] * 5}
-    )
+    df = pd.DataFrame({"temp": [20.0, 21, 35, 36, 22], "is_anomaly": [0, 0, 1, 1, 0], "label": ["normal"] * 5})
     t = training.fit_threshold_rule(df)
     assert 22 <= t < 35
     assert training.threshold_rule_metrics(df, t)["f1"] == 1.0
@@ -231,12 +225,8 @@ def two_runs(gold, mlflow_uri):
         airflow_run_id="manual__1",
     )
     lines: list[str] = []
-    r1 = training.train_and_log(
-        gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append
-    )
-    r2 = training.train_and_log(
-        gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append
-    )
+    r1 = training.train_and_log(gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append)
+    r2 = training.train_and_log(gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append)
     return r1, r2, lines
 
 
@@ -324,3 +314,40 @@ def test_run_contents(two_runs, mlflow_uri, tmp_path):
     s = np.asarray(pyfunc.predict(lab[r1.feature_columns]))
     y = lab["is_anomaly"].astype(int).to_numpy()
     assert s[y == 1].mean() > s[y == 0].mean()
+
+
+def test_streaming_scorer_continues_each_device_stream_and_round_trips_through_skops():
+    """The registered streaming model: scoring the rows after training equals scoring the whole stream
+    online, per device, whatever the row order; its skops file needs only the platform's own type."""
+    import skops.io
+
+    from pipelines.detectors import DEFAULT_DETECTOR, DETECTORS
+
+    rng = np.random.default_rng(3)
+    n = 1200
+    ts = pd.date_range("2026-01-01", periods=n, freq="5min", tz="UTC")
+    a = 10 + np.sin(np.arange(n) / 20) + rng.normal(0, 0.1, n)
+    b = 50 + rng.normal(0, 1.0, n)
+    b[1000] = 90.0
+    frame = pd.concat(
+        [pd.DataFrame({"device": "a", "ts": ts, "value": a}), pd.DataFrame({"device": "b", "ts": ts, "value": b})],
+        ignore_index=True,
+    )
+    train = frame[frame["ts"] < ts[900]]
+    later = frame[frame["ts"] >= ts[900]].sample(frac=1.0, random_state=1)  # any row order
+    model = training.StreamingScorer(DEFAULT_DETECTOR, readings=["value"]).fit(train)
+    scores = pd.Series(model.predict(later), index=later.index)
+    for device, values in (("a", a), ("b", b)):
+        online = DETECTORS[DEFAULT_DETECTOR]().score_series(None, values)
+        rows = later[later["device"] == device].sort_values("ts")
+        np.testing.assert_array_equal(scores[rows.index].to_numpy(), online[900:])
+    assert scores.max() > 0.5  # the spike of device b is seen
+    data = skops.io.dumps(model)
+    assert set(skops.io.get_untrusted_types(data=data)) <= set(training.SKOPS_TRUSTED_TYPES)
+    again = skops.io.loads(data, trusted=training.SKOPS_TRUSTED_TYPES)
+    np.testing.assert_array_equal(again.predict(later), scores.to_numpy())
+
+
+def test_state_decoding_builds_only_detector_state_classes():
+    with pytest.raises(ValueError, match="not a pipelines.detectors state class"):
+        training.decode_state('{"__state__": "os.system", "f": {}}')
