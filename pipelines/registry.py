@@ -285,6 +285,7 @@ def score_version(
     metric: str,
     *,
     tracking_uri: str,
+    windows: list | None = None,
 ) -> dict[str, Any]:
     """Load ``models:/name/version`` (skops with the platform's trusted types only: no pickle), score the
     labelled eval rows; metric, timing and size."""
@@ -325,6 +326,12 @@ def score_version(
         )
     else:
         metrics = {"rows": float(len(scores)), "flagged": float((scores >= threshold).sum())}
+    if metric.startswith("nab_"):
+        # event-level: NAB's score of the version's alarms, windows from the contract or label runs
+        from pipelines.training import device_windows, nab_scores
+
+        nab, _ = nab_scores(lab, scores >= threshold, device_windows(lab, windows))
+        metrics.update(nab)
     return {
         "metric": float(metrics.get(metric, float("nan"))),
         "metrics": metrics,
@@ -346,6 +353,7 @@ def offline_gate(
     *,
     tracking_uri: str,
     progress=print,
+    windows: list | None = None,
 ) -> GateDecision:
     """Compare ``version`` with the champion on ``eval_df``; set ``challenger`` (or ``champion`` if first)."""
     rp = registry_params(params)
@@ -364,6 +372,7 @@ def offline_gate(
             eval_df,
             metric,
             tracking_uri=tracking_uri,
+            windows=windows,
         )
 
     challenger = score(version)  # outside the lease: independent of the other writers

@@ -548,9 +548,51 @@ def fit_range_rule(train_df: pd.DataFrame, tail: float = 0.005, units: dict[str,
     return RangeRule(bounds, {c: u for c, u in (units or {}).items() if c in bounds})
 
 
-def nab_scores(df: pd.DataFrame, alarm: np.ndarray, windows: list) -> tuple[dict[str, float], str | None]:
+def device_windows(df: pd.DataFrame, known: list | None = None) -> dict[str, list[tuple[Any, Any]]]:
+    """Anomaly windows per device: the contract's windows file (the same windows for every device),
+    else runs of consecutive rows labelled anomalous (a fault's span). Empty without either."""
+    devices = sorted(str(d) for d in df["device"].unique())
+    if known:
+        return {d: list(known) for d in devices}
+    if "is_anomaly" not in df or not df["is_anomaly"].fillna(0).astype(int).any():
+        return {}
+    out: dict[str, list[tuple[Any, Any]]] = {}
+    for device, rows in df[["device", "ts", "is_anomaly"]].groupby("device", sort=True):
+        rows = rows.sort_values("ts")
+        flag = rows["is_anomaly"].fillna(0).astype(int).to_numpy() == 1
+        starts = np.flatnonzero(flag & ~np.r_[False, flag[:-1]])
+        ends = np.flatnonzero(flag & ~np.r_[flag[1:], False])
+        ts = rows["ts"].to_numpy()
+        out[str(device)] = [(pd.Timestamp(ts[a]), pd.Timestamp(ts[b])) for a, b in zip(starts, ends, strict=True)]
+    return out
+
+
+def event_scores(df: pd.DataFrame, alarm: np.ndarray, windows: dict[str, list]) -> dict[str, float]:
+    """Event-level metrics (``window_metrics``) per device, summed over devices: windows detected,
+    false-alarm episodes per day, mean lead time of the first alarm inside a detected window."""
+    frame = df[["device", "ts"]].assign(_alarm=np.asarray(alarm, dtype=bool))
+    total = {"windows": 0.0, "windows_detected": 0.0, "alarm_episodes": 0.0, "false_alarm_episodes": 0.0}
+    days = lead_sum = 0.0
+    for device, rows in frame.groupby("device", sort=True):
+        rows = rows.sort_values("ts")
+        m = window_metrics(rows["ts"], rows["_alarm"].to_numpy(), windows.get(str(device), []))
+        for key in total:
+            total[key] += m[key]
+        lead_sum += m["window_lead_hours_mean"] * m["windows_detected"]
+        if len(rows):
+            days += max((rows["ts"].max() - rows["ts"].min()).total_seconds() / 86400.0, 1e-9)
+    return {
+        **total,
+        "window_recall": total["windows_detected"] / total["windows"] if total["windows"] else float("nan"),
+        "false_alarm_episodes_per_day": total["false_alarm_episodes"] / days if days else 0.0,
+        "window_lead_hours_mean": lead_sum / total["windows_detected"] if total["windows_detected"] else 0.0,
+    }
+
+
+def nab_scores(df: pd.DataFrame, alarm: np.ndarray, windows: dict[str, list]) -> tuple[dict[str, float], str | None]:
     """NAB's normalised score (three profiles) of the model's alarms at its decision threshold, each
-    device a series, on rows already out of sample (no probationary period). (metrics, why absent)."""
+    device a series with its windows, on rows already out of sample (no probationary period).
+    (metrics, why absent)."""
     from pipelines.evaluation.nab import PROFILES, CorpusFile, normalised_scores
 
     files = []
@@ -558,7 +600,7 @@ def nab_scores(df: pd.DataFrame, alarm: np.ndarray, windows: list) -> tuple[dict
     for device, rows in frame.groupby("device", sort=True):
         rows = rows.sort_values("ts")
         ts = pd.to_datetime(rows["ts"], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
-        bounds = [(pd.Timestamp(a).tz_localize(None), pd.Timestamp(b).tz_localize(None)) for a, b in windows]
+        bounds = [(_naive_utc(a), _naive_utc(b)) for a, b in windows.get(str(device), [])]
         files.append((CorpusFile(str(device), "", ts, np.zeros(len(ts)), bounds), rows["_alarm"].to_numpy()))
     out = {}
     try:
@@ -567,6 +609,11 @@ def nab_scores(df: pd.DataFrame, alarm: np.ndarray, windows: list) -> tuple[dict
     except ValueError as exc:
         return {}, f"{exc} (no known window inside the test range)"
     return out, None
+
+
+def _naive_utc(value: Any) -> pd.Timestamp:
+    t = pd.Timestamp(value)
+    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
 
 
 def context_units(context: TrainingContext) -> dict[str, str]:
@@ -892,10 +939,11 @@ def train_and_log(
     metrics["flag_rate"] = float(all_test_alarm.mean()) if len(test_df) else 0.0
     days = max((test_df["ts"].max() - test_df["ts"].min()).total_seconds() / 86400.0, 1e-9) if len(test_df) else 0.0
     metrics["flags_per_day"] = float(all_test_alarm.sum() / days) if days else 0.0
-    if context.label_windows:
-        events = window_metrics(test_df["ts"], all_test_alarm, context.label_windows)
+    windows = device_windows(test_df, context.label_windows)
+    if windows:
+        events = event_scores(test_df, all_test_alarm, windows)
         metrics.update({f"event_{k}": v for k, v in events.items()})
-        rule_events = window_metrics(test_df["ts"], rule_scores(test_df) >= rule_threshold, context.label_windows)
+        rule_events = event_scores(test_df, rule_scores(test_df) >= rule_threshold, windows)
         baseline.update({f"event_{k}": v for k, v in rule_events.items()})
         progress(
             f"[train] events: {int(events['windows_detected'])}/{int(events['windows'])} windows detected, "
@@ -903,12 +951,14 @@ def train_and_log(
             f"(baseline rule: {int(rule_events['windows_detected'])}/{int(rule_events['windows'])}, "
             f"{rule_events['false_alarm_episodes_per_day']:.2f}/day)"
         )
-        nab, why = nab_scores(test_df, all_test_alarm, context.label_windows)
+        nab, why = nab_scores(test_df, all_test_alarm, windows)
         metrics.update(nab)
         if why:
             unmeasured["nab score"] = why
     else:
-        unmeasured["event-level scores"] = "no anomaly windows known (the contract names no label_windows file)"
+        unmeasured["event-level scores"] = (
+            "no anomaly windows known (no labels, and the contract names no label_windows file)"
+        )
     for name, metric_set in (("model", metrics), ("baseline", baseline)):
         for key in [k for k, v in metric_set.items() if not np.isfinite(v)]:
             unmeasured[f"{name} {key}"] = "not computable on the test range (one class only)"

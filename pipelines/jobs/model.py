@@ -108,9 +108,11 @@ def gate(registered: dict[str, Any], *, progress: Progress = print) -> dict[str,
     params = effective_params(dataset)
     model_name, version = registered["model_name"], registered["version"]
     gold, _ = read_gold(registered["partitions"], dataset=dataset)
-    gold, _ = _with_label_windows(gold, dataset, progress)
+    gold, windows = _with_label_windows(gold, dataset, progress)
     _, eval_df = split_by_time(gold, params["train"]["test_fraction"])
-    decision = registry.offline_gate(model_name, version, eval_df, params, tracking_uri=settings.mlflow_tracking_uri)
+    decision = registry.offline_gate(
+        model_name, version, eval_df, params, tracking_uri=settings.mlflow_tracking_uri, windows=windows
+    )
     progress(f"[gate] passed={decision.passed}: {decision.reason}")
     return {
         "model_name": model_name,

@@ -44,6 +44,8 @@ def user_datasets(tmp_path_factory, stack):
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(_contract(name, key), sort_keys=False))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"].update({name: {"grain": "month"} for name in FILES})
+    # the second dataset's gate judges by NAB's event-level score instead of PR-AUC
+    params["datasets"]["art_jumps"]["registry"] = {"primary_metric": "nab_standard"}
     params_file = folder / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
@@ -121,6 +123,9 @@ def test_a_second_dataset_keeps_its_own_model_and_aliases(ec2_run, settings, cap
     assert _cli("run", "--dataset", "art_jumps") == 0
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     assert client.get_registered_model("art_jumps").aliases.get("champion") == "1"
+    tags = client.get_model_version("art_jumps", "1").tags
+    assert tags["gate.primary_metric"] == "nab_standard"
+    assert float(tags["gate.challenger_nab_standard"]) == float(tags["gate.challenger_nab_standard"])  # a number
     # the first dataset's model was not gated against (or replaced by) the second's
     assert client.get_registered_model("ec2_cpu").aliases == {"champion": "1"}
     assert len(client.search_model_versions("name='ec2_cpu'")) == 1
