@@ -229,6 +229,8 @@ def run_rate(rate: int, seconds: float, port: int, dataset: str, devices: int, h
         "silver_ms_per_batch": 1000 * (sc1.get("silver_seconds", 0) - sc0.get("silver_seconds", 0)) / batches,
         "features_ms_per_batch": 1000 * (sc1.get("feature_seconds", 0) - sc0.get("feature_seconds", 0)) / batches,
         "model_ms_per_batch": 1000 * (sc1.get("model_seconds", 0) - sc0.get("model_seconds", 0)) / batches,
+        "output_ms_per_batch": 1000 * (sc1.get("output_seconds", 0) - sc0.get("output_seconds", 0)) / batches,
+        "silver_full_batches": sc1.get("silver_full_batches", 0) - sc0.get("silver_full_batches", 0),
     }
 
 
@@ -290,7 +292,7 @@ def main() -> int:
         print(
             f"{'rate/s':>7} {'published/s':>11} {'sustained/s':>11} {'alerts':>6} {'alert p50':>9} "
             f"{'alert p99':>9} {'commit p50':>10} {'commit p99':>10} {'commit max':>10} "
-            f"{'rows/pass':>9} {'silver ms':>9} {'features ms':>11} {'model ms':>8}"
+            f"{'rows/pass':>9} {'silver ms':>9} {'features ms':>11} {'model ms':>8} {'output ms':>9}"
         )
         for rate in [int(r) for r in args.rates.split(",")]:
             # A fresh ingester and dataset per rate: the simulator's seqs start at 0 again, and the
@@ -305,14 +307,18 @@ def main() -> int:
                 f"{r['rate']:>7} {r['publish_rate']:>11.0f} {r['sustained']:>11.0f} {r['alerts']:>6} "
                 f"{r['alert_p50']:>7.0f}ms {r['alert_p99']:>7.0f}ms {r['commit_p50']:>8.0f}ms "
                 f"{r['commit_p99']:>8.0f}ms {r['commit_max']:>8.0f}ms {r['rows_per_batch']:>9.0f} "
-                f"{r['silver_ms_per_batch']:>9.1f} {r['features_ms_per_batch']:>11.1f} {r['model_ms_per_batch']:>8.1f}",
+                f"{r['silver_ms_per_batch']:>9.1f} {r['features_ms_per_batch']:>11.1f} {r['model_ms_per_batch']:>8.1f} "
+                f"{r['output_ms_per_batch']:>9.1f}",
                 flush=True,
             )
             if r["committed"] < r["published"]:
                 print(f"        {r['published'] - r['committed']} readings not committed within 120 s")
         print(f"load average {os.getloadavg()[0]:.1f} after (other work on this machine shares its cores)")
         print("targets: 5,000 readings/s sustained, alert p99 < 250 ms, every reading in bronze within 5 s")
-        print("rows/pass, silver/features/model ms: one scoring pass of the ingester (to_silver, to_gold, predict)")
+        print(
+            "rows/pass, silver/features/model/output ms: one pass of the scorer process (SilverGate: silver's typing "
+            "and rules; StreamFeatures; predict; the scored readings)"
+        )
     finally:
         if ingester is not None:
             stop_ingester(ingester)

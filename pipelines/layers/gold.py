@@ -126,7 +126,9 @@ def to_gold(
         long_medians = {c: done[f"median:{c}"] for c in numeric}
         for i, col in enumerate(numeric):
             value, mean = values[col], means[col]
-            std = stds[col].where(stds[col] > _STD_EPSILON * (1.0 + mean.abs()), 0.0)
+            # a constant window (min == max: a stuck sensor) has std exactly 0; pandas' running
+            # variance leaves rounding noise there (1.3e-6 for humidity stuck at 66.1)
+            std = stds[col].where((stds[col] > _STD_EPSILON * (1.0 + mean.abs())) & (maxs[col] != mins[col]), 0.0)
             features[col] = value
             features[f"{col}_roll_mean"] = mean
             features[f"{col}_roll_std"] = std
