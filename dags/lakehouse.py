@@ -46,6 +46,43 @@ default_args = {
 }
 
 
+def rebuild_silver_and_gold(name: str, partitions, silver_asset: Asset, gold_asset: Asset):
+    """silver (mapped) -> plan_gold -> gold (mapped) -> gold_published, for the partitions an upstream
+    task returns: one definition for the batch and the live path's DAGs."""
+
+    @task(outlets=[silver_asset], map_index_template="{{ partition }}")
+    def silver(partition: str, **context) -> str:
+        from pipelines.jobs.failures import run_task
+        from pipelines.jobs.lake import build_silver
+
+        run_task(build_silver, partition, context["run_id"], dataset=name)
+        return partition
+
+    @task
+    def plan_gold(partitions: list[str]) -> list[str]:
+        from pipelines.jobs.failures import run_task
+        from pipelines.jobs.lake import gold_targets
+
+        return run_task(gold_targets, list(partitions), dataset=name)
+
+    @task(map_index_template="{{ partition }}")
+    def gold(partition: str, **context) -> dict:
+        from pipelines.jobs.failures import run_task
+        from pipelines.jobs.lake import build_gold
+
+        return run_task(build_gold, partition, context["run_id"], dataset=name).to_dict()
+
+    @task(outlets=[gold_asset])
+    def gold_published(reports: list[dict], **context) -> list[str]:
+        # One Asset event per run, once every gold partition of the run is committed: an event per
+        # mapped gold task would start training after the first, on a half-rebuilt gold layer.
+        partitions = sorted(r["partition"] for r in reports)
+        context["outlet_events"][gold_asset].extra = {"partitions": partitions, "dataset": name}
+        return partitions
+
+    return gold_published(gold.expand(partition=plan_gold(silver.expand(partition=partitions))))
+
+
 def lakehouse_dag(ds: Dataset):
     name = ds.name
     bronze_asset = Asset(name=ds.asset_name("bronze"), uri=ds.asset_uri("bronze"))
@@ -73,46 +110,70 @@ def lakehouse_dag(ds: Dataset):
             report = run_task(build_bronze, partition_from_context(context), context["run_id"], dataset=name)
             return sorted(report.partitions)
 
-        @task(outlets=[silver_asset], map_index_template="{{ partition }}")
-        def silver(partition: str, **context) -> str:
-            from pipelines.jobs.failures import run_task
-            from pipelines.jobs.lake import build_silver
-
-            run_task(build_silver, partition, context["run_id"], dataset=name)
-            return partition
-
-        @task
-        def plan_gold(partitions: list[str]) -> list[str]:
-            from pipelines.jobs.failures import run_task
-            from pipelines.jobs.lake import gold_targets
-
-            return run_task(gold_targets, list(partitions), dataset=name)
-
-        @task(map_index_template="{{ partition }}")
-        def gold(partition: str, **context) -> dict:
-            from pipelines.jobs.failures import run_task
-            from pipelines.jobs.lake import build_gold
-
-            return run_task(build_gold, partition, context["run_id"], dataset=name).to_dict()
-
-        @task(outlets=[gold_asset])
-        def gold_published(reports: list[dict], **context) -> list[str]:
-            # One Asset event per run, once every gold partition of the run is committed: an event per
-            # mapped gold task would start training after the first, on a half-rebuilt gold layer.
-            partitions = sorted(r["partition"] for r in reports)
-            context["outlet_events"][gold_asset].extra = {"partitions": partitions, "dataset": name}
-            return partitions
-
         @task
         def data_docs(partitions: list[str]) -> str:
             from pipelines.jobs.lake import publish_docs
 
             return publish_docs()
 
-        data_docs(gold_published(gold.expand(partition=plan_gold(silver.expand(partition=bronze())))))
+        data_docs(rebuild_silver_and_gold(name, bronze(), silver_asset, gold_asset))
 
     return lakehouse()
 
 
 for _dataset in catalogue().values():
     globals()[_dataset.lakehouse_dag_id] = lakehouse_dag(_dataset)
+
+
+STREAM_DOC = """
+### Live path of dataset `{dataset}`: rebuild silver and gold for the partitions the stream touched
+
+`platform stream --dataset {dataset}` commits MQTT readings to bronze in micro-batches and updates the
+Asset `{asset}` (Airflow's REST API, at most once a minute) with the touched partitions in its extra.
+Each update schedules a run of this DAG: silver and gold are rebuilt for exactly those partitions
+(and the next one's gold, whose windows read them), with the same jobs and gates as
+`{lakehouse_dag}`, and the gold Asset schedules `{training_dag}`. A manual run may name partitions in
+its conf: `{{"partitions": ["YYYY-MM-DD"]}}`.
+"""
+
+
+def stream_rebuild_dag(ds: Dataset):
+    name = ds.name
+    stream_asset = Asset(name=f"{name}_bronze_stream", uri=ds.stream_asset_uri())
+    silver_asset = Asset(name=ds.asset_name("silver"), uri=ds.asset_uri("silver"))
+    gold_asset = Asset(name=ds.asset_name("gold"), uri=ds.asset_uri("gold"))
+
+    @dag(
+        dag_id=ds.stream_dag_id,
+        schedule=[stream_asset],
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,  # two rebuilds of the same partitions never overlap
+        default_args=default_args,
+        tags=["lakehouse", "streaming", "great-expectations", f"dataset:{name}"],
+        doc_md=STREAM_DOC.format(
+            dataset=name,
+            asset=stream_asset.uri,
+            lakehouse_dag=ds.lakehouse_dag_id,
+            training_dag=ds.training_dag_id,
+        ),
+    )
+    def stream_rebuild():
+        @task
+        def touched(**context) -> list[str]:
+            partitions: set[str] = set()
+            for events in (context.get("triggering_asset_events") or {}).values():
+                for event in events:
+                    partitions.update((event.extra or {}).get("partitions", []))
+            partitions.update(((context["dag_run"].conf or {}).get("partitions")) or [])
+            if not partitions:
+                print(f"[stream] {name}: the triggering events name no partition: nothing to rebuild")
+            return sorted(partitions)
+
+        rebuild_silver_and_gold(name, touched(), silver_asset, gold_asset)
+
+    return stream_rebuild()
+
+
+for _dataset in catalogue().values():
+    globals()[_dataset.stream_dag_id] = stream_rebuild_dag(_dataset)

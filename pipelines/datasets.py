@@ -112,6 +112,15 @@ class Dataset:
     def canary_dag_id(self) -> str:
         return f"{self.dag_prefix}_canary"
 
+    @property
+    def stream_dag_id(self) -> str:
+        return f"{self.dag_prefix}_stream_rebuild"
+
+    def stream_asset_uri(self, lake_bucket: str = "lake") -> str:
+        """The Asset the live path updates after a bronze commit (its extra names the partitions):
+        apart from the lakehouse's bronze Asset, so a batch run does not rebuild twice."""
+        return f"s3://{lake_bucket}/bronze/{self.name}/stream"
+
     def asset_uri(self, layer: str, lake_bucket: str = "lake") -> str:
         return f"s3://{lake_bucket}/{layer}/{self.name}"
 

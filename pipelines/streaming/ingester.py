@@ -376,7 +376,7 @@ def build_ingester(
         password = cfg.secret("airflow_password")
         notifier = AirflowAssetNotifier(
             cfg.airflow_api_url,
-            ds.asset_uri("bronze", settings.lake_bucket),
+            ds.stream_asset_uri(settings.lake_bucket),
             dataset,
             username=cfg.airflow_username,
             password=password,

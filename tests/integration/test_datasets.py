@@ -160,3 +160,18 @@ def test_a_deterministic_failure_fails_at_once_with_its_own_error(user_datasets,
     assert "Traceback" not in err and "task_runner" not in err
     log = Path(err.split("task log: ")[1].split()[0])
     assert log.read_text().count("starting task_id=bronze") == 1  # not retried
+
+
+def test_the_live_path_rebuild_dag_rebuilds_the_partitions_it_is_given(ec2_run, store):
+    """The stream's bronze commits schedule <prefix>_stream_rebuild (its own Asset, not the
+    lakehouse's bronze one); a run rebuilds silver and gold of the named partitions with the same jobs."""
+    from pipelines import storage
+    from pipelines.orchestration import run_dag
+
+    before = storage.read_manifest(store, "silver", "ec2_cpu", "2014-02-01").run_id
+    result = run_dag("ec2_cpu_stream_rebuild", conf={"partitions": ["2014-02-01"]}, progress=lambda _: None)
+    assert result.succeeded
+    silver = storage.read_manifest(store, "silver", "ec2_cpu", "2014-02-01")
+    gold = storage.read_manifest(store, "gold", "ec2_cpu", "2014-02-01")
+    assert silver.run_id != before and gold.run_id == silver.run_id
+    assert silver.rows == gold.rows == 4032

@@ -667,7 +667,7 @@ def test_airflow_is_told_which_partitions_a_commit_touched():
 
     async def assets(request: Request):
         calls.append(("assets", dict(request.query_params)))
-        return JSONResponse({"assets": [{"id": 7, "uri": "s3://lake/bronze/iot_telemetry"}], "total_entries": 1})
+        return JSONResponse({"assets": [{"id": 7, "uri": "s3://lake/bronze/iot_telemetry/stream"}], "total_entries": 1})
 
     async def events(request: Request):
         assert request.headers["authorization"] == "Bearer t0k"
@@ -693,7 +693,7 @@ def test_airflow_is_told_which_partitions_a_commit_touched():
     try:
         notifier = AirflowAssetNotifier(
             f"http://127.0.0.1:{port}",
-            "s3://lake/bronze/iot_telemetry",
+            "s3://lake/bronze/iot_telemetry/stream",
             "iot_telemetry",
             username="admin",
             password="pw",
