@@ -351,3 +351,24 @@ def test_streaming_scorer_continues_each_device_stream_and_round_trips_through_s
 def test_state_decoding_builds_only_detector_state_classes():
     with pytest.raises(ValueError, match="not a pipelines.detectors state class"):
         training.decode_state('{"__state__": "os.system", "f": {}}')
+
+
+def test_training_without_labels_and_another_reading_name_says_what_it_could_not_measure(mlflow_uri):
+    """No label column, a reading not named temp: the unsupervised families train, the baseline is a
+    range fitted on the reading itself, and what needs labels is named as unmeasured, never NaN."""
+    from mlflow import MlflowClient
+
+    gold = make_gold(devices=2, days=1).rename(columns=lambda c: c.replace("temp", "latency_ms"))
+    gold["label"] = pd.Series(pd.NA, index=gold.index, dtype="str")
+    gold["is_anomaly"] = pd.array([pd.NA] * len(gold), dtype="Int8")
+    params = {"train": {**PARAMS["train"], "families": ["streaming_detector", "isolation_forest"]}}
+    params["train"].pop("threshold_rule")
+    ctx = training.TrainingContext(dataset_name="unlabelled-test", data_snapshot={"partitions": ["x"]})
+    result = training.train_and_log(gold, params, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lambda _: None)
+    assert result.model_family == "streaming_detector"
+    assert "pr_auc" not in result.metrics and {"rows", "flagged", "flag_rate"} <= set(result.metrics)
+    assert "precision, recall, f1, pr_auc" in result.unmeasured and "event-level scores" in result.unmeasured
+    assert "latency_ms outside [" in result.baseline_rule
+    run = MlflowClient(mlflow_uri).get_run(result.run_id)
+    assert all(v == v for v in run.data.metrics.values())  # nothing logged as NaN
+    assert "no labels" in run.data.tags["unmeasured"]
