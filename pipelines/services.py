@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.settings import REPO_ROOT, Settings, get_settings, read_env_file
+from pipelines.settings import MLFLOW_ROLES, REPO_ROOT, Settings, get_settings, read_env_file
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -401,16 +401,32 @@ def write_stack_env(settings: Settings, values: dict[str, str]) -> None:
 
 
 def ensure_credentials(settings: Settings) -> Settings:
-    """Use the configured keys, or generate a pair once per state directory (never in the repo)."""
-    if settings.s3_access_key and settings.s3_secret_key:
-        return settings
+    """Use the configured keys and passwords, or generate them once per state directory (never in
+    the repo): the object store's key pair, MLflow's admin password (the operator's identity on this
+    machine) and one password per MLflow role user."""
     stored = read_env_file(stack_env_path(settings))
-    values = {
-        "AWS_ACCESS_KEY_ID": stored.get("AWS_ACCESS_KEY_ID") or "platform-" + secrets.token_hex(4),
-        "AWS_SECRET_ACCESS_KEY": stored.get("AWS_SECRET_ACCESS_KEY") or secrets.token_urlsafe(24),
-    }
-    write_stack_env(settings, values)
-    os.environ.update(values)
+    values: dict[str, str] = {}
+    exported: dict[str, str] = {}
+    if not (settings.s3_access_key and settings.s3_secret_key):
+        exported["AWS_ACCESS_KEY_ID"] = stored.get("AWS_ACCESS_KEY_ID") or "platform-" + secrets.token_hex(4)
+        exported["AWS_SECRET_ACCESS_KEY"] = stored.get("AWS_SECRET_ACCESS_KEY") or secrets.token_urlsafe(24)
+    admin_password = (
+        settings.mlflow_admin_password.get_secret_value()
+        if settings.mlflow_admin_password
+        else stored.get("MLFLOW_AUTH_ADMIN_PASSWORD") or secrets.token_urlsafe(24)
+    )
+    if not settings.mlflow_admin_password:
+        values["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_password
+    if not (settings.mlflow_username and settings.mlflow_password):
+        exported["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN
+        exported["MLFLOW_TRACKING_PASSWORD"] = admin_password
+    for role in MLFLOW_ROLES:
+        key = f"PLATFORM_MLFLOW_{role.upper()}_PASSWORD"
+        if not settings.mlflow_role_password(role):
+            values[key] = stored.get(key) or secrets.token_urlsafe(24)
+    if values or exported:
+        write_stack_env(settings, {**values, **exported})
+        os.environ.update(exported)
     return get_settings()
 
 
@@ -642,8 +658,12 @@ def start_mlflow(settings: Settings, wait: bool = True, progress=print) -> Servi
             settings.mlflow_artifact_root,
             "--workers",
             "1",
+            # MLflow's own authentication: anonymous requests get 401, users only their grants.
+            "--app-name",
+            "basic-auth",
         ]
-        env = {k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"}
+        env = {k: v for k, v in settings.client_env().items() if not k.startswith("MLFLOW_TRACKING_")}
+        env.update(mlflow_auth_env(settings))
         # MLflow 3's job runner spawns ~7 worker processes we don't use: too much for a laptop.
         env.setdefault(
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
@@ -654,7 +674,143 @@ def start_mlflow(settings: Settings, wait: bool = True, progress=print) -> Servi
     os.environ["MLFLOW_TRACKING_URI"] = url
     if wait:
         _wait_http(url + "/health", 120, name, settings)
+        configure_mlflow_auth(get_settings())
     return Service(name, url, url + "/health")
+
+
+# -- MLflow's users and permissions --------------------------------------------------------------
+MLFLOW_ADMIN = "admin"
+# What each role's user may do, as MLflow's grants (resource type, pattern "*": every experiment /
+# registered model, also the ones datasets add later; permission). MLflow's levels: READ < EDIT
+# (update: tags, new versions, set an alias) < MANAGE (also delete: remove an alias, the model, grants).
+# * trainer (the training DAG's `train` and the lakehouse tasks): logs runs and models; reads the
+#   registry, cannot create versions or touch an alias.
+# * gate (`register` and `gate` tasks): creates versions and sets aliases (EDIT); MLflow asks the same
+#   EDIT to create a version as to set an alias, and cannot restrict which alias. It cannot delete an
+#   alias, a version or the model.
+# * canary (the canary DAG): sets and deletes aliases, which MLflow allows with MANAGE only; its EDIT
+#   on the version tier keeps it from deleting versions and the model itself (both need delete there).
+# * scoring (`platform serve`, the stream scorer): reads models, nothing else.
+MLFLOW_ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "trainer": (("experiment", "EDIT"), ("registered_model", "READ")),
+    "gate": (("experiment", "EDIT"), ("registered_model", "EDIT"), ("registered_model_version", "EDIT")),
+    "canary": (("experiment", "EDIT"), ("registered_model", "MANAGE"), ("registered_model_version", "EDIT")),
+    "scoring": (("experiment", "READ"), ("registered_model", "READ")),
+}
+AUTH_TEMPLATE = REPO_ROOT / "mlflow" / "basic_auth.ini"
+
+
+def mlflow_auth_env(settings: Settings) -> dict[str, str]:
+    """The MLflow server's auth configuration: its own copy of mlflow/basic_auth.ini, with the auth
+    store (users, grants) beside the tracking store in the private state directory."""
+    admin_password = settings.mlflow_admin_password
+    if not admin_password:
+        raise RuntimeError("MLFLOW_AUTH_ADMIN_PASSWORD is not set: run `platform up`, which generates it")
+    config = settings.state_dir / "mlflow" / "basic_auth.ini"
+    database = f"sqlite:///{settings.state_dir / 'mlflow' / 'auth.db'}"
+    text = "\n".join(
+        f"database_uri = {database}" if line.startswith("database_uri") else line
+        for line in AUTH_TEMPLATE.read_text().splitlines()
+    )
+    write_private(config, text + "\n")
+    # The auth app's CSRF protection signs with this key: generated once per state directory.
+    key = os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or read_env_file(stack_env_path(settings)).get(
+        "MLFLOW_FLASK_SERVER_SECRET_KEY"
+    )
+    if not key:
+        key = secrets.token_urlsafe(32)
+        write_stack_env(settings, {"MLFLOW_FLASK_SERVER_SECRET_KEY": key})
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password.get_secret_value(),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": key,
+    }
+
+
+def _mlflow_admin_request(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:
+    import base64
+
+    if not settings.mlflow_admin_password:
+        raise RuntimeError("MLFLOW_AUTH_ADMIN_PASSWORD is not set: the MLflow users cannot be set up")
+    token = base64.b64encode(f"{MLFLOW_ADMIN}:{settings.mlflow_admin_password.get_secret_value()}".encode())
+    url = settings.mlflow_tracking_uri.rstrip("/") + path
+    data = None
+    if body is not None and method == "GET":
+        from urllib.parse import urlencode
+
+        url += "?" + urlencode(body)
+    elif body is not None:
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", "Basic " + token.decode())
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else {}
+
+
+def _mlflow_error_code(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(exc.read() or b"{}").get("error_code", ""))
+    except ValueError:
+        return ""
+
+
+def configure_mlflow_auth(settings: Settings, model_names: Iterable[str] | None = None, progress=print) -> None:
+    """Create or update the role users (MLFLOW_ROLES) with their passwords and exactly their grants,
+    as the admin. Idempotent: run at every `platform up` and by docker-compose's `mlflow-init`.
+
+    The registered models of the catalogue's datasets are created here, by the admin: MLflow makes the
+    creator of a model its owner (MANAGE), so a model the gate created would let it delete aliases and
+    the model. A role's own grant on a single model (left by such a creation) is revoked."""
+    for role in MLFLOW_ROLES:
+        password = settings.mlflow_role_password(role)
+        if not password:
+            progress(f"[mlflow-auth] no password for user {role} (PLATFORM_MLFLOW_{role.upper()}_PASSWORD): skipped")
+            continue
+        try:
+            user = {"username": role, "password": password}
+            _mlflow_admin_request(settings, "POST", "/api/2.0/mlflow/users/create", user)
+        except urllib.error.HTTPError as exc:
+            if _mlflow_error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            _mlflow_admin_request(settings, "PATCH", "/api/2.0/mlflow/users/update-password", user)
+        for resource_type, permission in MLFLOW_ROLE_GRANTS[role]:
+            grant = {"username": role, "resource_type": resource_type, "resource_id": "*"}
+            try:
+                _mlflow_admin_request(settings, "POST", "/api/3.0/mlflow/users/permissions/revoke", grant)
+            except urllib.error.HTTPError as exc:
+                if exc.code >= 500:
+                    raise
+            _mlflow_admin_request(
+                settings, "POST", "/api/3.0/mlflow/users/permissions/grant", {**grant, "permission": permission}
+            )
+    if model_names is None:
+        from pipelines.datasets import catalogue
+
+        model_names = sorted({ds.model_name for ds in catalogue().values()})
+    for name in model_names:
+        try:
+            _mlflow_admin_request(
+                settings,
+                "POST",
+                "/api/2.0/mlflow/registered-models/create",
+                {"name": name, "description": "IoT sensor anomaly detector; aliases champion/challenger/previous."},
+            )
+        except urllib.error.HTTPError as exc:
+            if _mlflow_error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise
+        for role in MLFLOW_ROLES:
+            try:
+                _mlflow_admin_request(
+                    settings,
+                    "POST",
+                    "/api/3.0/mlflow/users/permissions/revoke",
+                    {"username": role, "resource_type": "registered_model", "resource_id": name},
+                )
+            except urllib.error.HTTPError as exc:
+                if exc.code >= 500:
+                    raise
 
 
 CELERY_EXECUTOR = "CeleryExecutor"
@@ -728,6 +884,13 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     }
     if jwt:
         env["AIRFLOW__API_AUTH__JWT_SECRET"] = jwt
+    # Airflow acts in MLflow as the platform's roles, never as the admin: the trainer by default, and
+    # each task as its role (pipelines.settings.airflow_task_mlflow_role), so it holds those passwords.
+    if settings.mlflow_role_password("trainer"):
+        env["MLFLOW_TRACKING_USERNAME"] = "trainer"
+        env["MLFLOW_TRACKING_PASSWORD"] = settings.mlflow_role_password("trainer") or ""
+        for role in ("trainer", "gate", "canary"):
+            env[f"PLATFORM_MLFLOW_{role.upper()}_PASSWORD"] = settings.mlflow_role_password(role) or ""
     if executor.endswith(CELERY_EXECUTOR):
         env.update({k: os.environ[k] for k in CELERY_ENV if os.environ.get(k)})
         for key, default in (
@@ -847,6 +1010,8 @@ def up(ui: bool = True, progress=print, workers: int = 0, worker_concurrency: in
         progress(f"[up] {workers} Celery worker(s) ({airflow_executor()}) ...")
     start_airflow(get_settings(), ui=ui, workers=workers, worker_concurrency=worker_concurrency)
     _wait_http(mlflow.health_url or mlflow.url, 120, mlflow.name, get_settings())
+    progress("[up] MLflow users and permissions (admin + one user per role) ...")
+    configure_mlflow_auth(get_settings(), progress=progress)
     if ui:
         progress("[up] MLflow UI ready")
     make_state_private(get_settings().state_dir)  # files the servers created meanwhile
@@ -954,3 +1119,28 @@ def status() -> dict:
         "airflow_admin_password_file": str(pw_file),
         "env_file": str(stack_env_path(settings)),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.services mlflow-auth`: docker-compose's `mlflow-init` one-shot (the MLflow
+    users and grants of configure_mlflow_auth, against MLFLOW_TRACKING_URI, as the admin)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["mlflow-auth"]:
+        print("usage: python -m pipelines.services mlflow-auth", file=sys.stderr)
+        return 2
+    settings = get_settings()
+    deadline = time.time() + 120
+    while True:  # the server answers /health before its auth store is ready on a first start
+        try:
+            configure_mlflow_auth(settings)
+            break
+        except (urllib.error.URLError, ConnectionError) as exc:
+            if time.time() > deadline:
+                raise RuntimeError(f"MLflow at {settings.mlflow_tracking_uri} did not accept the admin: {exc}") from exc
+            time.sleep(2)
+    print(f"[mlflow-auth] users {', '.join(MLFLOW_ROLES)} ready at {settings.mlflow_tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -46,6 +46,18 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", validation_alias="MLFLOW_TRACKING_URI")
     mlflow_backend_store_uri: str | None = Field(None, validation_alias="MLFLOW_BACKEND_STORE_URI")
     mlflow_experiment: str = Field("iot-anomaly", validation_alias="PLATFORM_MLFLOW_EXPERIMENT")
+    # MLflow's basic-auth: this process's own identity, in the names MLflow's client reads. The
+    # embedded stack's operator is the server's admin; each service of docker-compose has its own.
+    mlflow_username: str | None = Field(None, validation_alias="MLFLOW_TRACKING_USERNAME")
+    mlflow_password: SecretStr | None = Field(None, validation_alias="MLFLOW_TRACKING_PASSWORD")
+    # The admin the server creates on its first start (MLflow's own variable); `platform up` only.
+    mlflow_admin_password: SecretStr | None = Field(None, validation_alias="MLFLOW_AUTH_ADMIN_PASSWORD")
+    # One MLflow user per role (MLFLOW_ROLES), each with only the permissions its job needs. An
+    # Airflow process holds the trainer's, gate's and canary's: a task acts as the role of its task.
+    mlflow_trainer_password: SecretStr | None = Field(None, validation_alias="PLATFORM_MLFLOW_TRAINER_PASSWORD")
+    mlflow_gate_password: SecretStr | None = Field(None, validation_alias="PLATFORM_MLFLOW_GATE_PASSWORD")
+    mlflow_canary_password: SecretStr | None = Field(None, validation_alias="PLATFORM_MLFLOW_CANARY_PASSWORD")
+    mlflow_scoring_password: SecretStr | None = Field(None, validation_alias="PLATFORM_MLFLOW_SCORING_PASSWORD")
 
     # Airflow: metadata DB (SQLite by default, Postgres when configured) and its UI port.
     airflow_db_uri: str | None = Field(None, validation_alias="AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
@@ -85,10 +97,15 @@ class Settings(BaseSettings):
             )
         return self.s3_access_key, self.s3_secret_key.get_secret_value()
 
+    def mlflow_role_password(self, role: str) -> str | None:
+        """The password of MLflow user `role` (one of MLFLOW_ROLES) if this process holds it."""
+        secret = getattr(self, f"mlflow_{role}_password", None)
+        return secret.get_secret_value() if secret else None
+
     def client_env(self) -> dict[str, str]:
         """Environment for child processes (MLflow, Airflow, DVC) so they reach the same stack."""
         access, secret = self.require_s3_credentials()
-        return {
+        env = {
             "PLATFORM_STATE_DIR": str(self.state_dir),
             "AWS_ENDPOINT_URL": self.s3_endpoint_url,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
@@ -97,6 +114,52 @@ class Settings(BaseSettings):
             "AWS_DEFAULT_REGION": self.s3_region,
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
         }
+        if self.mlflow_username and self.mlflow_password:
+            env["MLFLOW_TRACKING_USERNAME"] = self.mlflow_username
+            env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_password.get_secret_value()
+        return env
+
+
+# The MLflow users of the platform, one per role (pipelines.services.MLFLOW_ROLE_GRANTS says what each
+# may do); the user name is the role's name. `admin` is the server's admin: the operator.
+MLFLOW_ROLES = ("trainer", "gate", "canary", "scoring")
+
+
+# Tasks of the training DAG that act as the gate. MLflow asks the same permission (EDIT on the
+# registered model) to create a version as to move an alias, so registering is the gate's part too:
+# the task that runs training code cannot touch a registered model.
+GATE_TASKS = ("register", "gate")
+
+
+def airflow_task_mlflow_role(dag_id: str, task_id: str) -> str:
+    """The MLflow role an Airflow task acts as: the canary DAG's tasks as `canary`, the training DAG's
+    register and offline-gate tasks as `gate` (the only ones that move aliases), all others as `trainer`."""
+    if dag_id.endswith("_canary"):
+        return "canary"
+    if task_id.rsplit(".", 1)[-1] in GATE_TASKS:
+        return "gate"
+    return "trainer"
+
+
+def _apply_mlflow_identity(settings: Settings, merged: dict[str, str]) -> Settings:
+    """MLflow's client reads its credentials from the environment only, at every request, so the
+    process's identity is exported there (never overriding one set explicitly).
+
+    Inside an Airflow task of a process that acts as a platform role (not as the admin), the identity
+    is the task's role (`airflow_task_mlflow_role`), re-chosen at each task: one `airflow dags test`
+    process runs the trainer's, the gate's and the canary's tasks in turn."""
+    dag_id, task_id = merged.get("AIRFLOW_CTX_DAG_ID"), merged.get("AIRFLOW_CTX_TASK_ID")
+    if dag_id and task_id and settings.mlflow_username in MLFLOW_ROLES:
+        role = airflow_task_mlflow_role(dag_id, task_id)
+        password = settings.mlflow_role_password(role)
+        if password:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = role
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+            return settings.model_copy(update={"mlflow_username": role, "mlflow_password": SecretStr(password)})
+    if settings.mlflow_username and settings.mlflow_password and "MLFLOW_TRACKING_USERNAME" not in os.environ:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_username
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.mlflow_password.get_secret_value()
+    return settings
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -127,7 +190,7 @@ def load_settings() -> Settings:
             if n in merged:
                 fields[n] = merged[n]
                 break
-    return Settings.model_validate(fields)
+    return _apply_mlflow_identity(Settings.model_validate(fields), merged)
 
 
 def get_settings() -> Settings:

@@ -1,6 +1,6 @@
 #!/bin/sh
-# One-shot MinIO setup (the `minio-init` service): the platform's buckets, then one user per
-# service with its own policy from /policies/<name>.json. Safe to re-run: existing buckets,
+# One-shot MinIO setup (the `minio-init` service): the platform's buckets (encrypted at rest), then
+# one user per service with its own policy from /policies/<name>.json. Safe to re-run: existing buckets,
 # policies and users are updated in place, so rotating a key in .env and re-running works.
 set -eu
 
@@ -11,6 +11,8 @@ mc alias set platform "${MINIO_ENDPOINT:-http://minio:9000}" "$MINIO_ROOT_USER" 
 
 for bucket in landing lake mlflow dvc; do
   mc mb --ignore-existing "platform/$bucket"
+  # Encryption at rest: every new object encrypted with the server's KMS key (MINIO_KMS_SECRET_KEY).
+  mc encrypt set sse-s3 "platform/$bucket"
 done
 
 # user <policy> <access key> <secret key>: create or update the user and give it exactly one policy.

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs once, when the Postgres volume is empty (docker-entrypoint-initdb.d): one database and one
-# owner role each for Airflow's metadata and MLflow's tracking store. Passwords come from .env.
+# owner role each for Airflow's metadata and MLflow's tracking store (and MLflow's auth store,
+# mlflow_auth: its users and grants). Passwords come from .env.
 set -eu
 : "${PG_AIRFLOW_PASSWORD:?set PG_AIRFLOW_PASSWORD in .env}"
 : "${PG_MLFLOW_PASSWORD:?set PG_MLFLOW_PASSWORD in .env}"
@@ -11,6 +12,8 @@ CREATE ROLE airflow LOGIN PASSWORD :'airflow_password';
 CREATE DATABASE airflow OWNER airflow;
 CREATE ROLE mlflow LOGIN PASSWORD :'mlflow_password';
 CREATE DATABASE mlflow OWNER mlflow;
+CREATE DATABASE mlflow_auth OWNER mlflow;
 REVOKE ALL ON DATABASE airflow FROM PUBLIC;
 REVOKE ALL ON DATABASE mlflow FROM PUBLIC;
+REVOKE ALL ON DATABASE mlflow_auth FROM PUBLIC;
 SQL

@@ -50,6 +50,16 @@ def _aliases(client, name: str) -> dict[str, str]:
     return {k: str(v) for k, v in (model.aliases or {}).items()}
 
 
+def _audit_aliases(store, client, name: str, progress=print) -> None:
+    """Record alias changes made outside the platform (history.audit_aliases) before the canary acts,
+    so they are in the history even when nobody runs `platform canary history`."""
+    try:
+        for event in history.audit_aliases(store, client, name):
+            progress(f"[canary] {event['event']}: {event['reason']}")
+    except Exception as exc:  # noqa: BLE001 - the audit must not stop a rollout step
+        progress(f"[canary] alias audit of {name} failed: {exc}")
+
+
 def _tag(client, name: str, version: str, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value)[:5000])
@@ -95,6 +105,7 @@ def start_rollout(
             f"rollout {current.rollout_id} is still running at {current.step_name}; "
             "promote or roll it back first (platform canary promote|rollback)"
         )
+    _audit_aliases(store, client, plan.model_name)
     aliases = _aliases(client, plan.model_name)
     if "champion" not in aliases or "challenger" not in aliases:
         raise ValueError(
@@ -210,6 +221,7 @@ def evaluate_step(
 ) -> dict[str, Any]:
     """Evaluate the current step once and act: hold, advance, promote (at the last step) or roll back."""
     settings, plan, store = _context(store, params, dataset)
+    _audit_aliases(store, _client(settings), plan.model_name, progress)
     state = st.read_state(store, plan.model_name)
     if not state.active:
         note = stage_note(state)

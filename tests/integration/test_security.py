@@ -482,3 +482,178 @@ def test_registry_models_load_with_skops_and_trusted_types_only(settings, tmp_pa
     loaded = load_version(client, name, "champion", version, uri)
     assert loaded.columns == ["x"] and loaded.predict([{"x": 1.0}, {"x": 99.0}]).shape == (2,)
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" not in os.environ
+
+
+# -- MLflow: authentication, per-role users, and the alias audit ---------------------------------------
+def _mlflow_status(settings, method: str, path: str, body: dict, user: str | None = None, password: str = "") -> int:
+    """The HTTP status a request to the embedded MLflow server gets, anonymously or as `user`."""
+    import base64
+    import json
+
+    port = urlparse(settings.mlflow_tracking_uri).port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    try:
+        if method == "GET":
+            from urllib.parse import urlencode
+
+            conn.request(method, f"{path}?{urlencode(body)}", headers=headers)
+        else:
+            conn.request(method, path, body=json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def _model_with_versions(settings, name: str, count: int = 2) -> list[str]:
+    """A registered model with `count` versions (no artifacts needed for alias moves), as the admin."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name("security-tests")
+    exp_id = exp.experiment_id if exp else client.create_experiment("security-tests")
+    run = client.create_run(exp_id)
+    client.create_registered_model(name)
+    return [
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+        for _ in range(count)
+    ]
+
+
+ALIAS = "/api/2.0/mlflow/registered-models/alias"
+
+
+def test_mlflow_refuses_anonymous_and_under_privileged_alias_moves(settings):
+    from mlflow import MlflowClient
+    from pipelines.services import MLFLOW_ROLE_GRANTS
+
+    name = "auth-test-" + secrets.token_hex(4)
+    v1, v2 = _model_with_versions(settings, name)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    client.set_registered_model_alias(name, "champion", v1)
+    move = {"name": name, "alias": "champion", "version": v2}
+    champion = {"name": name, "alias": "champion"}
+
+    # nobody without a login: not the alias, not the model (the issue's anonymous requests)
+    assert _mlflow_status(settings, "POST", ALIAS, move) == 401
+    assert _mlflow_status(settings, "DELETE", ALIAS, champion) == 401
+    assert _mlflow_status(settings, "POST", "/api/2.0/mlflow/registered-models/create", {"name": name + "-x"}) == 401
+    assert _mlflow_status(settings, "DELETE", "/api/2.0/mlflow/registered-models/delete", {"name": name}) == 401
+    assert _mlflow_status(settings, "POST", ALIAS, move, user="admin", password="wrong-password-123") == 401
+    assert _mlflow_status(settings, "POST", ALIAS, move, user="canary", password="wrong-password-123") == 401
+
+    def status(role: str, method: str, path: str, body: dict) -> int:
+        return _mlflow_status(settings, method, path, body, user=role, password=settings.mlflow_role_password(role))
+
+    assert set(MLFLOW_ROLE_GRANTS) == {"trainer", "gate", "canary", "scoring"}
+    # the training code and the scoring service cannot move or delete champion
+    for role in ("trainer", "scoring"):
+        assert status(role, "POST", ALIAS, move) == 403, role
+        assert status(role, "DELETE", ALIAS, champion) == 403, role
+        # but they read the registry (the scoring service resolves champion)
+        assert status(role, "GET", "/api/2.0/mlflow/registered-models/get", {"name": name}) == 200, role
+    # the gate sets aliases but deletes none; neither it nor the canary deletes a version or the model
+    assert status("gate", "DELETE", ALIAS, champion) == 403
+    for role in ("gate", "canary"):
+        assert status(role, "DELETE", "/api/2.0/mlflow/model-versions/delete", {"name": name, "version": v1}) == 403
+        assert status(role, "DELETE", "/api/2.0/mlflow/registered-models/delete", {"name": name}) == 403
+    assert client.get_registered_model(name).aliases == {"champion": v1}  # nothing above moved it
+
+    # the roles that may: the gate sets challenger, the canary moves and deletes aliases
+    assert status("gate", "POST", ALIAS, {"name": name, "alias": "challenger", "version": v2}) == 200
+    assert status("canary", "POST", ALIAS, move) == 200
+    assert status("canary", "DELETE", ALIAS, {"name": name, "alias": "challenger"}) == 200
+    assert client.get_registered_model(name).aliases == {"champion": v2}
+    client.delete_registered_model(name)  # the admin (the operator) may
+
+
+def test_airflow_tasks_act_as_their_role_and_the_admin_is_never_switched(monkeypatch, settings):
+    """A process that acts as a role user (Airflow's) takes the role of the task it runs; the operator's
+    admin identity is never replaced by a task's."""
+    from pipelines import services
+    from pipelines.settings import airflow_task_mlflow_role, get_settings
+
+    assert airflow_task_mlflow_role("iot_telemetry_training", "train") == "trainer"
+    assert airflow_task_mlflow_role("iot_telemetry_training", "register") == "gate"
+    assert airflow_task_mlflow_role("iot_telemetry_training", "gate") == "gate"
+    assert airflow_task_mlflow_role("nab_machine_temp_canary", "evaluate") == "canary"
+    assert airflow_task_mlflow_role("iot_telemetry_lakehouse", "bronze") == "trainer"
+
+    env = services.airflow_env(settings)
+    assert env["MLFLOW_TRACKING_USERNAME"] == "trainer"  # never the admin
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for dag, task, role in (
+        ("x_training", "gate", "gate"),
+        ("x_canary", "evaluate", "canary"),
+        ("x_training", "train", "trainer"),
+    ):
+        monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", dag)
+        monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", task)
+        assert get_settings().mlflow_username == role
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == role
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == settings.mlflow_role_password(role)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", settings.mlflow_password.get_secret_value())
+    assert get_settings().mlflow_username == "admin"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "admin"
+
+
+def _canary_history(settings, params_file: Path) -> list[dict]:
+    import json
+    import sys
+
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "platform"), "canary", "history", "--json"],
+        env={**os.environ, **settings.client_env(), "PLATFORM_PARAMS_FILE": str(params_file)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_an_alias_change_made_directly_in_mlflow_shows_up_in_canary_history(settings, tmp_path):
+    import yaml
+
+    from mlflow import MlflowClient
+    from pipelines import registry
+    from pipelines.settings import load_params
+
+    name = "audit-test-" + secrets.token_hex(4)
+    v1, v2 = _model_with_versions(settings, name)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    client.set_registered_model_alias(name, "champion", v1)
+    params = load_params()
+    params.setdefault("canary", {})["model_name"] = name
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+
+    first = _canary_history(settings, params_file)
+    assert [e["event"] for e in first if e["source"] == "canary-log"] == ["aliases first recorded by the audit"]
+
+    # someone moves champion in the MLflow UI / API, then deletes it: the platform did neither
+    client.set_registered_model_alias(name, "champion", v2)
+    outside = [e for e in _canary_history(settings, params_file) if "outside the platform" in e["event"]]
+    assert len(outside) == 1 and outside[0]["event"] == "alias champion changed outside the platform"
+    assert f"v{v1} -> v{v2}" in outside[0]["reason"] and outside[0]["actor"] == "unknown (outside the platform)"
+    client.delete_registered_model_alias(name, "champion")
+    outside = [e for e in _canary_history(settings, params_file) if "outside the platform" in e["event"]]
+    assert [e["reason"].split(" (")[0] for e in outside] == [f"champion: v{v1} -> v{v2}", f"champion: v{v2} -> deleted"]
+
+    # a move the platform makes (promotion: champion, and previous when there was one) is not "outside"
+    registry.promote(
+        name, v1, tracking_uri=settings.mlflow_tracking_uri, actor="oncall", reason="t", require_gate=False
+    )
+    registry.promote(
+        name, v2, tracking_uri=settings.mlflow_tracking_uri, actor="oncall", reason="t", require_gate=False
+    )
+    events = _canary_history(settings, params_file)
+    assert len([e for e in events if "outside the platform" in e["event"]]) == 2, events
+    assert {"promoted (registry)", "demoted (registry)"} <= {e["event"] for e in events}
+    client.delete_registered_model(name)

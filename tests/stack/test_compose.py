@@ -30,7 +30,7 @@ AIRFLOW_COMPONENTS = {"api-server", "scheduler", "dag-processor", "triggerer"}
 IMAGE_VARS = {
     "postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD"},
     "redis": set(),
-    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
+    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_KMS_SECRET_KEY"},
 }
 SCRIPT_VARS = {  # service -> (script it runs, variables only that script reads)
     "postgres": (PG_INIT, {"PG_AIRFLOW_PASSWORD", "PG_MLFLOW_PASSWORD"}),
@@ -191,7 +191,7 @@ def test_airflow_talks_to_postgres_redis_and_its_own_execution_api(services):
         # every Airflow process signs and checks the same tokens
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("${AIRFLOW_JWT_SECRET")
     api = services["airflow-api-server"]
-    assert "8080:8080" in api["ports"]
+    assert "${PLATFORM_PUBLISH_ADDRESS:-127.0.0.1}:8080:8080" in api["ports"]
 
 
 def test_mlflow_runs_the_repo_server_script_on_postgres(services):
@@ -223,10 +223,16 @@ def test_scoring_service_runs_platform_serve_with_flags_the_cli_accepts(services
     assert re.search(r'^platform\s*=\s*"pipelines\.cli:main"', pyproject, re.M), "no `platform` entry point"
     args = build_parser().parse_args(cmd[1:])
     assert args.func.__name__ == "cmd_serve"
-    assert args.host == "0.0.0.0" and args.port == 8700
-    assert f"{args.port}:{args.port}" in services["scoring"]["ports"]
+    assert args.host == "0.0.0.0" and args.port == 8700  # inside its container; published on 127.0.0.1
+    assert f"${{PLATFORM_PUBLISH_ADDRESS:-127.0.0.1}}:{args.port}:{args.port}" in services["scoring"]["ports"]
     health = " ".join(services["scoring"]["healthcheck"]["test"])
     assert f"localhost:{args.port}/health" in health
+
+
+def _fab_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("airflow.providers.fab") is not None
 
 
 def test_airflow_commands_are_real_airflow_cli_commands(services):
@@ -237,8 +243,13 @@ def test_airflow_commands_are_real_airflow_cli_commands(services):
         cmd = _command(svc)
         lines = [cmd] if cmd[:1] == ["airflow"] else []
         if cmd[:2] == ["sh", "-c"]:
-            lines = [shlex.split(part) for part in re.split(r"&&|;", cmd[2]) if part.strip().startswith("airflow")]
+            parts = re.split(r"&&|;|\|\|", cmd[2])
+            lines = [
+                shlex.split(part.strip().strip("()")) for part in parts if part.strip().strip("(").startswith("airflow")
+            ]
         for argv in lines:
+            if argv[1:2] == ["users"] and not _fab_installed():
+                continue  # the FAB provider's command: checked by test_airflow_uses_the_fab_auth_manager
             try:
                 parser.parse_args(argv[1:])
             except SystemExit:
@@ -336,6 +347,9 @@ def test_platform_containers_get_a_complete_platform_configuration(services):
 
     for name, svc in _platform_services(services).items():
         env = _env(svc)
+        if name == "mlflow-init":  # talks to MLflow's auth API only: no object-store key at all
+            assert not any(k.startswith("AWS_") for k in env), name
+            continue
         for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env.get(var), f"{name} lacks {var}"
         assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
@@ -391,27 +405,44 @@ def test_minio_policies_grant_each_service_what_it_needs_and_no_more():
 
     rw = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
     airflow = grants("airflow")
-    assert rw <= airflow["landing/*"] and rw <= airflow["lake/*"]
+    assert rw <= airflow["lake/*"]
     assert {"landing/*", "lake/*", "landing", "lake"} == set(airflow)
+    # deliveries are read, never changed or deleted by the pipelines: only the operator deletes in landing
+    assert airflow["landing/*"] == {"s3:GetObject"}
 
     mlflow = grants("mlflow")
     assert set(mlflow) == {"mlflow", "mlflow/*"} and rw <= mlflow["mlflow/*"]
 
-    scoring = grants("scoring")
-    assert scoring["mlflow/*"] == {"s3:GetObject"} and scoring["lake/*"] == {"s3:GetObject"}
-    # it appends its prediction log, feedback and rollout state (pipelines/serving, canary), nothing else
-    writes = {r for r, a in scoring.items() if a & {"s3:PutObject", "s3:DeleteObject"}}
-    assert writes == {"lake/predictions/*", "lake/feedback/*", "lake/serving/*"}
-    assert not any("s3:DeleteObject" in a for a in scoring.values())
+    def allows(policy: dict[str, set[str]], action: str, key: str) -> bool:
+        return any(action in a and re.fullmatch(r.replace("*", ".*"), key) for r, a in policy.items())
+
+    from pipelines.canary.history import ALIAS_SNAPSHOT_PREFIX, HISTORY_PREFIX
     from pipelines.canary.state import rollout_key
     from pipelines.serving.predlog import FEEDBACK, PREDICTIONS
 
-    for key in (f"{PREDICTIONS}/x", f"{FEEDBACK}/x", rollout_key("any-model")):
-        assert any(re.fullmatch(w.replace("*", ".*"), f"lake/{key}") for w in writes), key
+    scoring = grants("scoring")
+    # it reads the models and the rollout state (the weights it routes by), and nothing else of the lake
+    assert scoring["mlflow/*"] == {"s3:GetObject"}
+    assert allows(scoring, "s3:GetObject", f"lake/{rollout_key('any-model')}")
+    for key in ("lake/gold/x", "lake/silver/x", f"lake/{PREDICTIONS}/x", "landing/x"):
+        assert not allows(scoring, "s3:GetObject", key), key
+    # it appends its prediction log and feedback (pipelines/serving), nothing else; it deletes nothing
+    writes = {r for r, a in scoring.items() if a & {"s3:PutObject", "s3:DeleteObject"}}
+    assert writes == {"lake/predictions/*", "lake/feedback/*"}
+    for key in (f"{PREDICTIONS}/x", f"{FEEDBACK}/x"):
+        assert allows(scoring, "s3:PutObject", f"lake/{key}"), key
+    assert not any("s3:DeleteObject" in a for a in scoring.values())
+    # the rollout state and the history are written by the canary (Airflow's user) and the operator only
+    for key in (rollout_key("any-model"), f"{HISTORY_PREFIX}x.json", f"{ALIAS_SNAPSHOT_PREFIX}m.json"):
+        writers = {p.stem for p in POLICIES.glob("*.json") if allows(grants(p.stem), "s3:PutObject", f"lake/{key}")}
+        assert writers == {"airflow", "operator"}, (key, writers)
 
     operator = grants("operator")
     assert rw <= operator["landing/*"] and rw <= operator["dvc/*"]
     assert operator["lake/*"] == {"s3:GetObject"}
+    # nobody but the operator deletes a delivery
+    deleters = {p.stem for p in POLICIES.glob("*.json") if allows(grants(p.stem), "s3:DeleteObject", "landing/x")}
+    assert deleters == {"operator"}
 
 
 def test_minio_init_creates_every_bucket_and_one_user_per_policy():
@@ -447,6 +478,7 @@ def test_postgres_init_script_runs_against_a_real_postgres(tmp_path):
         pytest.skip("no Postgres on 127.0.0.1:5432")
     suffix = "t" + uuid.uuid4().hex[:8]
     script = PG_INIT.read_text()
+    script = script.replace("DATABASE mlflow_auth", f"DATABASE mlflow_auth_{suffix}")
     for name in ("airflow", "mlflow"):
         script = re.sub(rf"\b(ROLE|DATABASE|OWNER) {name}\b", rf"\1 {name}_{suffix}", script)
         script = script.replace(f"DATABASE {name} FROM", f"DATABASE {name}_{suffix} FROM")
@@ -475,8 +507,18 @@ def test_postgres_init_script_runs_against_a_real_postgres(tmp_path):
             capture_output=True,
             text=True,
         ).stdout.split()
-        assert sorted(dbs) == sorted([f"airflow_{suffix}|airflow_{suffix}", f"mlflow_{suffix}|mlflow_{suffix}"])
+        assert sorted(dbs) == sorted(
+            [
+                f"airflow_{suffix}|airflow_{suffix}",
+                f"mlflow_{suffix}|mlflow_{suffix}",
+                f"mlflow_auth_{suffix}|mlflow_{suffix}",
+            ]
+        )
     finally:
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"DROP DATABASE IF EXISTS mlflow_auth_{suffix}"],
+            capture_output=True,
+        )
         for name in ("airflow", "mlflow"):
             subprocess.run(
                 ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"DROP DATABASE IF EXISTS {name}_{suffix}"],
@@ -499,3 +541,90 @@ def test_image_installs_the_lock_with_what_postgres_and_celery_need():
         )
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv/", ".platform/", ".git/", ".env"} <= set(ignored)
+
+
+# -- locking the doors: logins, published ports, encryption ------------------------------------------
+def _published(port_spec: str) -> tuple[str, str]:
+    """(host address, container port) of a short-syntax port; the address with compose's default."""
+    parts = port_spec.rsplit(":", 2)
+    assert len(parts) == 3, f"{port_spec}: publish on an explicit address, e.g. 127.0.0.1:{port_spec}"
+    address = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", parts[0])
+    return address, parts[2]
+
+
+def test_nothing_is_published_beyond_this_host_by_default(services):
+    open_to_network = {"mosquitto"}  # devices connect to MQTT from the field, each with its own login
+    for name, svc in services.items():
+        for spec in svc.get("ports") or []:
+            address, _ = _published(str(spec)) if name not in open_to_network else ("127.0.0.1", "")
+            assert address == "127.0.0.1", f"{name} publishes {spec} beyond this host by default"
+    # consoles are never opened by the variable: the MinIO console stays on the host
+    assert "127.0.0.1:9001:9001" in services["minio"]["ports"]
+    assert "127.0.0.1:8710:8710" in services["ingester"]["ports"]
+
+
+def test_scoring_requires_its_tokens_by_default(services):
+    env = _env(services["scoring"])
+    assert env["PLATFORM_SERVING_SCORING_TOKEN"].startswith("${SCORING_TOKEN:?")
+    assert env["PLATFORM_SERVING_ADMIN_TOKEN"].startswith("${SCORING_ADMIN_TOKEN:?")
+
+
+def test_mlflow_requires_a_login_and_each_service_has_its_own_user(services):
+    from pipelines.services import MLFLOW_ROLE_GRANTS
+    from pipelines.settings import MLFLOW_ROLES
+
+    server_sh = (REPO / "mlflow" / "server.sh").read_text()
+    assert "--app-name basic-auth" in server_sh
+    ini = (REPO / "mlflow" / "basic_auth.ini").read_text()
+    assert re.search(r"^default_permission = NO_PERMISSIONS$", ini, re.M)
+    assert not re.search(r"^admin_password", ini, re.M), "the admin password comes from the environment"
+    mlflow = _env(services["mlflow"])
+    for var in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_DATABASE_URI"):
+        assert mlflow.get(var), f"mlflow lacks {var}"
+    assert mlflow["MLFLOW_AUTH_DATABASE_URI"].endswith("@postgres:5432/mlflow_auth")
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow;" in PG_INIT.read_text()
+    # the users are created by a one-shot every MLflow client waits for
+    init = services["mlflow-init"]
+    assert _command(init) == ["python", "-m", "pipelines.services", "mlflow-auth"]
+    assert set(MLFLOW_ROLES) == set(MLFLOW_ROLE_GRANTS)
+    for role in MLFLOW_ROLES:
+        assert f"PLATFORM_MLFLOW_{role.upper()}_PASSWORD" in _env(init)
+    identities = {}
+    for name, svc in _platform_services(services).items():
+        env = _env(svc)
+        if "MLFLOW_TRACKING_URI" in env and name != "mlflow-init":
+            identities[name] = env.get("MLFLOW_TRACKING_USERNAME")
+            assert identities[name] and env.get("MLFLOW_TRACKING_PASSWORD"), f"{name} has no MLflow login"
+            if name != "airflow-init":  # it only migrates Airflow's database
+                assert "mlflow-init" in (svc.get("depends_on") or {}), f"{name} must wait for the MLflow users"
+    assert identities.pop("scoring") == "scoring" and identities.pop("ingester") == "scoring"
+    assert set(identities.values()) == {"trainer"}, identities  # Airflow; its tasks switch to gate / canary
+    assert not any(_env(s).get("MLFLOW_TRACKING_USERNAME") == "admin" for s in services.values())
+    # only the gate and the canary may move aliases: EDIT (set) or MANAGE (delete) on registered models
+    movers = {r for r, g in MLFLOW_ROLE_GRANTS.items() if dict(g).get("registered_model") in ("EDIT", "MANAGE")}
+    assert movers == {"gate", "canary"}
+
+
+def test_airflow_uses_the_fab_auth_manager_with_its_admin_from_the_environment(services, raw):
+    for name, svc in services.items():
+        env = _env(svc)
+        if "AIRFLOW__CORE__EXECUTOR" in env:
+            assert env["AIRFLOW__CORE__AUTH_MANAGER"] == (
+                "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+            ), name
+            assert not any(k.startswith("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER") for k in env), name
+    init = " ".join(_command(services["airflow-init"]))
+    assert "airflow users create --username admin --role Admin" in init
+    assert '"$$AIRFLOW_ADMIN_PASSWORD"' in init  # from the environment, never written in the file
+    config = (REPO / "compose" / "airflow" / "webserver_config.py").read_text()
+    assert "AUTH_RATE_LIMITED = True" in config and "AUTH_RATE_LIMIT" in config
+    lock = (REPO / "requirements.lock").read_text()
+    if not re.search(r"^apache-airflow-providers-fab==", lock, re.M):
+        pytest.xfail("apache-airflow-providers-fab is not in requirements.lock yet: the image cannot run FAB")
+
+
+def test_minio_encrypts_every_bucket_at_rest(services):
+    assert _env(services["minio"])["MINIO_KMS_SECRET_KEY"].startswith("${MINIO_KMS_SECRET_KEY:?")
+    script = MINIO_INIT.read_text()
+    loop = re.search(r"for bucket in [\w ]+; do\n(.*?)\ndone", script, re.S).group(1)
+    assert 'mc encrypt set sse-s3 "platform/$bucket"' in loop

@@ -230,7 +230,11 @@ def test_mlflow_ui_shows_the_runs_metrics_plots_and_the_champion(trained, browse
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
     base = settings.mlflow_tracking_uri
-    page = browser.new_page()
+    # the MLflow server asks for a login (its basic-auth app): the operator's, from the state dir
+    context = browser.new_context(
+        http_credentials={"username": settings.mlflow_username, "password": settings.mlflow_password.get_secret_value()}
+    )
+    page = context.new_page()
 
     page.goto(f"{base}/#/experiments/{experiment_id}/runs")
     page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
