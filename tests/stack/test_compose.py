@@ -619,8 +619,7 @@ def test_airflow_uses_the_fab_auth_manager_with_its_admin_from_the_environment(s
     config = (REPO / "compose" / "airflow" / "webserver_config.py").read_text()
     assert "AUTH_RATE_LIMITED = True" in config and "AUTH_RATE_LIMIT" in config
     lock = (REPO / "requirements.lock").read_text()
-    if not re.search(r"^apache-airflow-providers-fab==", lock, re.M):
-        pytest.xfail("apache-airflow-providers-fab is not in requirements.lock yet: the image cannot run FAB")
+    assert re.search(r"^apache-airflow-providers-fab==", lock, re.M), "the image installs the lock: FAB must be in it"
 
 
 def test_minio_encrypts_every_bucket_at_rest(services):
