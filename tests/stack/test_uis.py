@@ -231,10 +231,11 @@ def test_mlflow_ui_shows_the_runs_metrics_plots_and_the_champion(trained, browse
     experiment_id = run.info.experiment_id
     base = settings.mlflow_tracking_uri
     # the MLflow server asks for a login (its basic-auth app): the operator's, from the state dir
-    context = browser.new_context(
-        http_credentials={"username": settings.mlflow_username, "password": settings.mlflow_password.get_secret_value()}
-    )
-    page = context.new_page()
+    import base64
+
+    login = f"{settings.mlflow_username}:{settings.mlflow_password.get_secret_value()}".encode()
+    page = browser.new_page()
+    page.set_extra_http_headers({"Authorization": "Basic " + base64.b64encode(login).decode()})
 
     page.goto(f"{base}/#/experiments/{experiment_id}/runs")
     page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
