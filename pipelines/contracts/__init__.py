@@ -13,6 +13,7 @@ import yaml
 CONTRACTS_DIR = Path(__file__).resolve().parent
 COLUMN_TYPES = ("float64", "bool", "string")
 EPOCH_SECONDS = "epoch_seconds"
+DEFAULT_EARLIEST = "2000-01-01"  # event_time.earliest when a contract does not say
 # Label values that mean "no fault"; compared after strip().lower().
 DEFAULT_NORMAL_LABELS = ("", "normal")
 
@@ -51,6 +52,9 @@ class EventTime:
     source: str  # delivered column name
     source_format: str  # "epoch_seconds" or a strptime format
     timezone: str = "UTC"  # zone of naive delivered timestamps
+    # The earliest plausible reading time (UTC, ISO date): anything before it is a clock reset
+    # (1970-01-01) or a wrong unit, and is quarantined rather than filed under a decades-old date.
+    earliest: str = DEFAULT_EARLIEST
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
         source=str(et["source"]),
         source_format=str(et["source_format"]),
         timezone=str(et.get("timezone", "UTC")),
+        earliest=_earliest(et.get("earliest", DEFAULT_EARLIEST), fail),
     )
     if event_time.source_format != EPOCH_SECONDS and "%" not in event_time.source_format:
         raise fail(
@@ -346,6 +351,21 @@ def _resolve(name_or_path: str | Path) -> Path:
             f"use one of {available_contracts()} or pass the path of your own YAML file"
         )
     return found
+
+
+def _earliest(value: Any, fail: Callable[[str, str, str], ContractError]) -> str:
+    """`event_time.earliest` as an ISO date-time string (YAML may hand over a date object)."""
+    import datetime as dt
+
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    try:
+        dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise fail(
+            "event_time.earliest", f"is {value!r}", "write the earliest plausible reading time as a date: 2000-01-01"
+        ) from None
+    return str(value)
 
 
 def _mapping(value: Any, field: str, fail: Callable[[str, str, str], ContractError]) -> dict:

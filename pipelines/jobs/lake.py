@@ -132,9 +132,21 @@ def _put_quality(store: LakeStore, layer: str, dataset: str, partition: str, qua
 
 # -- landing ------------------------------------------------------------------------------------
 def land_bytes(store: LakeStore, dataset: str, partition: str, filename: str, data: bytes) -> str:
-    """Land a delivered file as-is (never modified later) under landing/<dataset>/<date>/."""
-    key = storage.landing_prefix(dataset, partition) + filename
-    store.put_bytes(store.settings.landing_bucket, key, data, "text/csv")
+    """Land a delivered file as-is (never modified later) under landing/<dataset>/<date>/.
+
+    Landed bytes are immutable. The same bytes under the same name are the same delivery: the key
+    is returned, nothing is written. Other bytes under a name already delivered that date are kept
+    beside the first, as `<name>.2.csv`, `<name>.3.csv`... (the returned key says which)."""
+    bucket = store.settings.landing_bucket
+    prefix = storage.landing_prefix(dataset, partition)
+    stem, dot, suffixes = filename.partition(".")
+    key, copy = prefix + filename, 1
+    while store.exists(bucket, key):
+        if store.get_bytes(bucket, key) == data:
+            return key
+        copy += 1
+        key = f"{prefix}{stem}.{copy}{dot}{suffixes}"
+    store.put_bytes(bucket, key, data, "text/csv")
     return key
 
 
@@ -174,17 +186,23 @@ class BronzeReport:
     rows: int
     partitions: dict[str, int]  # event date -> rows of this delivery in it
     quality: dict[str, Any] = field(default_factory=dict)
+    quarantined_files: list[dict[str, Any]] = field(default_factory=list)  # file, rule, line, reason
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
 class SourceLineCounter(io.RawIOBase):
-    """Reads a delivered object through, counting its non-blank lines independently of the CSV
-    parser: the bronze gate checks that every delivered record became a bronze row."""
+    """Reads a delivered object through, counting its records independently of the CSV parser:
+    the bronze gate checks that every delivered record became a bronze row.
 
-    def __init__(self, raw):
-        self.raw, self.lines, self._partial = raw, 0, b""
+    A record is a non-blank line (whitespace-only lines are blank); with `csv`, a line inside a
+    quoted value continues its record. A file whose lines end in a bare CR (old Mac) is counted by those."""
+
+    def __init__(self, raw, csv: bool = True):
+        self.raw, self.lines, self._partial, self.csv = raw, 0, b"", csv
+        self._in_quotes = False
+        self._cr_only: bool | None = None  # decided on the first bytes
 
     def readable(self) -> bool:
         return True
@@ -192,13 +210,30 @@ class SourceLineCounter(io.RawIOBase):
     def readinto(self, buffer) -> int:
         chunk = self.raw.read(len(buffer))
         if not chunk:
-            if self._partial.strip():
+            if self._partial.strip() and not self._in_quotes:
                 self.lines += 1
             self._partial = b""
             return 0
-        parts = (self._partial + chunk).split(b"\n")
+        if self._cr_only is None:  # decided at the first line end (a CR last in a read may start a CRLF)
+            from pipelines.layers.bronze import cr_only_line_endings
+
+            seen = self._partial + chunk
+            if b"\n" in seen or b"\r" in seen.rstrip(b"\r"):
+                self._cr_only = cr_only_line_endings(seen)
+                if self._cr_only:
+                    self._partial = self._partial.replace(b"\r", b"\n")
+        text = chunk.replace(b"\r", b"\n") if self._cr_only else chunk
+        data = self._partial + text
+        parts = data.split(b"\n")
         self._partial = parts.pop()
-        self.lines += sum(1 for line in parts if line.strip())
+        if not self.csv or (not self._in_quotes and b'"' not in data):
+            self.lines += sum(1 for line in parts if line.strip())
+        else:  # quotes: a line inside a quoted value (a newline in a field) is not a record
+            for line in parts:
+                if not self._in_quotes and line.strip():
+                    self.lines += 1
+                if line.count(b'"') % 2:
+                    self._in_quotes = not self._in_quotes
         buffer[: len(chunk)] = chunk
         return len(chunk)
 
@@ -217,7 +252,9 @@ def open_landed(store: LakeStore, bucket: str, key: str):
     head = resp.read(2)
     body = PrefixedStream(head, resp)
     stream = gzip.GzipFile(fileobj=body) if head == b"\x1f\x8b" else body
-    return resp, SourceLineCounter(stream)
+    from pipelines.layers.bronze import is_json_lines
+
+    return resp, SourceLineCounter(stream, csv=not is_json_lines(key))
 
 
 def build_bronze(
@@ -227,6 +264,7 @@ def build_bronze(
     dataset: str | None = None,
     store: LakeStore | None = None,
     progress: Progress = print,
+    on_bad_file: str | None = None,
 ) -> BronzeReport:
     """Ingest every file delivered on `delivery_date` into bronze, partitioned by EVENT date.
 
@@ -234,8 +272,14 @@ def build_bronze(
     next to what was delivered before; each delivery is one batch of the partition's manifest,
     so re-running a delivery replaces exactly its records. All files are gated before anything
     is committed: a critical failure publishes nothing.
+
+    A file that cannot be read at all (corrupt gzip, not UTF-8, no header...) is quarantined as a
+    file: none of its rows are published, its file, rule, line and reason are stored under
+    `quarantine/<dataset>/_files/delivery=<date>/` and reported, and the rest of the delivery
+    proceeds. With `on_bad_file="stop"` (or `lake.on_bad_file: stop` in params.yaml) it stops the
+    run instead; when no file of the delivery is readable the first file's error is raised.
     """
-    from pipelines.layers.bronze import is_json_lines, iter_landing_records
+    from pipelines.layers.bronze import BronzeError, is_json_lines, iter_landing_records
     from pipelines.layers.partitioning import split_by_event_date
 
     store, dataset = _resolve(store, dataset)
@@ -253,10 +297,16 @@ def build_bronze(
     now = store.now()  # one-lake: the store's clock (LocalStore pins it for DVC)
     writers: dict[str, storage.PartitionWriter] = {}
     qualities, rows = [], 0
+    policy = on_bad_file or str((load_params().get("lake") or {}).get("on_bad_file", "quarantine"))
+    if policy not in ("quarantine", "stop"):
+        raise ValueError(f"on_bad_file={policy!r}: use 'quarantine' or 'stop' (lake.on_bad_file in params.yaml)")
+    bad_files: list[tuple[str, BronzeError]] = []
     try:
         for key in keys:
             resp, counter = open_landed(store, bucket, key)
             file_rows = 0
+            marks = {d: w.staged for d, w in writers.items()}  # to forget this file's rows if it is unreadable
+            gated = len(qualities)
             try:
                 batches = iter_landing_records(
                     io.BufferedReader(counter, buffer_size=1 << 20),
@@ -289,6 +339,14 @@ def build_bronze(
                             )
                         writers[event_date].write(part)
                     file_rows += table.num_rows
+            except BronzeError as err:
+                if policy == "stop":
+                    raise
+                _forget_file_rows(writers, marks)
+                del qualities[gated:]
+                bad_files.append((key, err))
+                progress(f"[bronze] {key}: quarantined as a file, none of its rows published: {err}")
+                continue
             finally:
                 resp.close()  # one-lake: also releases the S3 connection
             source_records = counter.lines if is_json_lines(key) else counter.records
@@ -302,12 +360,19 @@ def build_bronze(
             progress(
                 f"[bronze] {key}: {file_rows} records (source has {source_records}); event dates {sorted(writers)}"
             )
+        quarantined_files = _quarantine_files(store, dataset, delivery_date, run_id, bad_files)
+        if len(bad_files) == len(keys):  # nothing readable: the run fails on the first file's error
+            key, err = bad_files[0]
+            if len(keys) > 1:
+                err.add_note(f"none of the {len(keys)} files delivered on {delivery_date} could be read")
+            raise err
     except Exception:
         for writer in writers.values():
             writer.abort()
         raise
+    good_keys = [k for k in keys if k not in {b for b, _ in bad_files}]
     for _, writer in sorted(writers.items()):
-        writer.commit(extra={"sources": keys, "delivery_date": delivery_date})
+        writer.commit(extra={"sources": good_keys, "delivery_date": delivery_date})
     quality = qualities[-1] if len(qualities) == 1 else _merge_quality(qualities)
     _put_quality(store, "bronze", dataset, delivery_date, quality)
     late = [d for d in writers if d < delivery_date]
@@ -316,11 +381,45 @@ def build_bronze(
     return BronzeReport(
         delivery_date,
         dataset,
-        keys,
+        good_keys,
         rows,
         {d: w.rows for d, w in sorted(writers.items())},
         quality=_short(quality),
+        quarantined_files=quarantined_files,
     )
+
+
+def _forget_file_rows(writers: dict[str, storage.PartitionWriter], marks: dict[str, int]) -> None:
+    """Unstage what a file found unreadable part-way staged: none of its rows are published."""
+    for date in list(writers):
+        writer = writers[date]
+        if date not in marks:  # a partition only this file touched
+            writer.abort()
+            del writers[date]
+            continue
+        _ = writer.rows  # waits for the upload in flight, so `files` holds every staged file
+        del writer.files[marks[date] :]  # unreferenced, collected by the next commit of the partition
+
+
+def _quarantine_files(
+    store: LakeStore, dataset: str, delivery_date: str, run_id: str, bad: list[tuple[str, Any]]
+) -> list[dict[str, Any]]:
+    """One JSON record per unreadable file of a delivery (the landed bytes stay in landing)."""
+    records = []
+    for key, err in bad:
+        record = {
+            "file": f"s3://{store.settings.landing_bucket}/{key}",
+            "rule": err.rule,
+            "line": err.line,
+            "reason": str(err),
+            "delivery_date": delivery_date,
+            "run_id": run_id,
+        }
+        name = key.rsplit("/", 1)[-1]
+        target = f"quarantine/{dataset}/_files/delivery={delivery_date}/{name}.json"
+        store.put_bytes(store.settings.lake_bucket, target, json.dumps(record).encode(), "application/json")
+        records.append(record)
+    return records
 
 
 def _merge_quality(results: list[dict]) -> dict:
@@ -610,11 +709,22 @@ def build_gold(
     contract = _contract(dataset)
     gold_params = effective_params(dataset)["gold"]
     files = storage.read_partition_files(store, "silver", dataset, partition)
+    silver_manifest = storage.read_manifest(store, "silver", dataset, partition)
+    if silver_manifest is not None and silver_manifest.rows == 0:
+        # Every reading of the partition was quarantined (one future-dated reading, a delivery in the
+        # wrong unit): a valid outcome, not a failure. There is nothing to compute features from.
+        progress(
+            f"[gold] {partition}: no silver rows (every reading quarantined, see "
+            f"s3://{store.settings.lake_bucket}/{storage.partition_prefix('quarantine', dataset, partition)}); "
+            "gold skipped"
+        )
+        return LayerReport("gold", dataset, partition, 0, 0)
     # Warm-up: the previous partition's tail, so rolling features at its edge see the readings before it.
     previous = previous_partition(partition, _grain(dataset))
+    previous_manifest = storage.read_manifest(store, "silver", dataset, previous)
     previous_files = (
         storage.read_partition_files(store, "silver", dataset, previous)
-        if storage.read_manifest(store, "silver", dataset, previous) is not None
+        if previous_manifest is not None and previous_manifest.rows
         else []
     )
     buckets = _device_buckets(files, contract.entity.column, bucket_rows, "gold")

@@ -65,17 +65,18 @@ class _LandingStream(io.RawIOBase):
 
     def __init__(self, source: BinaryIO, source_key: str) -> None:
         super().__init__()
-        head = source.read(2)
+        self.source_key = source_key
+        head = self._guarded(source.read, 2)
         if head == GZIP_MAGIC:
             self._source: BinaryIO = gzip.GzipFile(fileobj=PrefixedStream(head, source), mode="rb")
         else:
             self._source = PrefixedStream(head, source)
-        self.source_key = source_key
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._pending = b""  # bytes read but not yet handed to pyarrow (header look-ahead)
         self._tail = b""  # incomplete last line, for line accounting
         self._in_quotes = False
         self._bom_checked = False
+        self._cr_only = False  # old-Mac line endings (a bare CR), read as newlines
         self.lines_done = 0  # complete physical lines seen
         self.non_record_lines: list[int] = []  # blank lines and continuation lines of quoted values
         self.bytes_read = 0
@@ -87,25 +88,19 @@ class _LandingStream(io.RawIOBase):
     def _read_chunk(self) -> bytes:
         if self._eof:
             return b""
-        try:
-            chunk = self._source.read(_CHUNK)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise _fail(
-                self.source_key,
-                None,
-                "gzip",
-                f"looks gzip-compressed but is corrupt ({exc})",
-                "re-deliver it",
-            ) from None
+        chunk = self._guarded(self._source.read, _CHUNK)
         if not self._bom_checked:
             while len(chunk) < 3 and chunk:  # a BOM split across reads
-                more = self._source.read(_CHUNK)
+                more = self._guarded(self._source.read, _CHUNK)
                 if not more:
                     break
                 chunk += more
             if chunk.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM written by spreadsheet exports
                 chunk = chunk[3:]
             self._bom_checked = True
+            self._cr_only = cr_only_line_endings(chunk)
+        if self._cr_only:  # valid old-Mac CSV: every bare CR ends a line
+            chunk = chunk.replace(b"\r", b"\n")
         if not chunk:
             self._eof = True
             self._check_utf8(b"", final=True)
@@ -116,6 +111,19 @@ class _LandingStream(io.RawIOBase):
         self._check_utf8(chunk)
         self._account(chunk)
         return chunk
+
+    def _guarded(self, read, size: int) -> bytes:
+        """`read(size)`, a corrupt or truncated gzip stream (wherever it is decompressed) named as such."""
+        try:
+            return read(size)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _fail(
+                self.source_key,
+                None,
+                "gzip",
+                f"looks gzip-compressed but is corrupt ({exc})",
+                "re-deliver it",
+            ) from None
 
     def _check_utf8(self, chunk: bytes, final: bool = False) -> None:
         try:
@@ -194,6 +202,15 @@ class _LandingStream(io.RawIOBase):
         return records + np.searchsorted(gaps - np.arange(len(gaps)), records, side="right")
 
 
+def cr_only_line_endings(head: bytes) -> bool:
+    """Whether a file's first line ends in a bare CR (classic Mac OS), not LF or CRLF."""
+    cr = head.find(b"\r")
+    if cr < 0:
+        return False
+    lf = head.find(b"\n")
+    return lf < 0 or lf > cr + 1
+
+
 class PrefixedStream(io.RawIOBase):
     """`prefix` then the rest of `source`: bytes already read to sniff the format are not lost."""
 
@@ -241,8 +258,13 @@ def iter_landing_batches(
 
     bad_rows: dict[int, str] = {}  # record number -> problem (None numbers are appended at the end)
     unnumbered: list[str] = []
+    blank: set[int] = set()  # record numbers of whitespace-only lines: blank lines, not records
 
     def keep_malformed(row: pacsv.InvalidRow) -> str:
+        if not row.text.strip():
+            if row.number is not None:
+                blank.add(int(row.number))
+            return "skip"
         found = f"expected {row.expected_columns} fields, found {row.actual_columns}"
         text = f"{found}: {row.text[:_MAX_RAW_TEXT]!r}"
         if row.number is None:  # pyarrow loses count after a quoted multi-line value
@@ -283,11 +305,13 @@ def iter_landing_batches(
                 f"not parseable as CSV near line {stream.lines_done} ({exc})",
                 "check the delimiter and quoting",
             ) from None
-        records, next_record = _good_record_numbers(batch.num_rows, next_record, bad_rows)
+        skipped = bad_rows.keys() | blank if blank else bad_rows
+        records, next_record = _good_record_numbers(batch.num_rows, next_record, skipped)
         bad_here = sorted(n for n in bad_rows if n < next_record)
         out = _bronze_batch(batch, header, records, stream, bad_here, bad_rows, lineage)
         for n in bad_here:
             del bad_rows[n]
+        blank -= {n for n in blank if n < next_record}
         if out.num_rows:
             emitted += out.num_rows
             yield out
@@ -315,8 +339,8 @@ class _Lineage:
     ingested_at: datetime
 
 
-def _good_record_numbers(n: int, start: int, bad: dict[int, str]) -> tuple[np.ndarray, int]:
-    """Record numbers of `n` well-formed records from `start`, skipping the malformed ones."""
+def _good_record_numbers(n: int, start: int, bad) -> tuple[np.ndarray, int]:
+    """Record numbers of `n` well-formed records from `start`, skipping the malformed ones (`bad`: their numbers)."""
     if not bad:
         return np.arange(start, start + n, dtype=np.int64), start + n
     skip = np.array(sorted(b for b in bad if b >= start), dtype=np.int64)

@@ -48,13 +48,15 @@ def previous_partition(partition: str, grain: str = "day") -> str:
 def event_dates(batch: pa.Table | pa.RecordBatch, contract: Contract) -> pd.Series:
     """ISO event date (UTC) per record, parsed exactly as silver parses it; None when unreadable."""
     # One parser for both layers, so bronze never files a record under a date silver disagrees with.
-    from pipelines.layers.silver import _parse_time
+    # Implausible times (another epoch unit, a 1970 clock reset) count as unreadable: they stay
+    # with the delivery, where silver quarantines them, instead of creating partitions like 58181-12-20.
+    from pipelines.layers.silver import _parse_event_time
 
     et = contract.event_time
     if et.source not in batch.schema.names:
         return pd.Series([UNPARSEABLE] * batch.num_rows, dtype="object")
     text = batch.column(et.source).to_pandas().astype("str")
-    ts, _ = _parse_time(text, et.source_format, et.timezone)
+    ts, _, _ = _parse_event_time(text, et)
     dates = ts.dt.strftime("%Y-%m-%d")
     return dates.astype("object").where(ts.notna(), UNPARSEABLE)
 
@@ -82,7 +84,10 @@ def _split_by_day(table: pa.Table, contract: Contract, delivery_date: str) -> di
     et = contract.event_time
     days = None
     if et.source_format == "epoch_seconds" and et.source in table.schema.names:
-        days = _epoch_day_numbers(table.column(et.source))
+        from pipelines.layers.silver import _plausible_bounds
+
+        earliest, latest = _plausible_bounds(et)
+        days = _epoch_day_numbers(table.column(et.source), earliest.timestamp(), latest.timestamp())
     if days is None:  # the shared parser's path: any format, messy values
         dates = event_dates(table, contract).fillna(delivery_date).to_numpy()
         return {day: table.filter(pa.array(dates == day)) for day in sorted(set(dates))}
@@ -96,9 +101,10 @@ def _split_by_day(table: pa.Table, contract: Contract, delivery_date: str) -> di
     return out
 
 
-def _epoch_day_numbers(column):
+def _epoch_day_numbers(column, earliest: float, latest: float):
     """Days since 1970 per record, vectorised in Arrow/numpy for clean epoch-second columns
-    (the common case). None when any value needs the shared parser's judgement."""
+    (the common case). None when any value needs the shared parser's judgement, including a
+    value outside the plausible [earliest, latest] seconds."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -107,7 +113,9 @@ def _epoch_day_numbers(column):
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
         return None
     values = seconds.to_numpy(zero_copy_only=False)
-    if seconds.null_count or not np.isfinite(values).all() or np.abs(values).max(initial=0) > 9.2e12:
+    if seconds.null_count or not np.isfinite(values).all():
+        return None
+    if len(values) and (values.min() < earliest or values.max() > latest):
         return None
     return np.floor(values / 86400).astype("int64")
 

@@ -25,6 +25,13 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 _TRUE = frozenset({"true", "1", "t", "yes", "y"})
 _FALSE = frozenset({"false", "0", "f", "no", "n"})
 _MISSING = frozenset({"", "nan", "na", "n/a", "null", "none"})
+# A reading time after this is a unit or parsing bug (epoch milliseconds read as seconds give the
+# year 58181), never a reading: it is quarantined, and bronze never files it under such a date.
+LATEST_PLAUSIBLE = pd.Timestamp("2100-01-01", tz="UTC")
+_EPOCH_UNITS = (("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9))
+# Device ids are names a person reads in a report: printable, and bounded so one runaway field
+# (a 10 KB id) cannot bloat every key, index and log line downstream.
+DEVICE_MAX_CHARS = 200
 _MISSING_SPELLINGS = pa.array(sorted({v for m in _MISSING for v in (m, m.upper(), m.capitalize())} | {"NaN", "N/a"}))
 
 
@@ -41,10 +48,14 @@ class Rule:
     # between-expectations from these, so quarantine and gate share one definition.
     min_value: float | str | None = None
     max_value: float | str | None = None
+    quoted: bool = False  # show the value as a bounded repr (ids with NUL bytes or 10 KB of text)
 
     def reasons(self, frame: pd.DataFrame, mask: pd.Series) -> pd.Series:
         values = frame.loc[mask, self.column].astype(object).where(frame.loc[mask, self.column].notna(), "<missing>")
-        return f"{self.column}=" + values.astype(str) + f" {self.explanation}"
+        shown = values.astype(str)
+        if self.quoted:
+            shown = shown.map(lambda v: repr(v[:80]) + (f"... ({len(v)} characters)" if len(v) > 80 else ""))
+        return f"{self.column}=" + shown + f" {self.explanation}"
 
 
 def silver_rules(
@@ -54,12 +65,14 @@ def silver_rules(
     partition: str | None = None,
     future_tolerance: timedelta = FUTURE_TOLERANCE,
     grain: str = "day",
+    device_pattern: str | None = None,
 ) -> list[Rule]:
     """The contract's row rules, in the order quarantine reports them. Ranges come only from the contract.
 
     With `partition` (an event date, YYYY-MM-DD), rows whose event date is another day break
     `outside_partition`: bronze routes records by event date, so such a row was misrouted and is
-    quarantined rather than published into a partition it does not belong to.
+    quarantined rather than published into a partition it does not belong to. Device ids must be
+    printable and at most DEVICE_MAX_CHARS long, and match `device_pattern` when one is given.
     """
     rules: list[Rule] = []
     ts, device = contract.event_time.column, contract.entity.column
@@ -74,6 +87,8 @@ def silver_rules(
                 explanation=f"is required by contract {contract.name!r}",
             )
         )
+    if contract.entity.source is not None:
+        rules += _device_rules(contract, device_pattern)
     for spec in contract.columns:
         if spec.type != "float64":
             continue
@@ -135,6 +150,57 @@ def silver_rules(
     return rules
 
 
+def _device_rules(contract: Contract, pattern: str | None) -> list[Rule]:
+    device = contract.entity.column
+
+    def unprintable(f: pd.DataFrame) -> pd.Series:
+        return _per_distinct(f[device], lambda v: not v.isprintable())
+
+    def too_long(f: pd.DataFrame) -> pd.Series:
+        return f[device].str.len() > DEVICE_MAX_CHARS
+
+    rules = [
+        Rule(
+            name=f"printable:{device}",
+            column=device,
+            description=f"{device} holds printable characters only",
+            violations=unprintable,
+            explanation="holds control or other unprintable characters (NUL, tab, newline...); fix the device's id",
+            quoted=True,
+        ),
+        Rule(
+            name=f"max_length:{device}",
+            column=device,
+            description=f"{device} is at most {DEVICE_MAX_CHARS} characters",
+            violations=too_long,
+            explanation=f"is longer than {DEVICE_MAX_CHARS} characters; fix the device's id",
+            quoted=True,
+        ),
+    ]
+    if pattern:
+        import re
+
+        compiled = re.compile(pattern)
+        rules.append(
+            Rule(
+                name=f"pattern:{device}",
+                column=device,
+                description=f"{device} matches {pattern!r}",
+                violations=lambda f: _per_distinct(f[device], lambda v: compiled.search(v) is None),
+                explanation=f"does not match the dataset's device pattern {pattern!r}",
+                quoted=True,
+            )
+        )
+    return rules
+
+
+def _per_distinct(values: pd.Series, broken: Callable[[str], bool]) -> pd.Series:
+    """`broken(value)` per row, evaluated once per distinct non-null value (ids repeat a lot)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    flags = np.array([bool(broken(str(u))) for u in uniques] + [False], dtype=bool)
+    return pd.Series(flags[codes], index=values.index)
+
+
 def _partition_date(partition: str) -> str:
     """'2026-01-05' from '2026-01-05' or 'event_date=2026-01-05'."""
     return str(partition).rsplit("=", 1)[-1]
@@ -147,12 +213,15 @@ def to_silver(
     now: datetime | None = None,
     partition: str | None = None,
     grain: str = "day",
+    device_pattern: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(silver, quarantine) from a bronze table. `now` is the ingestion time used for future timestamps.
 
     `partition` is the event date being built; rows of another date are quarantined as
     `outside_partition` (a guard: bronze already routes each record to its event date's partition,
     so this only catches a misrouted record). Without it the check is skipped.
+    A timestamp that parses but is not plausible (another epoch unit, before the contract's
+    `event_time.earliest`, after LATEST_PLAUSIBLE) breaks `plausible_time:<ts>`, its reason naming the likely cause.
     """
     raw = bronze.to_pandas() if isinstance(bronze, pa.Table) else bronze.reset_index(drop=True)
     delivered = [c for c in raw.columns]
@@ -173,16 +242,29 @@ def to_silver(
     record(malformed, "parse_error", "malformed line: " + raw.loc[malformed, PARSE_ERROR_COLUMN].astype(str))
     # A malformed line has no fields to check; reporting each as missing would bury the real reason.
     type_errors = {c: m & ~malformed for c, m in type_errors.items()}
+    et = contract.event_time
     for col, mask in type_errors.items():
-        record(
-            mask,
-            f"type:{col}",
+        why = (
             col
             + "="
             + raw.loc[mask, _source_of(contract, col)].astype(str).map(repr)
-            + f" is not a valid {_type_name(contract, col)}",
+            + f" is not a valid {_type_name(contract, col)}"
         )
-    for rule in silver_rules(contract, now=now, partition=partition, grain=grain):
+        if col == et.column and mask.any():
+            why += _time_format_hints(raw.loc[mask, et.source].astype(str), et)
+        record(mask, f"type:{col}", why)
+    implausible = typed.attrs.pop("implausible_time", None)
+    if implausible is not None:
+        implausible = implausible & ~malformed
+        if implausible.any():
+            record(
+                implausible,
+                f"plausible_time:{et.column}",
+                _implausible_time_reasons(raw.loc[implausible, et.source].astype(str), et),
+            )
+            # not "missing" either: the reason above says what the value is
+            type_errors[et.column] = type_errors.get(et.column, implausible & False) | implausible
+    for rule in silver_rules(contract, now=now, partition=partition, grain=grain, device_pattern=device_pattern):
         mask = rule.violations(typed).fillna(False).astype(bool) & ~malformed
         # A value that failed to parse is already reported as type:<col>; don't also call it missing.
         if rule.name.startswith("not_null:") and rule.column in type_errors:
@@ -224,7 +306,7 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
         out[entity.column] = device.where(~_is_missing(device)).astype("str")
 
     ts_text = _text(raw, et.source)
-    ts, errors[et.column] = _parse_time(ts_text, et.source_format, et.timezone)
+    ts, errors[et.column], implausible = _parse_event_time(ts_text, et)
     out[et.column] = ts
 
     for spec in contract.columns:
@@ -254,6 +336,8 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
     # Ordering for "the latest delivery wins"; absent lineage (hand-built frames) means row order.
     out["_delivery_order"] = pd.to_datetime(raw["_ingested_at"], utc=True) if "_ingested_at" in raw else pd.NaT
     errors = {c: m.fillna(False).astype(bool) for c, m in errors.items() if m.any()}
+    if implausible.any():  # parsed, but not a plausible reading time: to_silver names the cause
+        out.attrs["implausible_time"] = implausible
     return out, errors
 
 
@@ -363,6 +447,84 @@ def _parse_time(text: pd.Series, source_format: str, timezone: str) -> tuple[pd.
         ts = ts.dt.tz_convert("UTC")
     ts = ts.astype("datetime64[us, UTC]")
     return ts, ts.isna() & ~missing
+
+
+def _parse_event_time(text: pd.Series, et) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(UTC timestamps, unparseable mask, implausible mask) of the contract's event time.
+
+    Implausible values (before `et.earliest`, after LATEST_PLAUSIBLE, or epoch numbers too large
+    for any timestamp) are NaT, so bronze files them under the delivery date, never under
+    the year 58181, and silver quarantines them as `plausible_time`."""
+    ts, unparseable = _parse_time(text, et.source_format, et.timezone)
+    earliest, latest = _plausible_bounds(et)
+    implausible = ts.notna() & ((ts < earliest) | (ts > latest))
+    if et.source_format == EPOCH_SECONDS and unparseable.any():
+        seconds, not_number, _ = _parse_float(text.where(unparseable))
+        too_large = unparseable & ~not_number & seconds.notna() & np.isfinite(seconds)  # beyond datetime64
+        implausible |= too_large
+        unparseable &= ~too_large
+    return ts.where(~implausible), unparseable, implausible.astype(bool)
+
+
+def _plausible_bounds(et) -> tuple[pd.Timestamp, pd.Timestamp]:
+    earliest = pd.Timestamp(getattr(et, "earliest", None) or "2000-01-01")
+    earliest = earliest.tz_localize("UTC") if earliest.tzinfo is None else earliest.tz_convert("UTC")
+    return earliest, LATEST_PLAUSIBLE
+
+
+def _implausible_time_reasons(text: pd.Series, et) -> pd.Series:
+    """Why each (parseable) timestamp is not plausible, naming the likely unit when it is one."""
+    earliest, latest = _plausible_bounds(et)
+    lo, hi = earliest.timestamp(), latest.timestamp()
+    shown = et.column + "=" + text.map(repr)
+    if et.source_format == EPOCH_SECONDS:
+        seconds = pd.to_numeric(text.str.strip(), errors="coerce").astype("float64")
+    else:
+        ts, _ = _parse_time(text, et.source_format, et.timezone)
+        seconds = ts.astype("int64").astype("float64") / 1e6
+    reasons = pd.Series(f" is after {latest.date()}: not a plausible reading time", index=text.index)
+    if et.source_format == EPOCH_SECONDS:
+        unknown = pd.Series(True, index=text.index)
+        for unit, factor in _EPOCH_UNITS:
+            as_seconds = seconds / factor
+            fits = unknown & (as_seconds >= lo) & (as_seconds <= hi)
+            if fits.any():
+                when = _utc_text(as_seconds[fits])
+                reasons[fits] = (
+                    f" looks like epoch {unit} (" + when + f"); the contract declares {EPOCH_SECONDS}: "
+                    f"deliver seconds, or write a contract for this source"
+                )
+                unknown &= ~fits
+    before = seconds < lo
+    if before.any():
+        reasons[before] = (
+            " is "
+            + _utc_text(seconds[before])
+            + f", before the contract's earliest plausible time {et.earliest} (a device clock reset?); "
+            "fix the device clock, or set event_time.earliest in the contract if such readings are real"
+        )
+    return shown + reasons
+
+
+def _utc_text(seconds: pd.Series) -> pd.Series:
+    return pd.to_datetime((seconds * 1e6).round().astype("int64"), unit="us", utc=True).dt.strftime(
+        "%Y-%m-%d %H:%M:%S UTC"
+    )
+
+
+def _time_format_hints(text: pd.Series, et) -> pd.Series:
+    """A hint after "is not a valid timestamp" when the value is a timestamp in another format."""
+    hints = pd.Series("", index=text.index)
+    stripped = text.str.strip()
+    iso = pd.to_datetime(stripped, format="ISO8601", errors="coerce", utc=True)
+    hints[iso.notna()] = f" (looks like an ISO 8601 date-time; the contract declares {et.source_format!r})"
+    if et.source_format != EPOCH_SECONDS:
+        numbers = pd.to_numeric(stripped, errors="coerce")
+        lo, hi = (t.timestamp() for t in _plausible_bounds(et))
+        for unit, factor in (("seconds", 1.0), *_EPOCH_UNITS):
+            fits = iso.isna() & (numbers / factor >= lo) & (numbers / factor <= hi)
+            hints[fits] = f" (looks like epoch {unit}; the contract declares {et.source_format!r})"
+    return hints
 
 
 def _labels(raw: pd.DataFrame, contract: Contract) -> pd.Series:

@@ -113,3 +113,55 @@ def test_changing_a_contract_range_changes_quarantine_and_gate_alike():
         assert (check.min_value, check.max_value) == expected
         _, quarantine = to_silver(parse(HEADER + row(temp="50")), contract, now=AT)
         assert quarantine["rule"].tolist() == ([] if contract is IOT else ["range:temp"])
+
+
+def test_timestamps_in_another_unit_or_before_earliest_are_named_and_stay_with_the_delivery():
+    from pipelines.layers.partitioning import split_by_event_date
+
+    day = 1767571200  # 2026-01-05
+    data = HEADER + row(day) + row(day * 1000) + row(day * 10**6) + row(day * 10**9) + row(0) + row(99_999_999_999)
+    bronze = parse(data)
+    assert list(split_by_event_date(bronze, IOT, "2026-01-05")) == ["2026-01-05"]
+    silver, quarantine = to_silver(bronze, IOT, now=AT, partition="2026-01-05")
+    assert len(silver) == 1 and set(quarantine["rule"]) == {"plausible_time:ts"}
+    reasons = quarantine["reason"].tolist()
+    for unit, reason in zip(("milliseconds", "microseconds", "nanoseconds"), reasons[:3], strict=True):
+        assert f"looks like epoch {unit} (2026-01-05 00:00:00 UTC); the contract declares epoch_seconds" in reason
+    assert "before the contract's earliest plausible time 2000-01-01" in reasons[3]
+    assert "not a plausible reading time" in reasons[4]
+
+
+def test_an_iso_timestamp_where_epoch_seconds_are_declared_is_named():
+    _, quarantine = to_silver(parse(HEADER + row("2026-01-05T00:00:00Z")), IOT, now=AT)
+    assert quarantine["rule"].tolist() == ["type:ts"]
+    assert "looks like an ISO 8601 date-time; the contract declares 'epoch_seconds'" in quarantine["reason"][0]
+
+
+def test_cr_only_line_endings_and_whitespace_only_lines_keep_physical_line_numbers():
+    from pipelines.jobs.lake import SourceLineCounter
+
+    data = (
+        HEADER
+        + row()
+        + b'1767571260,device-01,0.005,50,true,0.007,0,0.02,21.5,"a, b\nc"\n'
+        + b"  \t\n"
+        + row(1767571320)
+    )
+    for text in (data, data.replace(b"\n", b"\r")):
+        table = parse(text)
+        assert table["_source_line"].to_pylist() == [2, 3, 6] and table["_parse_error"].null_count == 3
+        counter = SourceLineCounter(io.BytesIO(text))
+        while counter.read(7):  # tiny reads: records split across reads still count once
+            pass
+        assert counter.records == 3
+
+
+def test_device_ids_that_are_unprintable_too_long_or_off_pattern_are_quarantined():
+    rows = [
+        row(1767571200 + 60 * i).replace(b"device-01", d.encode())
+        for i, d in enumerate(["device-01", "device-\x0002", "d" * 201, "rogue-7"])
+    ]
+    silver, quarantine = to_silver(parse(HEADER + b"".join(rows)), IOT, now=AT)
+    assert len(silver) == 2 and quarantine["rule"].tolist() == ["printable:device", "max_length:device"]
+    silver, quarantine = to_silver(parse(HEADER + b"".join(rows)), IOT, now=AT, device_pattern=r"^device-\d+$")
+    assert silver["device"].tolist() == ["device-01"] and quarantine["rule"].tolist()[-1] == "pattern:device"
