@@ -1015,6 +1015,13 @@ def train_and_log(
         mlflow.log_input(train_ds, context="training")
         mlflow.log_input(test_ds, context="evaluation")
         mlflow.log_dict(context.data_snapshot, "lineage/gold_snapshot.json")
+        # what monitoring compares production windows with: the held-out rows' features, scores and
+        # alarms (in-sample scores would be biased), logged with the model
+        from pipelines.monitoring.job import log_reference_profile
+
+        log_reference_profile(
+            test_df, feats, all_test_scores, all_test_alarm, metadata={"dataset": context.dataset_name}
+        )
         if context.gx_summary:
             mlflow.log_dict(context.gx_summary, "lineage/gx_result.json")
 

@@ -300,6 +300,11 @@ def test_run_contents(two_runs, mlflow_uri, tmp_path):
         assert img.ndim == 3 and img.shape[0] > 100
     assert (local / "lineage" / "gold_snapshot.json").exists()
     assert (local / "lineage" / "gx_result.json").exists()
+    # the monitoring reference: every feature, the score and the alarm flag of the held-out rows
+    from pipelines.monitoring.drift import ReferenceProfile
+
+    profile = ReferenceProfile.from_json((local / "monitoring" / "reference_profile.json").read_text())
+    assert {"score", "flagged", *r1.feature_columns} <= set(profile.features)
 
     # model: skops, signature, pyfunc predicts anomaly scores
     pyfunc = mlflow.pyfunc.load_model(r1.model_uri)

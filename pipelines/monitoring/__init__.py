@@ -1,0 +1,1 @@
+"""Model monitoring: drift of a model's inputs, scores and alert rate against its training-time reference."""
