@@ -648,16 +648,21 @@ def test_quality_gates_passed_in_both(scaleout):
 
 
 # -- the model: the same metrics as the embedded training ------------------------------------------
-def _training_run(tracking_uri: str):
+def _training_run(settings):
+    """The registered v1's training run on a stack, read with that stack's own MLflow login."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    return client.get_run(client.get_model_version(MODEL_NAME, "1").run_id)
+    with pytest.MonkeyPatch.context() as mp:
+        if settings.mlflow_username and settings.mlflow_password:
+            mp.setenv("MLFLOW_TRACKING_USERNAME", settings.mlflow_username)
+            mp.setenv("MLFLOW_TRACKING_PASSWORD", settings.mlflow_password.get_secret_value())
+        client = MlflowClient(settings.mlflow_tracking_uri)
+        return client.get_run(client.get_model_version(MODEL_NAME, "1").run_id)
 
 
 def test_model_metrics_match_the_embedded_training(scaleout):
-    embedded = _training_run(scaleout.embedded_settings.mlflow_tracking_uri)
-    celery = _training_run(scaleout.celery_settings.mlflow_tracking_uri)
+    embedded = _training_run(scaleout.embedded_settings)
+    celery = _training_run(scaleout.celery_settings)
     assert celery.data.tags["airflow_dag_id"] == "iot_training"
     assert celery.data.tags["airflow_run_id"] != embedded.data.tags["airflow_run_id"]
     e_metrics, c_metrics = embedded.data.metrics, celery.data.metrics
@@ -679,8 +684,8 @@ def test_model_metrics_match_the_embedded_training(scaleout):
 
 def test_model_trained_on_the_same_gold_snapshot(scaleout):
     snapshots = [
-        json.loads(_training_run(uri).data.tags["gold_snapshot"])
-        for uri in (scaleout.embedded_settings.mlflow_tracking_uri, scaleout.celery_settings.mlflow_tracking_uri)
+        json.loads(_training_run(settings).data.tags["gold_snapshot"])
+        for settings in (scaleout.embedded_settings, scaleout.celery_settings)
     ]
     assert sorted(snapshots[1]["partitions"]) == PARTITIONS
     assert snapshots[1]["content_sha256"] == snapshots[0]["content_sha256"]
