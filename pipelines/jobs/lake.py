@@ -36,12 +36,6 @@ class LayerReport:
         return self.__dict__.copy()
 
 
-def contract_name(dataset: str) -> str:
-    """A dataset is named `<contract>[.<variant>]`: several datasets (sites, tenants, tests) may
-    share one source contract while keeping separate lake prefixes."""
-    return dataset.split(".", 1)[0]
-
-
 def _contract(dataset: str):
     from pipelines.contracts import load_contract
     from pipelines.datasets import get_dataset

@@ -103,7 +103,11 @@ def test_month_partitions_bound_a_long_history_and_silver_checks_the_month():
         if r.name == "outside_partition"
     )
     frame = pd.DataFrame(
-        {"ts": pd.to_datetime(["2014-02-01 00:00", "2014-02-28 23:59", "2014-03-01 00:00", "2014-01-31 23:59"], utc=True)}
+        {
+            "ts": pd.to_datetime(
+                ["2014-02-01 00:00", "2014-02-28 23:59", "2014-03-01 00:00", "2014-01-31 23:59"], utc=True
+            )
+        }
     )
     assert rule.violations(frame).tolist() == [False, False, True, True]
 
