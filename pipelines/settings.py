@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +23,74 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("PLATFORM_STATE_DIR", REPO_ROOT / ".platform")).resolve()
+
+
+class StreamSettings(BaseModel):
+    """The live path's settings: variables PLATFORM_STREAM_<FIELD> (read by `load_settings` with the
+    same precedence as every other setting: environment > ./.env > the stack's stack.env)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- the broker ---------------------------------------------------------------------------
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    # Secrets may come as files instead (docker-compose mounts them under /run/secrets): a password
+    # in a variable shows in `docker inspect`, one on a command line in `ps`.
+    mqtt_password_file: Path | None = None
+    # The session the broker keeps for us while we are away (QoS 1 messages queue under it): one
+    # ingester per dataset, and a stable id, or a restart starts a new, empty session.
+    client_id: str | None = None  # default: platform-ingester-<dataset>
+    keepalive_seconds: int = 30
+
+    # -- micro-batches to bronze -----------------------------------------------------------------
+    batch_max_readings: int = 10_000  # a batch closes at this many messages ...
+    batch_max_seconds: float = 1.0  # ... or this long after its first one, whichever comes first
+    # Devices allowed to report (comma-separated); empty: any device the broker lets publish.
+    known_devices: str = ""
+
+    # -- online scoring and alerts ---------------------------------------------------------------
+    scoring: bool = True  # off: ingest only (no model needed)
+    model_poll_seconds: float = 30.0
+    alerts_topic: str = "alerts"  # alerts/<dataset>/<device>
+    commits_topic: str = "ingest"  # ingest/<dataset>/commits: one event per bronze commit
+
+    # -- device state -------------------------------------------------------------------------------
+    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; none: kept in memory
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None  # serve the device state over HTTP when set
+
+    # -- telling Airflow ----------------------------------------------------------------------------
+    airflow_api_url: str | None = None  # e.g. http://127.0.0.1:8080; none: no asset events
+    airflow_username: str | None = None
+    airflow_password: SecretStr | None = None
+    airflow_password_file: Path | None = None
+    notify_interval_seconds: float = 60.0  # touched partitions are coalesced into one event per interval
+
+    def secret(self, name: str) -> str | None:
+        """`<name>` (mqtt_password, redis_password, airflow_password) from its variable or its file."""
+        value = getattr(self, name, None)
+        if value is not None:
+            return value.get_secret_value()
+        path = getattr(self, f"{name}_file", None)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{name}_file={path}: cannot read it ({exc.strerror}); mount the secret there") from exc
+
+    def device_allow_list(self) -> frozenset[str]:
+        return frozenset(d.strip() for d in self.known_devices.split(",") if d.strip())
+
+    def session_id(self, dataset: str) -> str:
+        return self.client_id or f"platform-ingester-{dataset}"
+
+
+STREAM_PREFIX = "PLATFORM_STREAM_"
 
 
 class Settings(BaseSettings):
@@ -70,6 +138,9 @@ class Settings(BaseSettings):
     # A folder of the user's own contracts: each file is a dataset beside the packaged ones.
     contracts_dir: Path | None = Field(None, validation_alias="PLATFORM_CONTRACTS_DIR")
     params_file: Path = Field(REPO_ROOT / "params.yaml", validation_alias="PLATFORM_PARAMS_FILE")
+
+    # The live path (MQTT broker, micro-batches, alerts, device state): PLATFORM_STREAM_<FIELD>.
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     # --- derived -------------------------------------------------------------------------
     @property
@@ -190,6 +261,14 @@ def load_settings() -> Settings:
             if n in merged:
                 fields[n] = merged[n]
                 break
+    stream = {k[len(STREAM_PREFIX) :].lower(): v for k, v in merged.items() if k.startswith(STREAM_PREFIX)}
+    unknown = sorted(set(stream) - set(StreamSettings.model_fields))
+    if unknown:
+        raise ValueError(
+            f"unknown stream setting(s) {', '.join(STREAM_PREFIX + u.upper() for u in unknown)}: "
+            f"known are {', '.join(STREAM_PREFIX + f.upper() for f in StreamSettings.model_fields)}"
+        )
+    fields["stream"] = StreamSettings.model_validate(stream)
     return _apply_mlflow_identity(Settings.model_validate(fields), merged)
 
 

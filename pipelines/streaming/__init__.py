@@ -1,7 +1,7 @@
 """The live path: sensor readings over MQTT into bronze (exactly once), scored online, alerted.
 
 Modules, by the platform's nouns:
-  config     the stream's settings (PLATFORM_STREAM_*), the only reader of its environment
+  (settings) the stream's settings are `pipelines.settings.Settings.stream` (PLATFORM_STREAM_*)
   messages   an MQTT message -> a reading (bronze row) or a refusal (quarantine row with the rule)
   ledger     which (device, seq) each bronze partition already holds: redeliveries never duplicate
   commit     micro-batches committed to bronze through the lake's manifest protocol

@@ -57,9 +57,9 @@ def _broker_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stream_settings(args):
-    from pipelines.streaming.config import StreamSettings
+    from pipelines.settings import get_settings
 
-    cfg = StreamSettings()
+    cfg = get_settings().stream
     names = {  # CLI flag -> StreamSettings field; a flag given wins over the environment
         "mqtt_host": "mqtt_host",
         "mqtt_port": "mqtt_port",

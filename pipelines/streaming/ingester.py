@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.settings import StreamSettings
 from pipelines.streaming.commit import BronzeCommitter, CommitResult
-from pipelines.streaming.config import StreamSettings
 from pipelines.streaming.messages import MessageReader, Reading, Refusal, subscription
 
 log = logging.getLogger("pipelines.streaming")
@@ -347,8 +347,8 @@ def build_scorer_process(dataset: str, cfg: StreamSettings | None = None, *, sto
     from pipelines.streaming.live import ScorerProcess
     from pipelines.streaming.state import state_store
 
-    cfg = cfg or StreamSettings()
     settings = get_settings()
+    cfg = cfg or settings.stream
     store = store or ObjectStore(settings)
     scorer = build_scorer(dataset, cfg, settings, store, models) if cfg.scoring else None
     state = state_store(cfg.redis_url, dataset, cfg.secret("redis_password"))
@@ -366,8 +366,8 @@ def build_ingester(
     from pipelines.streaming.notify import AirflowAssetNotifier
     from pipelines.streaming.state import state_store
 
-    cfg = cfg or StreamSettings()
     settings = get_settings()
+    cfg = cfg or settings.stream
     store = store or ObjectStore(settings)
     ds = get_dataset(dataset)
     scorer = build_scorer(dataset, cfg, settings, store, models) if cfg.scoring and score_in_process else None

@@ -168,7 +168,7 @@ def _port_open(port: int) -> bool:
 
 
 def stream_settings(broker: Broker, dataset: str, **overrides):
-    from pipelines.streaming.config import StreamSettings
+    from pipelines.settings import StreamSettings
 
     values = {
         "mqtt_host": "127.0.0.1",
