@@ -7,6 +7,7 @@ The number collapsed is in `silver.attrs["collapsed_duplicates"]`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -333,12 +334,46 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
     for col in SILVER_LINEAGE:
         out[col] = raw[col] if col in raw else pd.NA
     out["_source_line"] = out["_source_line"].astype("Int64")
-    # Ordering for "the latest delivery wins"; absent lineage (hand-built frames) means row order.
-    out["_delivery_order"] = pd.to_datetime(raw["_ingested_at"], utc=True) if "_ingested_at" in raw else pd.NaT
+    # Ordering for "the latest delivery wins": by delivery, never by when a run happened to execute
+    # (a backfill of an original after its correction must not revert it). Absent lineage
+    # (hand-built frames) means row order.
+    out["_delivery_order"] = delivery_order(raw)
     errors = {c: m.fillna(False).astype(bool) for c, m in errors.items() if m.any()}
     if implausible.any():  # parsed, but not a plausible reading time: to_silver names the cause
         out.attrs["implausible_time"] = implausible
     return out, errors
+
+
+_LANDED_KEY = re.compile(r"/(\d{4}-\d{2}-\d{2})/([^/]+)$")  # s3://landing/<dataset>/<delivery date>/<name>
+_LANDED_COPY = re.compile(r"^[^.]*\.(\d+)(?:\.|$)")  # <stem>.<n>.<ext>: the n-th file landed under one name
+
+
+def delivery_order(raw: pd.DataFrame) -> pd.Series:
+    """A sortable text per row saying when its delivery was made: the delivery date (from the landed
+    key in `_source_key`), then the landing copy number (`name.2.csv` was landed after `name.csv`),
+    then the ingestion time (which orders only what the first two leave equal: streamed readings,
+    whose key names no date, fall back to their ingestion date and time).
+
+    Evaluated once per distinct source: a delivery has few files and each row repeats its file's key."""
+    if "_source_key" not in raw:
+        return pd.Series(pd.NA, index=raw.index, dtype="object")
+    ingested = (
+        pd.to_datetime(raw["_ingested_at"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+        if "_ingested_at" in raw
+        else pd.Series("", index=raw.index)
+    ).fillna("")
+    pairs = raw["_source_key"].astype("str").fillna("") + "\x00" + ingested
+    codes, uniques = pd.factorize(pairs)
+    orders = []
+    for pair in uniques:
+        key, _, when = str(pair).partition("\x00")
+        found = _LANDED_KEY.search(key)
+        if found is None:
+            orders.append(f"{when[:10]}|{0:06d}|{when}")
+            continue
+        copy = _LANDED_COPY.match(found.group(2))
+        orders.append(f"{found.group(1)}|{int(copy.group(1)) if copy else 1:06d}|{when}")
+    return pd.Series(np.array(orders, dtype=object)[codes], index=raw.index, dtype="object")
 
 
 def _deduplicate(valid: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, pd.DataFrame, int]:

@@ -228,3 +228,42 @@ def test_device_buckets_give_the_same_silver_and_gold_as_one_pass(store):
             pd.testing.assert_frame_equal(frame, other, check_exact=True, obj=name)
     assert len(one_pass["quarantine/2025-04-01"]) == 3  # the out-of-range reading, 2 superseded by late ones
     assert len(one_pass["silver/2025-04-01"]) == 150 and one_pass["gold/2025-04-02"]["device"].is_monotonic_increasing
+
+
+def test_a_backfill_of_the_original_never_reverts_its_correction(store):
+    """Which record wins is decided by delivery order, not by when a run executed: the original
+    (delivered 2025-06-01) re-run after its correction (delivered 2025-06-02) stays superseded in
+    silver and gold; of two files landed under one name the same day, the second (`.2`) wins."""
+    dataset = "iot_telemetry.backfill_tests"
+    day = "2025-06-01"
+    at = pd.Timestamp(_epoch(day, 5), unit="s", tz="UTC")
+    lake.land_bytes(store, dataset, day, "a.csv", _csv(_readings(day, range(0, 30), temp=21.0)))
+    fixed = [(_epoch(day, 5), "device-01", 0.004, 50.0, "true", 0.007, "false", 0.02, 30.5)]
+    lake.land_bytes(store, dataset, "2025-06-02", "fix.csv", _csv(fixed))
+
+    def run(delivery: str, run_id: str) -> None:
+        report = lake.build_bronze(delivery, run_id, dataset=dataset, store=store, progress=lambda s: None)
+        for p in report.partitions:
+            lake.build_silver(p, run_id, dataset=dataset, store=store, progress=lambda s: None)
+            lake.build_gold(p, run_id, dataset=dataset, store=store, progress=lambda s: None)
+
+    def temp_at(layer: str) -> list[float]:
+        frame = storage.read_partition(store, layer, dataset, day).to_pandas()
+        return frame.loc[frame["ts"] == at, "temp"].tolist()
+
+    run(day, "original")
+    run("2025-06-02", "correction")
+    assert temp_at("silver") == [30.5] and temp_at("gold") == [30.5]
+    run(day, "backfill-of-the-original")  # executes last, delivered first
+    assert temp_at("silver") == [30.5] and temp_at("gold") == [30.5]
+    (superseded,) = storage.read_partition(store, "quarantine", dataset, day).to_pylist()
+    assert superseded["rule"] == "duplicate_key" and superseded["temp"] == "21.05"
+    assert f"kept the later delivery s3://landing/{dataset}/2025-06-02/fix.csv" in superseded["reason"]
+    # Same delivery date, same name, other bytes: kept beside the first as a.2.csv, and it wins over
+    # a.csv (which sorts after it by name), but not over the later delivery date's correction.
+    again = [(_epoch(day, m), "device-01", 0.004, 50.0, "true", 0.007, "false", 0.02, 19.0) for m in (5, 6)]
+    assert lake.land_bytes(store, dataset, day, "a.csv", _csv(again)).endswith(f"{day}/a.2.csv")
+    run(day, "second-copy")
+    assert temp_at("silver") == [30.5]
+    silver = storage.read_partition(store, "silver", dataset, day).to_pandas()
+    assert silver.loc[silver["ts"] == at + pd.Timedelta(minutes=1), "temp"].tolist() == [19.0]
