@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pipelines import metrics
 from pipelines.serving.batching import MicroBatcher
 from pipelines.serving.config import ServingSettings
 from pipelines.serving.models import ModelManager
@@ -479,6 +480,7 @@ def create_app(settings=None, cfg: ServingSettings | None = None, store=None) ->
     cfg = cfg or serving_settings(load_params(settings.params_file))
     store = store or lake_store(settings, cfg.s3_timeout_seconds)
     service = ScoringService(settings, cfg, store)
+    metrics.watch_models(service.manager)  # versions and canary stage, read at scrape time
 
     @asynccontextmanager
     async def lifespan(app):
@@ -490,10 +492,12 @@ def create_app(settings=None, cfg: ServingSettings | None = None, store=None) ->
 
     app = Starlette(
         routes=[
-            Route("/score", service.score, methods=["POST"]),
-            Route("/feedback", service.feedback, methods=["POST"]),
+            # counted by status and timed outside the handlers (pipelines.metrics.instrumented)
+            Route("/score", metrics.instrumented(service.score, "score"), methods=["POST"]),
+            Route("/feedback", metrics.instrumented(service.feedback, "feedback"), methods=["POST"]),
             Route("/health", service.health, methods=["GET"]),
             Route("/status", service.status, methods=["GET"]),
+            Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
             Route("/admin/weight", service.admin_weight, methods=["POST"]),
             Route("/admin/reload", service.admin_reload, methods=["POST"]),
             Route("/admin/flush", service.admin_flush, methods=["POST"]),

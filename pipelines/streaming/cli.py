@@ -91,6 +91,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     import subprocess
     import sys
 
+    _share_metrics_between_processes()
     from pipelines.settings import get_settings
     from pipelines.streaming.http import serve_in_thread, state_app
     from pipelines.streaming.ingester import build_ingester, build_scorer_process
@@ -145,6 +146,22 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if server is not None:
         server.should_exit = True
     return 0
+
+
+def _share_metrics_between_processes() -> None:
+    """The ingester and its scorer process (a child: it inherits the environment) count into one
+    prometheus_client multiprocess directory, so the process serving HTTP reports both on /metrics."""
+    import sys
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "prometheus_client" in sys.modules:
+        return  # set by the parent (or the operator); or too late: this process counts alone
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="platform-stream-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
 
 
 def _die_with_parent() -> None:

@@ -4,6 +4,7 @@ GET /devices            the dataset's devices with a state
 GET /devices/{device}   its last reading, score, threshold, model version, anomaly flag
 GET /health             ok | degraded (state store unreachable: 503)
 GET /status             the ingester's counters (received, committed, refused, alerts, ...)
+GET /metrics            the same for Prometheus (pipelines.metrics), with the champion's version
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ def state_app(state, status: Callable[[], dict] | None = None) -> Starlette:
     async def status_route(request: Request) -> Response:
         return _json(status() if status else {})
 
+    async def metrics_route(request: Request) -> Response:
+        from pipelines.metrics import metrics_endpoint  # imported late: `platform stream` sets it up first
+
+        return await metrics_endpoint(request)
+
     return Starlette(
         routes=[
             Route("/devices", devices),
             Route("/devices/{device}", device),
             Route("/health", health),
             Route("/status", status_route),
+            Route("/metrics", metrics_route),
         ]
     )
 

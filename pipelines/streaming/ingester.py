@@ -101,6 +101,9 @@ class Ingester:
         self.committer = BronzeCommitter(store, dataset, self.contract, self.reader.columns, grain, self.run_id)
         self.scorer, self.state, self.notifier = scorer, state, notifier
         self.stats = IngestStats()
+        from pipelines.metrics import IngestMetrics
+
+        self.metrics = IngestMetrics(dataset)  # Prometheus counters (GET /metrics)
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._arrived = threading.Event()
         self.scoring = None
@@ -229,12 +232,14 @@ class Ingester:
             batch.first_received_ns = message.received_ns
         batch.acks.append((message.connection, message.mid, message.qos))
         self.stats.received += 1
+        self.metrics.received.inc()
         item = self.reader.read(message.topic, message.payload)
         if isinstance(item, Refusal):
             item.received_ns = message.received_ns
             batch.refusals.append(item)
             self.stats.refused += 1
             self.stats.refused_rules[item.rule] = self.stats.refused_rules.get(item.rule, 0) + 1
+            self.metrics.quarantined(item.rule)
             return None
         item.received_ns = message.received_ns
         key = (item.device, item.seq)
@@ -247,6 +252,7 @@ class Ingester:
         if duplicate:
             batch.duplicates += 1
             self.stats.duplicates += 1
+            self.metrics.duplicates.inc()
             return None
         batch.readings.append(item)
         self.stats.readings += 1
@@ -278,6 +284,7 @@ class Ingester:
                 return self.committer.commit(batch.readings, batch.refusals)
             except Exception:  # noqa: BLE001 - nothing is acknowledged until the commit succeeds
                 self.stats.commit_failures += 1
+                self.metrics.commit_failures.inc()
                 log.exception("bronze commit failed; retrying in %.1fs (messages stay unacknowledged)", delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -297,6 +304,7 @@ class Ingester:
     def _announce(self, batch: MicroBatch, result: CommitResult) -> None:
         self.stats.commits += 1
         self.stats.committed_rows += result.rows
+        self.metrics.committed_batch(result.rows, result.seconds, batch.first_received_ns)
         event = {
             "dataset": self.dataset,
             "partitions": result.partitions,
@@ -336,6 +344,9 @@ def build_scorer(dataset: str, cfg: StreamSettings, settings, store, models=None
 
         models = ModelManager(settings, ds.model_name, cfg.model_poll_seconds, store)
         models.start()
+    from pipelines.metrics import watch_models
+
+    watch_models(models)  # the loaded versions and the canary stage on GET /metrics
     gold = effective_params(dataset)["gold"]
     return OnlineScorer(load_contract(ds.contract_path), gold["window"], gold["long_window"], models, ds.model_name)
 

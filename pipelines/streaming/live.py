@@ -48,6 +48,9 @@ class ScoringWorker:
         self.scored = 0
         self.alerts = 0
         self.failures = 0
+        from pipelines.metrics import ScorerMetrics
+
+        self.metrics = ScorerMetrics(dataset)  # Prometheus counters (GET /metrics)
         self._queue: collections.deque[Reading] = collections.deque()
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -87,6 +90,7 @@ class ScoringWorker:
                 )
                 scored = self.scorer.score_bronze(table)
             self.scored += len(scored)
+            self.metrics.scored.inc(len(scored))
             by_key = {(r.device, r.seq): r for r in readings}
             latest: dict[str, dict[str, Any]] = {}
             now = time.time()
@@ -110,11 +114,13 @@ class ScoringWorker:
                 if s.is_anomaly:
                     self.publish(f"{self.alerts_topic}/{self.dataset}/{s.device}", json.dumps(event))
                     self.alerts += 1
+                    self.metrics.alerts.inc()
                 latest[s.device] = event
             if self.state is not None and latest:
                 self.state.put_many(list(latest.values()))
         except Exception:  # noqa: BLE001 - scoring must never stop the stream
             self.failures += 1
+            self.metrics.failures.inc()
             log.exception("online scoring failed for %d readings (they are still committed)", len(readings))
 
     def status(self) -> dict[str, Any]:
