@@ -62,6 +62,9 @@ class Entity:
     column: str  # canonical name, "device"
     source: str | None = None  # delivered column, or None when `constant` fills it
     constant: str | None = None
+    # What a device id must look like (a regular expression, matched in ASCII mode: `\d` and `\w`
+    # mean ASCII digits and letters only). Rows whose id does not match are quarantined by silver.
+    pattern: str | None = None
 
 
 @dataclass(frozen=True)
@@ -265,10 +268,19 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
             "needs exactly one of 'source' or 'constant'",
             "name the delivered device column, or give a constant device id for single-entity sources",
         )
+    pattern = en.get("pattern")
+    if pattern is not None:
+        import re
+
+        try:
+            re.compile(str(pattern), re.ASCII)
+        except re.error as exc:
+            raise fail("entity.pattern", f"is not a regular expression ({exc})", "fix the pattern") from None
     entity = Entity(
         column=str(en.get("column", "device")),
         source=str(en["source"]) if en.get("source") else None,
         constant=str(en["constant"]) if en.get("constant") is not None else None,
+        pattern=str(pattern) if pattern is not None else None,
     )
 
     if not isinstance(raw["columns"], list) or not raw["columns"]:

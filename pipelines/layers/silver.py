@@ -73,7 +73,8 @@ def silver_rules(
     With `partition` (an event date, YYYY-MM-DD), rows whose event date is another day break
     `outside_partition`: bronze routes records by event date, so such a row was misrouted and is
     quarantined rather than published into a partition it does not belong to. Device ids must be
-    printable and at most DEVICE_MAX_CHARS long, and match `device_pattern` when one is given.
+    printable and at most DEVICE_MAX_CHARS long, and match `device_pattern` (default: the contract's
+    `entity.pattern`), matched in ASCII mode.
     """
     rules: list[Rule] = []
     ts, device = contract.event_time.column, contract.entity.column
@@ -89,7 +90,7 @@ def silver_rules(
             )
         )
     if contract.entity.source is not None:
-        rules += _device_rules(contract, device_pattern)
+        rules += _device_rules(contract, device_pattern or getattr(contract.entity, "pattern", None))
     for spec in contract.columns:
         if spec.type != "float64":
             continue
@@ -179,16 +180,14 @@ def _device_rules(contract: Contract, pattern: str | None) -> list[Rule]:
         ),
     ]
     if pattern:
-        import re
-
-        compiled = re.compile(pattern)
+        compiled = re.compile(pattern, re.ASCII)  # `\d` is 0-9 only: 'device-٢' is not a device number
         rules.append(
             Rule(
                 name=f"pattern:{device}",
                 column=device,
                 description=f"{device} matches {pattern!r}",
                 violations=lambda f: _per_distinct(f[device], lambda v: compiled.search(v) is None),
-                explanation=f"does not match the dataset's device pattern {pattern!r}",
+                explanation=f"does not match the contract's device pattern {pattern!r} (ASCII); fix the device's id",
                 quoted=True,
             )
         )

@@ -159,9 +159,11 @@ def test_cr_only_line_endings_and_whitespace_only_lines_keep_physical_line_numbe
 def test_device_ids_that_are_unprintable_too_long_or_off_pattern_are_quarantined():
     rows = [
         row(1767571200 + 60 * i).replace(b"device-01", d.encode())
-        for i, d in enumerate(["device-01", "device-\x0002", "d" * 201, "rogue-7"])
+        for i, d in enumerate(["device-01", "device-\x0002", "d" * 201, "rogue-7", "device-\u0662", "device 9"])
     ]
-    silver, quarantine = to_silver(parse(HEADER + b"".join(rows)), IOT, now=AT)
-    assert len(silver) == 2 and quarantine["rule"].tolist() == ["printable:device", "max_length:device"]
+    silver, quarantine = to_silver(parse(HEADER + b"".join(rows)), IOT, now=AT)  # the contract's pattern
+    assert silver["device"].tolist() == ["device-01", "rogue-7"]
+    assert quarantine["rule"].tolist() == ["printable:device", "max_length:device", "pattern:device", "pattern:device"]
+    # a stricter pattern given by the caller; `\d` is matched in ASCII mode, so 'device-٢' is no device number
     silver, quarantine = to_silver(parse(HEADER + b"".join(rows)), IOT, now=AT, device_pattern=r"^device-\d+$")
-    assert silver["device"].tolist() == ["device-01"] and quarantine["rule"].tolist()[-1] == "pattern:device"
+    assert silver["device"].tolist() == ["device-01"] and quarantine["rule"].tolist()[-3:] == ["pattern:device"] * 3
