@@ -2,7 +2,9 @@
 ### Anomaly detector of dataset `{dataset}`: train (and evaluate) → register → offline gate
 
 Declared for every dataset of the catalogue. Scheduled by the dataset's **gold Asset**
-(`{gold_asset}`): a lakehouse run that publishes gold queues a run. It trains the candidate
+(`{gold_asset}`) **or its drift Asset** (`{drift_asset}`): a lakehouse run that publishes gold, or a
+persistent drift alarm of `{monitoring_dag}`, queues a run (a run started by an alarm tags its MLflow
+run and the version it registers with `monitoring.alarm_id`, read from the Asset event). It trains the candidate
 model families on the published gold partitions (held-out later time range for evaluation; labels
 from the data or from the contract's windows file, for evaluation), logs everything to MLflow
 (params, metrics, event-level scores where windows are known, the model with its signature, plots,
@@ -38,38 +40,52 @@ default_args = {
 def training_dag(ds: Dataset):
     name = ds.name
     gold_asset = Asset(name=ds.asset_name("gold"), uri=ds.asset_uri("gold"))
+    drift_asset = Asset(name=ds.asset_name("drift"), uri=ds.drift_asset_uri())
 
     @dag(
         dag_id=ds.training_dag_id,
-        schedule=[gold_asset],
+        schedule=(gold_asset | drift_asset),
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,
         default_args=default_args,
         tags=["training", "mlflow", f"dataset:{name}"],
-        doc_md=__doc__.format(dataset=name, gold_asset=gold_asset.uri, model_name=ds.model_name),
+        doc_md=__doc__.format(
+            dataset=name,
+            gold_asset=gold_asset.uri,
+            drift_asset=drift_asset.uri,
+            monitoring_dag=ds.monitoring_dag_id,
+            model_name=ds.model_name,
+        ),
     )
     def training():
         @task
         def train(**context) -> dict:
             from pipelines.jobs.failures import run_task
             from pipelines.jobs.model import train as train_model
+            from pipelines.monitoring.loop import alarms_from_events, record_retraining
 
             conf = context["dag_run"].conf or {}
-            return run_task(
+            alarms = alarms_from_events(context.get("triggering_asset_events"))
+            trained = run_task(
                 train_model,
                 conf.get("partitions"),
                 dataset=name,
                 dag_id=context["dag"].dag_id,
                 run_id=context["run_id"],
             )
+            run_task(record_retraining, alarms, trained)  # which drift alarm started this run
+            return {**trained, "drift_alarms": alarms}
 
         @task
         def register(trained: dict) -> dict:
             from pipelines.jobs.failures import run_task
             from pipelines.jobs.model import register as register_version
+            from pipelines.monitoring.loop import record_version
 
-            return run_task(register_version, trained)
+            registered = run_task(register_version, trained)
+            run_task(record_version, trained.get("drift_alarms") or [], registered)
+            return registered
 
         @task
         def gate(registered: dict) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_CONTRACTS = Path(__file__).resolve().parent / "contracts"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -65,6 +65,37 @@ class GoldParams(_Strict):
         return v
 
 
+class MonitoringParams(_Strict):
+    """``datasets.<name>.monitoring``: what its hourly monitoring DAG judges (pipelines.monitoring.loop).
+
+    A window is the ``window`` before the run's hour. One day by default: sensor readings follow the day,
+    and an hour of them against a reference spanning whole days drifts by the hour of day alone
+    (measured on the simulator: 92% of the features of every no-drift hour)."""
+
+    window: str = "1d"
+    min_rows: int = Field(1000, ge=1)  # a window with fewer rows is reported, never judged
+    wasserstein: float = Field(0.1, gt=0)  # a feature drifts: normed Wasserstein (reference stds) above
+    jensen_shannon: float = Field(0.1, gt=0)  # ... or Jensen-Shannon distance on the reference's bins above
+    drift_share: float = Field(0.5, gt=0, le=1)  # the window drifts when this share of features drifts
+    strong_wasserstein: float = Field(0.5, gt=0)  # ... or any one feature (score, alert flag) moves this far
+    alarm_windows: int = Field(3, ge=1)  # alarm: at least alarm_windows of the last of_windows drifted
+    of_windows: int = Field(4, ge=1)
+    exclude: list[str] = Field(default_factory=lambda: ["hour_sin", "hour_cos"])  # the clock, not the data
+    cooldown: str = "1d"  # an alarm on the same model version emits the drift Asset again after this
+
+    @field_validator("window", "cooldown")
+    @classmethod
+    def _duration(cls, v):
+        parse_duration(v)
+        return v
+
+    @model_validator(mode="after")
+    def _persistence(self):
+        if self.alarm_windows > self.of_windows:
+            raise ValueError(f"alarm_windows={self.alarm_windows} > of_windows={self.of_windows}: k of n needs k <= n")
+        return self
+
+
 class DatasetParams(_Strict):
     """``datasets.<name>`` in params.yaml. Every field is optional; what is absent is derived."""
 
@@ -75,6 +106,7 @@ class DatasetParams(_Strict):
     # Overrides of the global `train:` and `registry:` sections for this dataset only.
     train: dict[str, Any] = Field(default_factory=dict)
     registry: dict[str, Any] = Field(default_factory=dict)
+    monitoring: MonitoringParams = Field(default_factory=MonitoringParams)
 
     @field_validator("model_name", "dag_prefix")
     @classmethod
@@ -115,6 +147,14 @@ class Dataset:
     @property
     def stream_dag_id(self) -> str:
         return f"{self.dag_prefix}_stream_rebuild"
+
+    @property
+    def monitoring_dag_id(self) -> str:
+        return f"{self.dag_prefix}_monitoring"
+
+    def drift_asset_uri(self, lake_bucket: str = "lake") -> str:
+        """The Asset a persistent drift alarm updates (its extra names the alarm): it schedules training."""
+        return f"s3://{lake_bucket}/monitoring/{self.name}/drift"
 
     def stream_asset_uri(self, lake_bucket: str = "lake") -> str:
         """The Asset the live path updates after a bronze commit (its extra names the partitions):

@@ -56,6 +56,20 @@ def read_events(store) -> list[dict[str, Any]]:
     return [json.loads(store.get_bytes(bucket, k)) for k in store.list_keys(bucket, HISTORY_PREFIX)]
 
 
+# The canary-log events that end a rollout of a version, or a manual promotion of it.
+ROLLOUT_ENDINGS = ("promoted to champion", "promoted to champion (manual)", "rolled back")
+
+
+def rollout_outcome(events: list[dict[str, Any]], version: str) -> dict[str, Any] | None:
+    """How the rollout of ``version`` ended (its last ending event: promoted or rolled back), else its
+    last recorded step (still running), else None. ``events``: one model's :func:`read_events`."""
+    mine = sorted(
+        (e for e in events if str(e.get("version")) == str(version)), key=lambda e: _sort_key(e.get("at", ""))
+    )
+    ended = [e for e in mine if e.get("event") in ROLLOUT_ENDINGS]
+    return (ended or mine or [None])[-1]
+
+
 _TAG_EVENTS = {
     # tag prefix -> (event, field holding the actor, field holding the reason)
     "promoted": ("promoted (registry)", "promoted.by", "promoted.reason"),
