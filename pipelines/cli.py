@@ -146,6 +146,10 @@ def cmd_land(args) -> int:
     from pipelines.jobs.lake import land_bytes, land_simulated_days
     from pipelines.storage import ObjectStore
 
+    if getattr(args, "images", None):  # a folder or zip of class sub-folders: pipelines/images
+        from pipelines.images.cli import land_command
+
+        return land_command(args)
     dataset = _dataset_arg(args)
     if args.file:
         path = Path(args.file)
@@ -430,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("land", help="land simulated telemetry, or your own file with --file")
     p.add_argument("--file", help="a CSV / JSON-lines file (optionally .gz), landed as delivered")
+    p.add_argument("--images", metavar="DIR", help="a folder (or .zip) of images, one sub-folder per class")
     p.add_argument(
         "--date",
         help="DELIVERY date of --file, YYYY-MM-DD (default: today); records are filed by their own event time",

@@ -481,13 +481,18 @@ def create_app(settings=None, cfg: ServingSettings | None = None, store=None) ->
     store = store or lake_store(settings, cfg.s3_timeout_seconds)
     service = ScoringService(settings, cfg, store)
     metrics.watch_models(service.manager)  # versions and canary stage, read at scrape time
+    from pipelines.images.serving import ImageClassifyService
+
+    images = ImageClassifyService(settings, cfg, store)  # POST /classify: the image model, same aliases/canary
 
     @asynccontextmanager
     async def lifespan(app):
         await service.startup()
+        await images.startup()
         try:
             yield
         finally:
+            await images.shutdown()
             await service.shutdown()
 
     app = Starlette(
@@ -501,10 +506,12 @@ def create_app(settings=None, cfg: ServingSettings | None = None, store=None) ->
             Route("/admin/weight", service.admin_weight, methods=["POST"]),
             Route("/admin/reload", service.admin_reload, methods=["POST"]),
             Route("/admin/flush", service.admin_flush, methods=["POST"]),
+            *images.routes(),
         ],
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.images = images
     return app
 
 
