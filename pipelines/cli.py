@@ -289,7 +289,10 @@ def build_summary(dataset: str | None = None) -> dict:
     for layer in ("bronze", "silver", "quarantine", "gold"):
         parts = storage.list_partitions(store, layer, dataset)
         rows = {p: storage.read_manifest(store, layer, dataset, p).rows for p in parts}
+        # verified, not only read: every file a manifest names must be in the store
+        missing = {p: m for p in parts if (m := storage.verify_partition(store, layer, dataset, p))}
         layers[layer] = {"partitions": len(parts), "rows": sum(rows.values()), "by_partition": rows}
+        layers[layer]["missing_files"] = missing
     quality = {}
     for layer in ("bronze", "silver", "gold"):
         results = read_quality(layer, storage.list_partitions(store, layer, dataset), store=store)
@@ -351,6 +354,11 @@ def format_summary(s: dict) -> str:
     out = [f"dataset {s['dataset']}", "", "rows per layer:"]
     for layer, info in s["layers"].items():
         out.append(f"  {layer:11s} {info['rows']:>9,d} rows in {info['partitions']} partition(s)")
+        for p, keys in (info.get("missing_files") or {}).items():
+            out.append(
+                f"    NOT READABLE: {layer} {p}: {len(keys)} file(s) its manifest names are missing "
+                f"(first: {keys[0]}); run that date again"
+            )
     out += ["", "quality gates (Great Expectations), per layer:"]
     for layer, parts in s["quality"].items():
         stats = [r.get("statistics") or {} for r in parts.values()]
@@ -493,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.streaming.cli import register_commands as streaming_commands
 
     streaming_commands(sub)  # platform stream, platform simulate --mqtt
+    from pipelines.monitoring.cli import register_commands as monitoring_commands
+
+    monitoring_commands(sub)  # platform monitor
+    from pipelines.dashboard.cli import register_commands as dashboard_commands
+
+    dashboard_commands(sub)  # platform dashboard
     return parser
 
 

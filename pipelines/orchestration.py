@@ -29,6 +29,10 @@ class DagRunFailed(RuntimeError):
     pass
 
 
+class DagRunRefused(DagRunFailed):
+    """Another run of the same DAG and delivery is in progress (its lease is in the lake)."""
+
+
 @dataclass
 class DagRunResult:
     dag_id: str
@@ -79,6 +83,53 @@ def run_dags(
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         return log_dir / f"{run.dag_id}-{(run.logical_date or 'now').replace(':', '')}-{stamp}.log"
 
+    leases = _hold_run_leases(runs, progress)
+    try:
+        return _run_batch_process(runs, settings, env, log_dir, log_path, progress, check)
+    finally:
+        from pipelines.storage import release_all
+
+        release_all(leases)
+
+
+def _run_lease_name(run: DagRunRequest) -> str:
+    conf = run.conf or {}
+    which = conf.get("delivery_date") or conf.get("partition_date") or run.logical_date or "any"
+    return f"runs/{run.dag_id}/{which}"
+
+
+def _hold_run_leases(runs: list[DagRunRequest], progress: Callable[[str], None]) -> list:
+    """One lease per DAG and delivery in the lake (not in this process's memory): the same run
+    started twice at once, from two terminals or two machines, is refused at once with who holds
+    it, instead of two `airflow dags test` processes racing on one DAG run in Airflow's database
+    ("FOREIGN KEY constraint failed"). Runs of other deliveries go ahead; those that write the
+    same event-date partition are serialised by the partitions' own leases."""
+    import socket
+
+    from pipelines.storage import Lease, LockHeld, ObjectStore, lock_settings, release_all
+
+    store = ObjectStore()
+    ttl, _ = lock_settings()
+    owner = f"platform run (pid {os.getpid()} on {socket.gethostname()})"
+    held: list = []
+    try:
+        for run in runs:
+            name = _run_lease_name(run)
+            if any(lease.name == name for lease in held):
+                continue  # the same run twice in one batch: it runs one after the other anyway
+            which = (run.conf or {}).get("delivery_date") or run.logical_date
+            purpose = f"DAG {run.dag_id}" + (f" for delivery {which}" if which else "")
+            try:
+                held.append(Lease(store, name, owner, purpose, ttl).acquire(wait=0))
+            except LockHeld as exc:
+                raise DagRunRefused(str(exc)) from None
+    except BaseException:
+        release_all(held)
+        raise
+    return held
+
+
+def _run_batch_process(runs, settings, env, log_dir, log_path, progress, check) -> list[DagRunResult]:
     def finished(run: DagRunRequest, path: Path, started: float, ok: bool) -> None:
         results.append(DagRunResult(run.dag_id, run.logical_date or "", ok, time.time() - started, str(path)))
 

@@ -6,10 +6,12 @@ Commit protocol (Delta Lake's idea, reduced to one object per partition):
   2. it then PUTs  <layer>/<dataset>/event_date=<d>/_manifest.json  naming those files, their
      row counts and a content hash. A single S3 PUT is atomic, so a reader sees either the old
      manifest or the new one, never a half-written partition;
-  3. files of superseded runs are deleted after the new manifest is in place.
-A writer killed before step 2 leaves only unreferenced files, which the next publish of the
-same partition removes. Re-running a logical date rewrites exactly that partition
-(idempotent): the manifest is replaced, never appended to.
+  3. files no manifest names are deleted after the new manifest is in place, once older than a
+     grace period (`lake.gc_grace_seconds`): a younger one may be staged by a concurrent writer.
+A writer killed before step 2 leaves only unreferenced files, which a later publish of the
+same partition removes. Writers of one partition in different runs hold its lease (`Lease`, an
+object created with a conditional put), so they are serialised across processes and machines.
+Re-running a logical date rewrites exactly that partition (idempotent): the manifest is replaced, never appended to.
 
 One interface, two stores (`LakeStore`): `ObjectStore` (S3: MinIO, SeaweedFS) for the DAGs, and
 `LocalStore` (a directory: buckets are sub-folders, keys relative paths) for the DVC stages, so
@@ -90,6 +92,16 @@ class LakeStore(Protocol):
     def exists(self, bucket: str, key: str) -> bool: ...
 
     def list_keys(self, bucket: str, prefix: str = "", recursive: bool = True) -> list[str]: ...
+
+    def list_ages(self, bucket: str, prefix: str = "") -> dict[str, float]:
+        """{key: seconds since it was last written} of every object under `prefix`."""
+        ...
+
+    def put_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str | None:
+        """Conditional put: create `key` only if absent (`etag` None), or replace it only if its
+        ETag is still `etag`. The new ETag, or None when the condition did not hold. Atomic: of two
+        writers racing on one condition, one wins. Locks (`Lease`) are built on this."""
+        ...
 
     def delete_keys(self, bucket: str, keys: list[str]) -> None: ...
 
@@ -221,6 +233,27 @@ class ObjectStore(_ParquetObjects):
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
         for key in keys:
             self.client.remove_object(bucket, key)
+
+    def list_ages(self, bucket: str, prefix: str = "") -> dict[str, float]:
+        now = datetime.now(UTC)
+        return {
+            o.object_name: (now - o.last_modified).total_seconds() if o.last_modified else 0.0
+            for o in self.client.list_objects(bucket, prefix=prefix, recursive=True)
+        }
+
+    def put_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str | None:
+        """S3 conditional writes (If-None-Match: * / If-Match: <etag>; MinIO, SeaweedFS and AWS S3)."""
+        from minio.error import S3Error
+
+        condition = {"If-None-Match": "*"} if etag is None else {"If-Match": f'"{etag}"'}
+        headers = {"Content-Length": str(len(data)), "Content-Type": "application/json", **condition}
+        try:
+            response = self.client._execute("PUT", bucket, key, body=data, headers=headers)
+        except S3Error as e:
+            if e.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return None
+            raise
+        return (response.headers.get("etag") or "").strip('"') or hashlib.md5(data).hexdigest()  # noqa: S324
 
     @staticmethod
     def _retry(fn, attempts: int = 4, base_delay: float = 0.5):
@@ -354,6 +387,35 @@ class LocalStore(_ParquetObjects):
                 parent.rmdir()
                 parent = parent.parent
 
+    def list_ages(self, bucket: str, prefix: str = "") -> dict[str, float]:
+        now = time.time()
+        ages = {}
+        for key in self.list_keys(bucket, prefix):
+            try:
+                ages[key] = now - self._path(bucket, key).stat().st_mtime
+            except FileNotFoundError:
+                continue
+        return ages
+
+    def put_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str | None:
+        """Conditional put on a directory: the check and the write run under an exclusive flock of
+        the bucket's lock file, so writers in other processes see one winner."""
+        import fcntl
+
+        path = self._path(bucket, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (self.root / bucket).mkdir(parents=True, exist_ok=True)
+        guard = self.root / bucket / f"{_TEMP_PREFIX}put-if.lock"  # never listed as an object
+        with open(guard, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                exists = path.is_file()
+                if (etag is None and exists) or (etag is not None and (not exists or self.etag(bucket, key) != etag)):
+                    return None
+                return self.put_bytes(bucket, key, data, "application/json")
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # -- clock and processes (see LakeStore) --------------------------------------------------
     def now(self) -> datetime:
         return self.clock() if self.clock is not None else datetime.now(UTC)
@@ -434,10 +496,12 @@ def publish_partition(
 class PartitionWriter:
     """Stage files for one partition (invisible to readers) and commit them in one manifest PUT.
 
-    Writers of one partition are serialised by the orchestrator (one DAG run at a time, one
-    mapped task per partition); the manifest PUT itself is atomic, so readers never see a
-    half-written partition. Staged files of a writer that dies are never referenced and are
-    collected by the next commit of the partition.
+    Writers of one partition in different runs are serialised by the partition's lease in the store
+    (`lock_partitions`), so a commit's read-modify-write of the manifest never loses another run's
+    batch; the manifest PUT itself is atomic, so readers never see a half-written partition. Staged
+    files of a writer that dies are never referenced and are collected by a later commit of the
+    partition once older than `lake.gc_grace_seconds` (a younger one may belong to a writer about
+    to commit).
     """
 
     def __init__(
@@ -512,11 +576,20 @@ class PartitionWriter:
 
     def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
         self._close_uploader()  # every staged file is stored before the manifest names it
+        if not self.batch:
+            return self._commit(extra)
+        # A batch commit reads the manifest, keeps the other batches and writes it back: writers of
+        # other batches (another delivery, the live path) wait for this manifest's lease meanwhile.
+        ttl, wait = lock_settings()
+        name = f"manifest/{self.prefix.rstrip('/')}"
+        with Lease(self.store, name, f"{self.run_id}/{self.batch}", f"commit of {self.prefix}", ttl).acquire(wait):
+            return self._commit(extra)
+
+    def _commit(self, extra: dict[str, Any] | None) -> Manifest:
         kept: list[dict[str, Any]] = []
-        if self.batch:
-            previous = read_manifest(self.store, self.layer, self.dataset, self.partition)
-            if previous is not None:
-                kept = [f for f in previous.files if f.get("batch") and f.get("batch") != self.batch]
+        previous = read_manifest(self.store, self.layer, self.dataset, self.partition)
+        if self.batch and previous is not None:
+            kept = [f for f in previous.files if f.get("batch") and f.get("batch") != self.batch]
         all_files = sorted(kept, key=lambda f: (f["batch"], f["key"])) + self.files
         content = hashlib.sha256("".join(f["sha256"] for f in all_files).encode()).hexdigest()
         manifest = Manifest(
@@ -531,11 +604,20 @@ class PartitionWriter:
             committed_at=self.store.now().isoformat(),
             extra=extra or {},
         )
+        # A manifest never names a file that does not exist: checked against one listing, before the PUT.
+        ages = self.store.list_ages(self.bucket, self.prefix)
+        missing = [f["key"] for f in all_files if f["key"] not in ages]
+        if missing:
+            raise StorageError(
+                f"Not committing {self.layer} partition {self.dataset}/event_date={self.partition}: "
+                f"{len(missing)} file(s) it would name are not in the store (first: {missing[0]}); another "
+                "writer removed them. Run the partition again; nothing was published."
+            )
         self.store.put_bytes(self.bucket, self.prefix + MANIFEST_NAME, manifest.to_json(), "application/json")
-        # Garbage-collect superseded and orphaned files (anything not named by the new manifest).
         live = {f["key"] for f in all_files} | {self.prefix + MANIFEST_NAME}
+        superseded = {f["key"] for f in previous.files} if previous is not None else set()
         self.store.delete_keys(
-            self.bucket, [k for k in self.store.list_keys(self.bucket, self.prefix) if k not in live]
+            self.bucket, collectable(ages, live, self.run_prefix, gc_grace_seconds(), superseded)
         )
         return manifest
 
@@ -546,6 +628,201 @@ class PartitionWriter:
             pass
         self.store.delete_keys(self.bucket, [f["key"] for f in self.files])
         self.files = []
+
+
+def gc_grace_seconds() -> float:
+    """`lake.gc_grace_seconds` in params.yaml: how old an unreferenced file must be to be collected."""
+    from pipelines.settings import load_params
+
+    return float((load_params().get("lake") or {}).get("gc_grace_seconds", 3600))
+
+
+def collectable(
+    ages: dict[str, float], live: set[str], own_prefix: str, grace_seconds: float, superseded: set[str] = frozenset()
+) -> list[str]:
+    """Files a commit may delete: unreferenced by the manifest it just published, and either named by
+    the manifest it replaced (superseded, under the partition's lease), its own writer's leftovers,
+    or older than the grace period. A younger unlisted file of another run may be staged for a
+    manifest a concurrent writer is about to publish: deleting it would leave that manifest naming
+    a file that does not exist. What is left is collected by a later commit."""
+    return sorted(
+        k
+        for k, age in ages.items()
+        if k not in live
+        and not k.endswith("/" + MANIFEST_NAME)
+        and (k in superseded or k.startswith(own_prefix) or age >= grace_seconds)
+    )
+
+
+def verify_partition(store: LakeStore, layer: str, dataset: str, partition: str) -> list[str]:
+    """The files the partition's manifest names that are not in the store (empty: it is whole)."""
+    manifest = read_manifest(store, layer, dataset, partition)
+    if manifest is None:
+        return []
+    present = set(store.list_keys(store.settings.lake_bucket, partition_prefix(layer, dataset, partition)))
+    return [f["key"] for f in manifest.files if f["key"] not in present]
+
+
+# -- leases: locks in the object store ----------------------------------------------------------
+LOCK_PREFIX = "_locks/"
+
+
+class LockHeld(StorageError):
+    """Another run holds the lease: the message names it, since when, until when, and what to do."""
+
+
+@dataclass
+class Lease:
+    """A lock held in the store: one small object created with a conditional put (If-None-Match),
+    naming its owner and an expiry. It is renewed while held (If-Match on its own ETag), released
+    by its owner, and taken over once expired (If-Match on the expired ETag: of two claimants one
+    wins). A crashed holder therefore blocks others for at most one `ttl`."""
+
+    store: LakeStore
+    name: str
+    owner: str
+    purpose: str
+    ttl: float
+    etag: str = ""
+    _stop: Any = None
+    _thread: Any = None
+
+    @property
+    def key(self) -> str:
+        return LOCK_PREFIX + self.name + ".json"
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "purpose": self.purpose,
+                "acquired_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+                "expires_at": now + self.ttl,
+                "host": os.uname().nodename,
+                "pid": os.getpid(),
+            },
+            sort_keys=True,
+        ).encode()
+
+    def acquire(self, wait: float = 0.0, poll: float = 0.5, progress: Callable[[str], None] | None = None) -> Lease:
+        bucket = self.store.settings.lake_bucket
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            etag = self.store.put_if(bucket, self.key, self._body(), None)
+            if etag is None:
+                holder, held_etag = _read_lease(self.store, bucket, self.key)
+                if holder is None:
+                    continue  # released between our put and our read: try again
+                if holder.get("owner") == self.owner or float(holder.get("expires_at", 0)) < time.time():
+                    etag = self.store.put_if(bucket, self.key, self._body(), held_etag)  # ours again, or expired
+            if etag is not None:
+                self.etag = etag
+                self._start_renewal()
+                return self
+            if time.monotonic() >= deadline:
+                raise LockHeld(self.refusal(holder))
+            if progress is not None and not said:
+                progress(f"[lock] {self.purpose}: waiting for {_describe(holder)} (up to {wait:.0f} s)")
+                said = True
+            time.sleep(poll)
+
+    def refusal(self, holder: dict | None) -> str:
+        return (
+            f"{self.purpose} is refused: {self.name} is held by {_describe(holder)}. Wait for that run to "
+            f"finish and run this again (a crashed holder's lease expires by itself; lock object "
+            f"s3://{self.store.settings.lake_bucket}/{self.key})"
+        )
+
+    def _start_renewal(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def renew() -> None:
+            bucket = self.store.settings.lake_bucket
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    etag = self.store.put_if(bucket, self.key, self._body(), self.etag)
+                except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease lasts a ttl
+                    continue
+                if etag is None:
+                    return  # taken over after expiry: nothing more to renew
+                self.etag = etag
+
+        self._thread = threading.Thread(target=renew, name=f"lease-{self.name}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+        bucket = self.store.settings.lake_bucket
+        holder, _ = _read_lease(self.store, bucket, self.key)
+        if holder is not None and holder.get("owner") == self.owner and holder.get("pid") == os.getpid():
+            self.store.delete_keys(bucket, [self.key])
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_lease(store: LakeStore, bucket: str, key: str) -> tuple[dict | None, str | None]:
+    try:
+        data = store.get_bytes(bucket, key)
+    except Exception:  # noqa: BLE001 - gone (released): the caller tries again
+        return None, None
+    try:
+        return json.loads(data), hashlib.md5(data).hexdigest()  # noqa: S324 - the ETag of a single PUT
+    except ValueError:
+        return {"owner": "?", "expires_at": 0}, hashlib.md5(data).hexdigest()  # noqa: S324
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another run"
+    left = float(holder.get("expires_at", 0)) - time.time()
+    return (
+        f"{holder.get('owner')} ({holder.get('purpose')}, host {holder.get('host')} pid {holder.get('pid')}, "
+        f"since {holder.get('acquired_at')}, lease renewed while it runs, expires in {max(left, 0):.0f} s if not)"
+    )
+
+
+def lock_settings() -> tuple[float, float]:
+    """(ttl, wait) seconds of partition leases: `lake.lock_ttl_seconds`, `lake.lock_wait_seconds`."""
+    from pipelines.settings import load_params
+
+    lake = load_params().get("lake") or {}
+    return float(lake.get("lock_ttl_seconds", 120)), float(lake.get("lock_wait_seconds", 900))
+
+
+def lock_partitions(
+    store: LakeStore, dataset: str, partitions: list[str], owner: str, purpose: str, progress=None
+) -> list[Lease]:
+    """Hold the leases of event-date partitions (in sorted order: two runs never wait on each other
+    in a cycle). Writers of one partition — bronze commits, silver and gold builds of any run — are
+    serialised by these, so a manifest's read-modify-write never loses another run's batch. Waits up
+    to `lake.lock_wait_seconds` for each, then raises LockHeld naming the holder."""
+    ttl, wait = lock_settings()
+    held: list[Lease] = []
+    try:
+        for partition in sorted(set(partitions)):
+            lease = Lease(store, f"{dataset}/event_date={partition}", owner, f"{purpose} of {dataset} {partition}", ttl)
+            held.append(lease.acquire(wait=wait, progress=progress))
+    except BaseException:
+        release_all(held)
+        raise
+    return held
+
+
+def release_all(leases: list[Lease]) -> None:
+    for lease in reversed(leases):
+        try:
+            lease.release()
+        except Exception:  # noqa: BLE001 - an unreleased lease expires by itself
+            pass
 
 
 def _safe(name: str) -> str:

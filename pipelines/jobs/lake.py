@@ -365,8 +365,19 @@ def build_bronze(
             writer.abort()
         raise
     good_keys = [k for k in keys if k not in {b for b, _ in bad_files}]
-    for _, writer in sorted(writers.items()):
-        writer.commit(extra={"sources": good_keys, "delivery_date": delivery_date})
+    # Each commit merges this delivery's batch into the partition's manifest (read, modify, write):
+    # other runs writing the same partitions wait for these leases, so no batch is lost.
+    try:
+        leases = storage.lock_partitions(store, dataset, list(writers), run_id, "bronze commit", progress)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    try:
+        for _, writer in sorted(writers.items()):
+            writer.commit(extra={"sources": good_keys, "delivery_date": delivery_date})
+    finally:
+        storage.release_all(leases)
     quality = qualities[-1] if len(qualities) == 1 else _merge_quality(qualities)
     _put_quality(store, "bronze", dataset, delivery_date, quality)
     late = [d for d in writers if d < delivery_date]
@@ -576,9 +587,21 @@ def build_silver(
     `lake.workers`, see `pipelines.jobs.buckets`). Every bucket is gated before anything is
     committed; silver and quarantine are then committed (quarantine first, so a bad record is
     never lost)."""
-    from pipelines.jobs.buckets import map_buckets, workers_for
 
     store, dataset = _resolve(store, dataset)
+    # The partition's lease, from reading bronze to committing: another run's bronze commit or
+    # silver build of this partition waits (a silver built from a bronze read before another run's
+    # commit, then committed after it, would lose that run's records).
+    leases = storage.lock_partitions(store, dataset, [partition], run_id, "silver build", progress)
+    try:
+        return _build_silver(partition, run_id, dataset, store, progress, bucket_rows, workers)
+    finally:
+        storage.release_all(leases)
+
+
+def _build_silver(partition, run_id, dataset, store, progress, bucket_rows, workers) -> LayerReport:
+    from pipelines.jobs.buckets import map_buckets, workers_for
+
     contract = _contract(dataset)
     files = storage.read_partition_files(store, "bronze", dataset, partition)
     buckets = _device_buckets(files, contract.entity.source, bucket_rows)
@@ -694,12 +717,21 @@ def build_gold(
     Each bucket's rolling windows are warmed up with the same devices' last readings of the
     previous day; every bucket is gated against the previous gold partition's feature profile
     before the partition is committed. Buckets run side by side in `workers` processes, as silver's."""
+
+    store, dataset = _resolve(store, dataset)
+    leases = storage.lock_partitions(store, dataset, [partition], run_id, "gold build", progress)
+    try:
+        return _build_gold(partition, run_id, dataset, store, progress, bucket_rows, workers)
+    finally:
+        storage.release_all(leases)
+
+
+def _build_gold(partition, run_id, dataset, store, progress, bucket_rows, workers) -> LayerReport:
     from pipelines.datasets import effective_params
     from pipelines.jobs.buckets import map_buckets, workers_for
     from pipelines.layers.partitioning import previous_partition
     from pipelines.quality.suites import combine_profiles
 
-    store, dataset = _resolve(store, dataset)
     contract = _contract(dataset)
     gold_params = effective_params(dataset)["gold"]
     files = storage.read_partition_files(store, "silver", dataset, partition)

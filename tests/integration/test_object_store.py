@@ -39,7 +39,7 @@ def test_wrong_credentials_are_refused(settings):
         bad.list_buckets()
 
 
-def test_publish_is_atomic_and_idempotent(store, settings):
+def test_publish_is_atomic_and_idempotent(store, settings, monkeypatch):
     t1 = pa.table({"device": ["a", "b"], "v": [1.0, 2.0]})
     m1 = storage.publish_partition(store, "silver", "probe", "2026-01-01", t1, run_id="run-1")
     # Re-running the same logical date with the same data: same content, no duplicates.
@@ -58,10 +58,14 @@ def test_publish_is_atomic_and_idempotent(store, settings):
     )
     visible = storage.read_partition(store, "silver", "probe", "2026-01-01")
     assert visible.num_rows == 2 and "zzz" not in visible.column("device").to_pylist()
-    # The re-run completes and removes the orphan.
+    # A young unreferenced file may be staged by a concurrent writer about to commit: kept. Once
+    # older than lake.gc_grace_seconds, the next commit removes the orphan.
     storage.publish_partition(store, "silver", "probe", "2026-01-01", t1, run_id="run-3")
+    assert any("run=crashed" in k for k in store.list_keys(settings.lake_bucket, prefix))
+    monkeypatch.setattr(storage, "gc_grace_seconds", lambda: 0.0)
+    storage.publish_partition(store, "silver", "probe", "2026-01-01", t1, run_id="run-4")
     keys = store.list_keys(settings.lake_bucket, prefix)
-    assert not any("run=crashed" in k for k in keys)
+    assert not any("run=crashed" in k or "run=run-3" in k for k in keys)
     assert storage.list_partitions(store, "silver", "probe") == ["2026-01-01"]
 
 

@@ -118,7 +118,12 @@ def test_a_failed_commit_leaves_no_manifest_and_the_previous_one_stays(local, mo
     after = storage.read_manifest(local, "silver", "probe", "2026-01-01")
     assert after is not None and after.to_json() == before.to_json()
     assert storage.read_partition(local, "silver", "probe", "2026-01-01").num_rows == 2
-    # the next successful commit collects the failed runs' orphans
+    # a young orphan may be staged by a concurrent writer about to commit: the next commit keeps it;
+    # once older than lake.gc_grace_seconds, the next successful commit collects the failed runs' orphans
+    storage.publish_partition(local, "silver", "probe", "2026-01-01", t, run_id="ok-1")
+    prefix = storage.partition_prefix("silver", "probe", "2026-01-01")
+    assert any("crashed" in k for k in local.list_keys("lake", prefix))
+    monkeypatch.setattr(storage, "gc_grace_seconds", lambda: 0.0)
     storage.publish_partition(local, "silver", "probe", "2026-01-01", t, run_id="ok-2")
     keys = local.list_keys("lake", storage.partition_prefix("silver", "probe", "2026-01-01"))
     assert not any("crashed" in k for k in keys) and any("run=ok-2" in k for k in keys)
