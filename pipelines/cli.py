@@ -501,12 +501,6 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.streaming.cli import register_commands as streaming_commands
 
     streaming_commands(sub)  # platform stream, platform simulate --mqtt
-    from pipelines.monitoring.cli import register_commands as monitoring_commands
-
-    monitoring_commands(sub)  # platform monitor
-    from pipelines.dashboard.cli import register_commands as dashboard_commands
-
-    dashboard_commands(sub)  # platform dashboard
     return parser
 
 
