@@ -31,7 +31,18 @@ IMAGE_VARS = {
     "postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD"},
     "redis": set(),
     "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_KMS_SECRET_KEY"},
+    "grafana": {  # Grafana reads GF_<SECTION>_<KEY> (and <VAR>__FILE for secrets)
+        "GF_SECURITY_ADMIN_USER",
+        "GF_SECURITY_ADMIN_PASSWORD__FILE",
+        "GF_AUTH_ANONYMOUS_ENABLED",
+        "GF_USERS_ALLOW_SIGN_UP",
+        "GF_ANALYTICS_REPORTING_ENABLED",
+        "GF_ANALYTICS_CHECK_FOR_UPDATES",
+        "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH",
+    },
 }
+PROMETHEUS_CONFIG = REPO / "compose" / "prometheus" / "prometheus.yml"
+GRAFANA = REPO / "compose" / "grafana"
 SCRIPT_VARS = {  # service -> (script it runs, variables only that script reads)
     "postgres": (PG_INIT, {"PG_AIRFLOW_PASSWORD", "PG_MLFLOW_PASSWORD"}),
     "minio-init": (
@@ -627,3 +638,83 @@ def test_minio_encrypts_every_bucket_at_rest(services):
     script = MINIO_INIT.read_text()
     loop = re.search(r"for bucket in [\w ]+; do\n(.*?)\ndone", script, re.S).group(1)
     assert 'mc encrypt set sse-s3 "platform/$bucket"' in loop
+
+
+# -- metrics: Prometheus and Grafana -----------------------------------------------------------------
+def _mount(service: dict, target: str) -> Path:
+    """The repo path `service` mounts at `target`."""
+    for mount in service.get("volumes") or []:
+        source, _, rest = mount.partition(":")
+        if rest.split(":")[0] == target:
+            return REPO / source
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def _arg(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_prometheus_scrapes_the_metrics_endpoints_of_the_scoring_service_and_the_ingester(services, tmp_path):
+    from pipelines.serving.app import create_app
+    from pipelines.serving.config import ServingSettings
+    from pipelines.settings import get_settings
+    from pipelines.storage import LocalStore
+    from pipelines.streaming.http import state_app
+    from pipelines.streaming.state import MemoryStateStore
+
+    prometheus = services["prometheus"]
+    assert _mount(prometheus, "/etc/prometheus/prometheus.yml") == PROMETHEUS_CONFIG
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    # the targets are the services' own ports, as their commands set them
+    scoring_port = _arg(_command(services["scoring"]), "--port")
+    ingester_port = _arg(_command(services["ingester"]), "--http-port")
+    assert jobs["scoring"]["static_configs"][0]["targets"] == [f"scoring:{scoring_port}"]
+    assert jobs["ingester"]["static_configs"][0]["targets"] == [f"ingester:{ingester_port}"]
+    assert {jobs["scoring"]["metrics_path"], jobs["ingester"]["metrics_path"]} == {"/metrics"}
+    assert _arg(_command(services["ingester"]), "--http-host") == "0.0.0.0"  # reachable from prometheus
+    # ... and both apps answer that path
+    settings = get_settings()
+    serving = create_app(settings, ServingSettings(model_name="any"), LocalStore(tmp_path))
+    stream = state_app(MemoryStateStore())
+    for app in (serving, stream):
+        assert "/metrics" in {r.path for r in app.routes}
+    assert "127.0.0.1:9090:9090" in prometheus["ports"]  # no login of its own: never beyond this host
+
+
+def test_grafana_has_no_default_password_and_a_provisioned_dashboard_of_the_platform_metrics(services, compose):
+    from pipelines.metrics import metric_names
+
+    grafana = services["grafana"]
+    env = _env(grafana)
+    # the admin password is a file secret from .env; no anonymous access, no sign-up
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert "grafana_admin_password" in grafana["secrets"]
+    assert compose["secrets"]["grafana_admin_password"] == {"environment": "GRAFANA_ADMIN_PASSWORD"}
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert "GRAFANA_ADMIN_PASSWORD=" in ENV_EXAMPLE.read_text().splitlines()
+
+    provisioning = _mount(grafana, "/etc/grafana/provisioning")
+    dashboards_dir = _mount(grafana, "/etc/grafana/dashboards")
+    assert provisioning == GRAFANA / "provisioning" and dashboards_dir == GRAFANA / "dashboards"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090" and "9090:9090" in services["prometheus"]["ports"][0]
+    provider = yaml.safe_load((provisioning / "dashboards" / "platform.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+
+    dashboard = json.loads((dashboards_dir / "platform.json").read_text())
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == "/etc/grafana/dashboards/platform.json"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    queried: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == source["uid"]
+            names = set(re.findall(r"\b(platform_[a-z_]+)", target["expr"]))
+            queried |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+    # every metric a panel queries is one the platform exports, and every one it exports is shown
+    defined = metric_names()
+    assert queried <= defined, f"the dashboard queries metrics nothing exports: {sorted(queried - defined)}"
+    assert defined <= queried, f"exported but on no panel: {sorted(defined - queried)}"
