@@ -143,7 +143,7 @@ def dataset_overview() -> list[dict]:
 
 
 def cmd_land(args) -> int:
-    from pipelines.jobs.lake import land_bytes, land_simulated_days
+    from pipelines.jobs.lake import land_file, land_simulated_days
     from pipelines.storage import ObjectStore
 
     if getattr(args, "images", None):  # a folder or zip of class sub-folders: pipelines/images
@@ -157,7 +157,7 @@ def cmd_land(args) -> int:
             raise UsageError(f"--file {path} does not exist or is not a file")
         delivery = _date_arg(args.date, "--date") if args.date else dt.datetime.now(dt.UTC).date().isoformat()
         store = ObjectStore()
-        key = land_bytes(store, dataset, delivery, path.name, path.read_bytes())
+        key = land_file(store, dataset, delivery, path)  # streamed: memory holds one upload part
         print(f"landed s3://{store.settings.landing_bucket}/{key} (dataset {dataset}, delivery date {delivery})")
         print(f"next: platform run --dataset {dataset} {delivery}")
         return 0

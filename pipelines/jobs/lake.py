@@ -7,6 +7,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
@@ -141,6 +142,115 @@ def land_bytes(store: LakeStore, dataset: str, partition: str, filename: str, da
         copy += 1
         key = f"{prefix}{stem}.{copy}{dot}{suffixes}"
     store.put_bytes(bucket, key, data, "text/csv")
+    return key
+
+
+class LandingError(ValueError):
+    """A file refused before anything lands: the message names the file, the rule and the fix."""
+
+
+class _ValidatingReader(io.RawIOBase):
+    """Reads a local file through to the store, checking as it streams: the bytes are the ones
+    hashed before (the file did not change while landing) and, for `.gz`, the gzip stream is whole.
+    An error raised here aborts the upload (S3: the multipart upload), so nothing lands."""
+
+    def __init__(self, f: Any, path: str, expected_sha256: str, length: int):
+        import hashlib
+        import zlib
+
+        self.f, self.path, self.expected, self.length = f, path, expected_sha256, length
+        self.digest, self.read_bytes = hashlib.sha256(), 0
+        self.gzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if path.endswith(".gz") else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.f.read(len(buffer))
+        if chunk:
+            self.digest.update(chunk)
+            if self.gzip is not None:
+                self._inflate(chunk)
+            self.read_bytes += len(chunk)
+            if self.read_bytes >= self.length:  # the uploader stops at `length`: check before it completes
+                self._finish()
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def _inflate(self, chunk: bytes) -> None:
+        import zlib
+
+        try:
+            while chunk and not self.gzip.eof:
+                self.gzip.decompress(chunk, 1 << 20)  # bounded output per call; the rest stays queued
+                chunk = self.gzip.unconsumed_tail
+        except zlib.error as exc:
+            raise LandingError(
+                f"{self.path}: the gzip stream is corrupt near byte {self.read_bytes:,} ({exc}) [rule gzip]; "
+                "nothing was landed: compress the file again"
+            ) from None
+
+    def _finish(self) -> None:
+        if self.gzip is not None and not self.gzip.eof:
+            raise LandingError(
+                f"{self.path}: the gzip stream ends before its end-of-stream marker (truncated at byte "
+                f"{self.read_bytes:,}) [rule gzip]; nothing was landed: send the complete file"
+            )
+        if self.read_bytes != self.length or self.digest.hexdigest() != self.expected:
+            raise LandingError(f"{self.path} changed while it was being landed; nothing was landed: land it again")
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _object_sha256(store: LakeStore, bucket: str, key: str, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    stream = store.open_object(bucket, key)
+    try:
+        for block in iter(lambda: stream.read(chunk), b""):
+            digest.update(block)
+    finally:
+        stream.close()
+    return digest.hexdigest()
+
+
+def land_part_bytes() -> int:
+    """`lake.land_part_mb` in params.yaml: the bytes `land_file` holds at a time (one upload part)."""
+    return int(float((load_params().get("lake") or {}).get("land_part_mb", 16)) * 2**20)
+
+
+def land_file(store: LakeStore, dataset: str, partition: str, path: Path | str, name: str | None = None) -> str:
+    """Land a local file as delivered, streaming it: memory holds one upload part
+    (`lake.land_part_mb`), never the file. Same rules as `land_bytes`: the same bytes under a name
+    already delivered land nothing; other bytes are kept beside the first (`name.2.csv`). The file is
+    read twice (once to hash it, once to upload it), and checked as it streams (`_ValidatingReader`)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise LandingError(f"{path}: the file is empty [rule not_empty]; nothing was landed: send the data")
+    sha = _file_sha256(path)
+    bucket = store.settings.landing_bucket
+    prefix = storage.landing_prefix(dataset, partition)
+    filename = name or path.name
+    stem, dot, suffixes = filename.partition(".")
+    key, copy = prefix + filename, 1
+    while store.exists(bucket, key):
+        if store.size(bucket, key) == size and _object_sha256(store, bucket, key) == sha:
+            return key
+        copy += 1
+        key = f"{prefix}{stem}.{copy}{dot}{suffixes}"
+    with open(path, "rb") as f:
+        reader = io.BufferedReader(_ValidatingReader(f, str(path), sha, size), buffer_size=1 << 20)
+        store.put_stream(bucket, key, reader, size, land_part_bytes())
     return key
 
 
@@ -810,30 +920,100 @@ def _short(quality: dict) -> dict:
 
 # -- reading gold for training ------------------------------------------------------------------
 def read_gold(
-    partitions: list[str] | None = None, *, dataset: str | None = None, store: LakeStore | None = None
+    partitions: list[str] | None = None,
+    *,
+    dataset: str | None = None,
+    store: LakeStore | None = None,
+    max_rows: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """All (or the given) gold partitions and a snapshot naming exactly what was read."""
+    """Gold partitions for training, at most `train.sample.max_rows` rows (params.yaml; 0 = all),
+    and a snapshot naming exactly what was read, the sample included.
+
+    Memory is bounded by configuration, not by the lake: the rule (`latest_partitions`) keeps the
+    newest partitions whole, newest first, while their rows (known from the manifests, before
+    anything is read) fit; where the newest partition alone is larger, whole devices of it up to
+    the bound (a device's readings stay together and in time order, as the per-device detectors and
+    the time split need). The same call gives the same rows (the gate re-reads what training read).
+    The snapshot's `sample` says the rule, the bound and what was left out; training logs it (tag
+    `gold_snapshot`, `lineage/gold_snapshot.json`) beside the params `train.sample.*`."""
+    from pipelines.datasets import effective_params
     from pipelines.layers.gold import from_storage
 
     store, dataset = _resolve(store, dataset)
     partitions = partitions or storage.list_partitions(store, "gold", dataset)
     if not partitions:
         raise storage.StorageError(f"No gold partitions for {dataset}: run the lakehouse DAG first.")
+    sample = (effective_params(dataset).get("train") or {}).get("sample") or {}
+    limit = int(sample.get("max_rows", 0) if max_rows is None else max_rows)
+    rule = str(sample.get("rule", "latest_partitions"))
+    if rule != "latest_partitions":
+        raise ValueError(f"train.sample.rule={rule!r} in params.yaml: the rule is 'latest_partitions'")
+    manifests = {p: storage.read_manifest(store, "gold", dataset, p) for p in sorted(partitions)}
+    missing = [p for p, m in manifests.items() if m is None]
+    if missing:
+        raise storage.StorageError(f"No published gold partition {dataset} {missing[0]}: run that date first.")
+    available = sum(m.rows for m in manifests.values())
+    chosen: dict[str, list | None] = {}  # partition -> devices read (None: all)
+    if limit <= 0 or available <= limit:
+        chosen = {p: None for p in manifests}
+    else:
+        total = 0
+        for p in sorted(manifests, reverse=True):
+            rows = manifests[p].rows
+            if total + rows <= limit:
+                chosen[p], total = None, total + rows
+            elif not chosen:  # the newest partition alone is over the bound: whole devices of it
+                chosen[p] = _devices_within(store, dataset, p, limit)
+                break
+            else:
+                break
     frames, snapshot = [], {"dataset": dataset, "bucket": store.settings.lake_bucket, "partitions": {}}
-    for p in partitions:
-        manifest = storage.read_manifest(store, "gold", dataset, p)
-        frames.append(from_storage(storage.read_partition(store, "gold", dataset, p)))
+    device = None
+    for p in sorted(chosen):
+        manifest, devices = manifests[p], chosen[p]
+        if devices is None:
+            table = storage.read_partition(store, "gold", dataset, p)
+        else:
+            device = device or _contract(dataset).entity.column
+            table = storage.decode_rows(storage.read_partition_files(store, "gold", dataset, p), device, devices)
+        frames.append(from_storage(table))
+        del table
         snapshot["partitions"][p] = {
             "run_id": manifest.run_id,
             "rows": manifest.rows,
             "content_sha256": manifest.content_sha256,
+            **({"devices_read": len(devices)} if devices is not None else {}),
         }
     import hashlib
 
     snapshot["content_sha256"] = hashlib.sha256(
         "".join(v["content_sha256"] for _, v in sorted(snapshot["partitions"].items())).encode()
     ).hexdigest()
-    return pd.concat(frames, ignore_index=True), snapshot
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    del frames
+    snapshot["sample"] = {
+        "rule": rule,
+        "max_rows": limit,
+        "rows_available": available,
+        "rows_read": len(frame),
+        "partitions_available": len(manifests),
+        "partitions_left_out": sorted(set(manifests) - set(chosen)),
+    }
+    return frame, snapshot
+
+
+def _devices_within(store: LakeStore, dataset: str, partition: str, limit: int) -> list:
+    """Whole devices of a gold partition, in device order, whose rows together fit in `limit`
+    (at least one device, even if it alone is larger)."""
+    device = _contract(dataset).entity.column
+    counts = storage.rows_per_value(storage.read_partition_files(store, "gold", dataset, partition), device)
+    kept, total = [], 0
+    for value in sorted(counts, key=lambda v: (v is None, str(v))):
+        if kept and total + counts[value] > limit:
+            break
+        kept.append(value)
+        total += counts[value]
+    return kept
 
 
 def read_quality(

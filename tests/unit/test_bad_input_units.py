@@ -167,3 +167,33 @@ def test_device_ids_that_are_unprintable_too_long_or_off_pattern_are_quarantined
     # a stricter pattern given by the caller; `\d` is matched in ASCII mode, so 'device-٢' is no device number
     silver, quarantine = to_silver(parse(HEADER + b"".join(rows)), IOT, now=AT, device_pattern=r"^device-\d+$")
     assert silver["device"].tolist() == ["device-01"] and quarantine["rule"].tolist()[-3:] == ["pattern:device"] * 3
+
+
+def test_land_file_streams_keeps_deliveries_immutable_and_refuses_broken_files(tmp_path):
+    """`platform land --file` streams: the same bytes land nothing, other bytes under one name are kept
+    beside the first, and an empty or truncated gzip file is refused before anything is visible."""
+    import gzip
+
+    from pipelines.jobs.lake import LandingError, land_file
+    from pipelines.storage import LocalStore
+
+    store = LocalStore(tmp_path / "lake")
+    first, second = tmp_path / "a" / "t.csv", tmp_path / "b" / "t.csv"
+    for path, body in ((first, HEADER + row()), (second, HEADER + row(temp="22.0"))):
+        path.parent.mkdir()
+        path.write_bytes(body)
+    keys = [land_file(store, "iot_telemetry", "2026-01-05", p) for p in (first, second, first)]
+    assert keys == ["iot_telemetry/2026-01-05/t.csv", "iot_telemetry/2026-01-05/t.2.csv", keys[0]]
+    assert store.get_bytes("landing", keys[1]) == second.read_bytes()
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(LandingError, match=r"empty\.csv: the file is empty \[rule not_empty\]"):
+        land_file(store, "iot_telemetry", "2026-01-06", tmp_path / "empty.csv")
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(gzip.compress(HEADER + row() * 5000)[:-40])
+    with pytest.raises(LandingError, match=r"cut\.csv\.gz: the gzip stream ends before its end-of-stream marker"):
+        land_file(store, "iot_telemetry", "2026-01-06", cut)
+    garbage = tmp_path / "noise.csv.gz"
+    garbage.write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 100)
+    with pytest.raises(LandingError, match=r"noise\.csv\.gz: the gzip stream is corrupt near byte 0 .*\[rule gzip\]"):
+        land_file(store, "iot_telemetry", "2026-01-06", garbage)
+    assert store.list_keys("landing", "iot_telemetry/2026-01-06/") == []  # nothing landed, no temp file listed
