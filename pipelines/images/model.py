@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -158,7 +159,9 @@ def _fit_image_model(store: LakeStore, snapshot: dict, contract: ImageContract, 
     clf = LogisticRegression(max_iter=tp.max_iter, random_state=tp.seed).fit(
         scale.transform(z_train), y_train.astype(str)
     )
-    baseline = NearestCentroid().fit(h_train, y_train.astype(str))
+    with warnings.catch_warnings():  # histogram bins no image of a class fills: expected, not news
+        warnings.filterwarnings("ignore", message=".*zero standard deviation", category=UserWarning)
+        baseline = NearestCentroid().fit(h_train, y_train.astype(str))
     timings["classifier_fit_seconds"] = time.perf_counter() - started
     model = Pipeline([("pca", pca), ("scale", scale), ("clf", clf)])
 
