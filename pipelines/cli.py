@@ -510,12 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # what the CLI writes (logs, data) is its owner's alone, as the stack's files are
     args = build_parser().parse_args(argv)
     try:
+# Commands that read or write the lake or the registry: checked first to talk to our own stack.
+STACK_COMMANDS = ("land", "layer", "run", "backfill", "train", "summary", "serve")
+
+
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+        if args.command in STACK_COMMANDS:
+            # credentials go only to the servers `platform up` started here (pipelines.services)
+            from pipelines.services import verify_own_stack
+
+            verify_own_stack(get_settings())
     except Exception as e:  # noqa: BLE001 - a user's mistake gets one clear line, not a traceback
         import os
 

@@ -1075,6 +1075,53 @@ def _store_grpc_sockets(settings: Settings) -> list[Path]:
     return sockets
 
 
+class StackNotOurs(RuntimeError):
+    """The object store or MLflow the settings name is not running, or is another process."""
+
+
+def verify_own_stack(settings: Settings, names: Iterable[str] = ("object-store", "mlflow")) -> None:
+    """Raise StackNotOurs unless the object store and MLflow that ``settings`` name are answered by the
+    processes `platform up` started in this state directory; ask nothing of them before that.
+
+    The PID files are the stack's token: a server counts as ours only if the process we started (PID
+    and start time) listens on the recorded port. An endpoint configured in the environment that
+    differs from the recorded one (docker-compose, a remote stack) is the user's choice and is not
+    checked; an endpoint neither recorded nor configured means the stack is not up."""
+    from urllib.parse import urlparse
+
+    recorded = read_env_file(stack_env_path(settings))
+    configured = {**read_env_file(Path.cwd() / ".env"), **os.environ}
+    problems = []
+    for name, key, url in (
+        ("object-store", "AWS_ENDPOINT_URL", settings.s3_endpoint_url),
+        ("mlflow", "MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
+    ):
+        if name not in names:
+            continue
+        if key not in recorded and key not in configured:
+            problems.append(f"no {name} recorded in {stack_env_path(settings)} and {key} is not set")
+            continue
+        if recorded.get(key) != url:
+            continue  # configured elsewhere: not the embedded stack
+        port = urlparse(url).port
+        pid = _read_pid(settings, name)
+        if pid and port and pid_listens_on(pid, port):
+            continue
+        holder = port_holder(port) if port else None
+        if holder:
+            problems.append(f"{url} is answered by {holder}, not by the {name} `platform up` started")
+        elif pid:
+            problems.append(f"{name} (pid {pid}) is not listening on {url}")
+        else:
+            problems.append(f"{name} is not running ({url})")
+    if problems:
+        raise StackNotOurs(
+            "; ".join(problems)
+            + f". Start the stack with `platform up` (state directory {settings.state_dir}), or set "
+            "AWS_ENDPOINT_URL and MLFLOW_TRACKING_URI to a stack of your own. Nothing was sent to these ports."
+        )
+
+
 def status() -> dict:
     from urllib.parse import urlparse
 

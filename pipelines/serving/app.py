@@ -12,12 +12,14 @@ POST /admin/flush      write the buffered prediction log now                    
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import math
 import os
 import time
 import uuid
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,6 +44,10 @@ from pipelines.serving.routing import route
 
 log = logging.getLogger("pipelines.serving")
 MAX_REPORTED_ERRORS = 50
+# Body size per record: braces, a device id of 200 characters, each JSON-escaped (up to 6 bytes);
+# per feature its name, quotes, colon, a float at full precision (-1.2345678901234567e-308: 24) and
+# room for pretty-printing. A label: {"request_id": <64>, "record_index": n, "is_anomaly": 1}.
+RECORD_BYTES, FIELD_BYTES, LABEL_BYTES, DEFAULT_FEATURES = 1400, 48, 160, 32
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -50,16 +56,23 @@ def _json(data: Any, status: int = 200) -> Response:
     )
 
 
-def _error(status: int, message: str, **extra: Any) -> Response:
-    return _json({"detail": message, **extra}, status)
+def _error(status: int, message: str, close: bool = False, **extra: Any) -> Response:
+    response = _json({"detail": message, **extra}, status)
+    if close:  # the client is still sending: end the connection rather than read the rest
+        response.headers["connection"] = "close"
+    return response
 
 
 def _validation_error(errors: list[dict]) -> Response:
     return _json({"detail": errors[:MAX_REPORTED_ERRORS], "error_count": len(errors)}, 422)
 
 
-def validate_records(body: Any, columns: list[str], max_records: int) -> tuple[list[dict], list[dict]]:
-    """(records, errors) with errors in FastAPI's shape: loc, msg, type. Features are numbers or null."""
+def validate_records(
+    body: Any, columns: list[str], max_records: int, max_abs: float = 1e9
+) -> tuple[list[dict], list[dict]]:
+    """(records, errors) with errors in FastAPI's shape: loc, msg, type. Features are finite numbers
+    within +-``max_abs`` or null, and a record has at least one that is not null: a model answers
+    anything, and 1e308 or a record of nulls scored "no anomaly" (issue 18)."""
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
         return [], [
             {"loc": ["body", "records"], "msg": "expected an object with a list 'records'", "type": "missing"}
@@ -91,6 +104,7 @@ def validate_records(body: Any, columns: list[str], max_records: int) -> tuple[l
                     "msg": "device must be a non-empty string (routing is sticky per device)",
                 }
             )
+        readings = 0
         for col in columns:
             if col not in rec:
                 errors.append(
@@ -100,7 +114,7 @@ def validate_records(body: Any, columns: list[str], max_records: int) -> tuple[l
             v = rec[col]
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isinf(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 errors.append(
                     {
                         "loc": ["body", "records", i, col],
@@ -108,9 +122,56 @@ def validate_records(body: Any, columns: list[str], max_records: int) -> tuple[l
                         "msg": f"expected a finite number or null, got {v!r}"[:200],
                     }
                 )
+            elif abs(v) > max_abs:
+                errors.append(
+                    {
+                        "loc": ["body", "records", i, col],
+                        "type": "out_of_range",
+                        "msg": f"{col} = {v!r} is beyond +-{max_abs:g} (serving.max_abs_feature): not a reading",
+                    }
+                )
+            else:
+                readings += 1
+        if columns and readings == 0 and all(rec.get(c) is None for c in columns):
+            errors.append(
+                {
+                    "loc": ["body", "records", i],
+                    "type": "all_null",
+                    "msg": f"every feature is null ({', '.join(columns)}): nothing to score; send at least one",
+                }
+            )
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
     return records, errors
+
+
+class ScoredRequests:
+    """The request ids this service answered (the newest ``capacity``: a str and an int each, ~100
+    bytes) and which of their records have a label, so /feedback takes labels only for predictions
+    that were made, and one label per record: invented or repeated ids would skew the canary's
+    comparison. A restart forgets them: labels for earlier requests are then refused with 404."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._records: OrderedDict[str, int] = OrderedDict()
+        self._labelled: dict[str, set[int]] = {}
+
+    def add(self, request_id: str, records: int) -> None:
+        self._records[request_id] = records
+        self._records.move_to_end(request_id)
+        self._labelled.pop(request_id, None)  # a request id sent again is a new prediction
+        while len(self._records) > self.capacity:
+            old, _ = self._records.popitem(last=False)
+            self._labelled.pop(old, None)
+
+    def records(self, request_id: str) -> int | None:
+        return self._records.get(request_id)
+
+    def labelled(self, request_id: str, index: int) -> bool:
+        return index in self._labelled.get(request_id, ())
+
+    def mark(self, request_id: str, index: int) -> None:
+        self._labelled.setdefault(request_id, set()).add(index)
 
 
 class ScoringService:
@@ -145,6 +206,7 @@ class ScoringService:
             cfg.log_buffer_max_rows,
         )
         self._background: set[asyncio.Task] = set()
+        self.scored = ScoredRequests(cfg.feedback_known_requests)
         self.requests = 0
         self.started_at = time.time()
 
@@ -155,6 +217,11 @@ class ScoringService:
         await asyncio.get_running_loop().run_in_executor(None, self.manager.start)
         self.prediction_log.start()
         self.feedback_log.start()
+        # The libraries and models loaded by now are ~1M objects the cyclic collector would walk at
+        # every full collection: 0.7-0.9 s with the event loop stopped, every few seconds under load
+        # (the p99 of issue 18). Frozen, a full collection walks only what was allocated since.
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self) -> None:
         if self._background:
@@ -179,15 +246,49 @@ class ScoringService:
             return _error(401, "missing or wrong admin token (Authorization: Bearer <token>)")
         return None
 
+    def body_limit(self) -> int:
+        """Bytes a body may have: configured, or room for ``max_records_per_request`` records of the
+        loaded model's features written with full-precision floats (and for as many feedback labels)."""
+        if self.cfg.max_body_bytes:
+            return self.cfg.max_body_bytes
+        columns = self.manager.feature_columns() or [""] * DEFAULT_FEATURES
+        record = RECORD_BYTES + sum(len(c) + FIELD_BYTES for c in columns)
+        return max(record, LABEL_BYTES * 10) * self.cfg.max_records_per_request + 4096
+
+    async def _read_body(self, request: Request) -> tuple[bytes, Response | None]:
+        """The body, refused with 413 as soon as it passes the limit (a chunked body is never held
+        in full first) and with 408 when it is not complete within ``body_timeout_seconds``; both
+        close the connection, so the rest of the upload is never read."""
+        limit = self.body_limit()
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > limit):
+            return b"", _error(413, f"body of {length} bytes > the limit of {limit}; split the request", close=True)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return b"", _error(
+                            413, f"body passed the limit of {limit} bytes; split the request", close=True
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            return b"", _error(
+                408,
+                f"body not complete after {self.cfg.body_timeout_seconds:g} s "
+                "(serving.body_timeout_seconds); connection closed",
+                close=True,
+            )
+        return b"".join(chunks), None
+
     async def _read_json(self, request: Request) -> tuple[Any, Response | None]:
         if self.cfg.scoring_token is not None and not self._token_ok(request, self.cfg.scoring_token):
             return None, _error(401, "missing or wrong token (Authorization: Bearer <token>)")
-        length = request.headers.get("content-length")
-        if length and int(length) > self.cfg.max_body_bytes:
-            return None, _error(413, f"body of {length} bytes > the limit of {self.cfg.max_body_bytes}")
-        body = await request.body()
-        if len(body) > self.cfg.max_body_bytes:
-            return None, _error(413, f"body of {len(body)} bytes > the limit of {self.cfg.max_body_bytes}")
+        body, err = await self._read_body(request)
+        if err:
+            return None, err
         try:
             return orjson.loads(body), None
         except orjson.JSONDecodeError as exc:
@@ -206,7 +307,7 @@ class ScoringService:
         if champion is None:
             return _error(503, "no champion model loaded yet; see /health")
         records, errors = validate_records(
-            body, self.manager.feature_columns(), self.cfg.max_records_per_request
+            body, self.manager.feature_columns(), self.cfg.max_records_per_request, self.cfg.max_abs_feature
         )
         if errors:
             return _validation_error(errors)
@@ -302,6 +403,7 @@ class ScoringService:
             if idx:
                 self._shadow("champion", idx, records, add_rows)
         self.prediction_log.append(log_rows)
+        self.scored.add(request_id, len(records))
         return _json({"request_id": request_id, "predictions": answers})
 
     def _shadow(self, role, idx, records, add_rows) -> None:
@@ -363,6 +465,30 @@ class ScoringService:
             )
         if errors:
             return _validation_error(errors)
+        unknown, repeated, seen = [], [], set()
+        for i, row in enumerate(rows):
+            rid, index = row["request_id"], row["record_index"]
+            count = self.scored.records(rid)
+            if count is None or not 0 <= index < count:
+                unknown.append({"loc": ["body", "labels", i], "request_id": rid, "record_index": index})
+            elif self.scored.labelled(rid, index) or (rid, index) in seen:
+                repeated.append({"loc": ["body", "labels", i], "request_id": rid, "record_index": index})
+            seen.add((rid, index))
+        if unknown:
+            return _error(
+                404,
+                f"{len(unknown)} label(s) name a prediction this service did not make (unknown request id or "
+                f"record index; it remembers the last {self.scored.capacity} requests): nothing accepted",
+                labels=unknown[:MAX_REPORTED_ERRORS],
+            )
+        if repeated:
+            return _error(
+                409,
+                f"{len(repeated)} label(s) for records already labelled (one label per record): nothing accepted",
+                labels=repeated[:MAX_REPORTED_ERRORS],
+            )
+        for row in rows:
+            self.scored.mark(row["request_id"], row["record_index"])
         self.feedback_log.append(rows)
         return _json({"accepted": len(rows)})
 
@@ -405,6 +531,7 @@ class ScoringService:
                     )
                 },
                 "requests": self.requests,
+                "body_limit_bytes": self.body_limit(),
                 "batches": {r: {"batches": b.batches, "rows": b.rows} for r, b in self.batchers.items()},
                 "prediction_log": {
                     "written": self.prediction_log.written_rows,
@@ -519,11 +646,17 @@ def run(host: str | None = None, port: int | None = None) -> None:
     """Serve until interrupted (``platform serve``)."""
     import uvicorn
 
+    from pipelines.services import verify_own_stack
     from pipelines.serving.config import serving_settings
     from pipelines.settings import get_settings, load_params
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    # The stack's endpoints come from the settings, as for every other command: checked to be the
+    # stack `platform up` started, and exported, so no library falls back to a default of its own
+    # (MLflow's client would create ./mlflow.db and the service would answer 503 for ever).
+    verify_own_stack(settings)
+    os.environ.update(settings.client_env())
     cfg = serving_settings(load_params(settings.params_file))
     app = create_app(settings, cfg)
     uvicorn.run(

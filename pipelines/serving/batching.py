@@ -41,6 +41,17 @@ def _timed_predict(model: Any, records: list[dict]) -> tuple[np.ndarray, float]:
     return scores, (time.thread_time() - start) * 1000.0
 
 
+def _one_native_thread() -> None:
+    """The predict thread runs OpenMP and BLAS code on one thread. HistGradientBoosting's predict is
+    one OpenMP parallel region per tree (200): each ends at a barrier that needs every OpenMP thread
+    on a core, and with the event loop and the clients on the same cores a barrier waits for a time
+    slice, so a 10 ms predict took 50 ms to 1.5 s (the stall of issue 18). The limit is set in this
+    thread because OpenMP's thread count is a per-thread setting."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -56,7 +67,9 @@ class MicroBatcher:
         self.wait_s = wait_ms / 1000.0
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"predict-{name}", initializer=_one_native_thread
+        )
         self.batches = 0
         self.rows = 0
 
@@ -107,7 +120,10 @@ class MicroBatcher:
                 continue
             records = items[0][0] if len(items) == 1 else [r for rows, _ in items for r in rows]
             try:
-                scores, compute_ms = await loop.run_in_executor(self._executor, _timed_predict, model, records)
+                if model.runs_inline(n):
+                    scores, compute_ms = _timed_predict(model, records)
+                else:
+                    scores, compute_ms = await loop.run_in_executor(self._executor, _timed_predict, model, records)
             except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
                 for _, fut in items:
                     if not fut.done():

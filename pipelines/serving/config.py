@@ -20,7 +20,16 @@ class ServingSettings(BaseSettings):
     # When set, /score and /feedback also need `Authorization: Bearer <token>`.
     scoring_token: SecretStr | None = None
     max_records_per_request: int = 1000
-    max_body_bytes: int = 1_048_576
+    # None: sized from max_records_per_request and the model's features (body_limit in app.py), so
+    # the documented record maximum fits with full-precision floats. Refused as the bytes arrive.
+    max_body_bytes: int | None = None
+    # A body not complete this long after its headers: 408 and the connection closed (slow clients
+    # would otherwise hold a connection and its buffer for ever).
+    body_timeout_seconds: float = 10.0
+    # A feature beyond +-this is not a reading (1e308, an overflowed sensor): 422 naming the field.
+    max_abs_feature: float = 1e9
+    # /feedback labels only request ids this service scored: the last this many are remembered.
+    feedback_known_requests: int = 500_000
     max_batch_rows: int = 1024
     batch_wait_ms: float = 0.0  # extra wait to fill a batch; 0 = take what queued during the last predict
     poll_seconds: float = 10.0  # registry aliases and rollout state

@@ -21,6 +21,9 @@ import pyarrow as pa
 
 log = logging.getLogger("pipelines.serving")
 PREDICTIONS, FEEDBACK = "predictions", "feedback"
+SLICE_ROWS = 1024  # rows converted per C call while flushing (each holds the GIL ~1 ms)
+MICROS_PER_DAY = 86_400_000_000
+EPOCH = date(1970, 1, 1)
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -133,21 +136,15 @@ class LakeTableWriter:
             written_days: set[str] = set()
             days: list[str] = []
             try:
-                # a column a row lacks (an optional one, such as compute_ms of a failed call) is null
-                frame = pd.DataFrame(rows).reindex(columns=self.schema.names)
-                frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True).astype("datetime64[us, UTC]")
-                days = frame["ts"].dt.strftime("%Y-%m-%d").tolist()
-                for day, part in frame.groupby(days):
-                    table = pa.Table.from_pandas(
-                        part.reset_index(drop=True), schema=self.schema, preserve_index=False
-                    )
+                days, tables = self._tables_by_day(rows)
+                for day, table in tables.items():
                     key = f"{self.table}/date={day}/part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
                     self.store.put_parquet(self.store.settings.lake_bucket, key, table)
                     # a day written is done: a later day's failure must not write it twice
-                    written_days.add(str(day))
+                    written_days.add(day)
                     with self._lock:
-                        self._in_flight -= len(part)
-                        self.written_rows += len(part)
+                        self._in_flight -= len(table)
+                        self.written_rows += len(table)
                 self.last_error = None
                 return len(rows)
             except Exception as exc:  # noqa: BLE001 - keep the rows, report degraded, retry next round
@@ -160,6 +157,36 @@ class LakeTableWriter:
                     "%s: %d rows kept in memory, write failed: %s", self.table, len(kept), self.last_error
                 )
                 return len(rows) - len(kept)
+
+    def _tables_by_day(self, rows: list[dict]) -> tuple[list[str], dict[str, pa.Table]]:
+        """Each row's UTC day, and the rows as one Arrow table per day, built ``SLICE_ROWS`` at a time.
+
+        This runs in the writer thread beside the event loop: one ``pd.DataFrame`` of 15,000 rows was a
+        single C call holding the GIL for ~80 ms, every flush, a stall for every request in flight.
+        A column a row lacks (an optional one, such as compute_ms of a failed call) is null."""
+        day_names: dict[int, str] = {}
+        days: list[str] = []
+        batches: dict[str, list[pa.RecordBatch]] = {}
+        for start in range(0, len(rows), SLICE_ROWS):
+            part = rows[start : start + SLICE_ROWS]
+            micros = [round(r["ts"] * 1_000_000) for r in part]
+            day_numbers = [m // MICROS_PER_DAY for m in micros]
+            for number in set(day_numbers) - day_names.keys():
+                day_names[number] = (EPOCH + timedelta(days=number)).isoformat()
+            columns = [
+                pa.array(micros, pa.int64()).cast(f.type)
+                if f.name == "ts"
+                else pa.array([r.get(f.name) for r in part], f.type)
+                for f in self.schema
+            ]
+            batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+            part_days = [day_names[n] for n in day_numbers]
+            days += part_days
+            slice_days = set(part_days)
+            for day in sorted(slice_days):
+                piece = batch if len(slice_days) == 1 else batch.filter(pa.array([d == day for d in part_days]))
+                batches.setdefault(day, []).append(piece)
+        return days, {day: pa.Table.from_batches(b, schema=self.schema) for day, b in batches.items()}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
