@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.streaming.cli import register_commands as streaming_commands
 
     streaming_commands(sub)  # platform stream, platform simulate --mqtt
+    from pipelines.dashboard.cli import register_commands as dashboard_commands
+
+    dashboard_commands(sub)  # platform dashboard
     return parser
 
 
