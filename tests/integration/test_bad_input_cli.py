@@ -1,11 +1,10 @@
 """Bad input as a user meets it: `platform land --file` each file, then ONE `platform run` of the delivery.
 
-Each file of the delivery is one class of bad input (its own device id, so its rows are found by
-their lineage); the test asserts per file the exact outcome — rows quarantined with the rule, the
-line and the reason; the file quarantined as a file with its rule and line; or `platform land`
-refusing it with a message naming the file and the rule — and that every good row of every file
-reached silver. Classes, with the existing suites (test_bad_input.py, test_bad_input_more.py,
-tests/unit/test_bad_input_units.py, test_lake_guarantees.py, test_concurrent_runs.py):
+The row-level classes share one file (`rows.csv`: each class its own device and lines); every
+other class is a file of its own in the same delivery. Per class the test asserts the exact outcome
+— rows quarantined with the rule, the line and the reason; the file quarantined as a file with its
+rule and line; or `platform land` refusing it with a message naming the file and the rule — and that
+every good row reached silver. Classes here, then those of the other bad-input suites:
 
 | #  | class                                          | outcome here                                   |
 |----|------------------------------------------------|------------------------------------------------|
@@ -26,45 +25,46 @@ tests/unit/test_bad_input_units.py, test_lake_guarantees.py, test_concurrent_run
 | 15 | number with a unit ("50%")                     | `type:humidity`                                |
 | 16 | same reading delivered twice, other values     | `duplicate_key`, later line wins               |
 | 17 | same reading delivered twice, same values      | collapsed, one silver row                      |
-| 18 | reading from the future                        | routed to its date, `future_timestamp`         |
-| 19 | late reading of an earlier day                 | routed to its own event date, in silver        |
-| 20 | NUL byte in a device id                        | `printable:device`                             |
-| 21 | 10 KB device id                                | `max_length:device`                            |
-| 22 | non-ASCII digit in a device id ('٢')           | `pattern:device`                               |
-| 23 | space in a device id                           | `pattern:device`                               |
-| 24 | missing device id                              | `not_null:device`                              |
-| 25 | unknown extra column                           | kept in bronze, every row in silver            |
-| 26 | columns in another order                       | every row in silver                            |
-| 27 | quoted field holding a comma and a newline     | every row in silver                            |
-| 28 | whitespace-only lines                          | every row in silver                            |
-| 29 | CR-only line endings                           | every row in silver                            |
-| 30 | CRLF line endings                              | every row in silver                            |
-| 31 | UTF-8 byte-order mark                          | every row in silver                            |
-| 32 | gzip-compressed CSV                            | every row in silver                            |
-| 33 | JSON lines                                     | every row in silver                            |
-| 34 | JSON lines with a broken line                  | row quarantined `parse_error`                  |
-| 35 | wrong delimiter                                | file quarantined `delimiter`, line 1           |
-| 36 | missing required column                        | file quarantined `required_columns`            |
-| 37 | duplicated header column                       | file quarantined `csv_header`                  |
-| 38 | header using a lineage column name             | file quarantined `csv_header`                  |
-| 39 | header only                                    | file quarantined `has_rows`                    |
-| 40 | bytes that are not UTF-8                       | file quarantined `utf8`, its line              |
-| 41 | JSON lines without a required field            | file quarantined `required_columns`            |
-| 42 | gzip of a file in the wrong delimiter          | file quarantined `delimiter`                   |
-| 43 | empty file                                     | `land` refuses it, `not_empty`                 |
-| 44 | truncated gzip                                 | `land` refuses it, `gzip`, nothing lands       |
-| 45 | corrupt gzip                                   | `land` refuses it, `gzip`                      |
-| 46 | the same file landed twice                     | one landed object, no duplicate rows           |
-| 47 | other bytes under a name already delivered     | kept beside it (`.2`), its rows in silver      |
-| 48 | `land --date not-a-date`, `--date 2026-13-45`  | exit 2, "not a date", nothing lands            |
-| 49 | `land`/`run` of an unknown dataset             | exit 2, "unknown dataset"                      |
-| 50 | `land --file` of a missing path                | exit 2, "does not exist"                       |
-| 51 | `run` of a delivery date that is not a date    | exit 2, "not a date"                           |
+| 18 | late reading of an earlier day                 | routed to its own event date, in silver        |
+| 19 | NUL byte in a device id                        | `printable:device`                             |
+| 20 | 10 KB device id                                | `max_length:device`                            |
+| 21 | non-ASCII digit in a device id ('٢')           | `pattern:device`                               |
+| 22 | space in a device id                           | `pattern:device`                               |
+| 23 | missing device id                              | `not_null:device`                              |
+| 24 | unknown extra column                           | kept in bronze, every row in silver            |
+| 25 | columns in another order                       | every row in silver                            |
+| 26 | quoted field holding a comma and a newline     | every row in silver                            |
+| 27 | whitespace-only lines                          | every row in silver                            |
+| 28 | CR-only line endings                           | every row in silver                            |
+| 29 | CRLF line endings                              | every row in silver                            |
+| 30 | UTF-8 byte-order mark                          | every row in silver                            |
+| 31 | gzip-compressed CSV                            | every row in silver                            |
+| 32 | JSON lines                                     | every row in silver                            |
+| 33 | JSON lines with a broken line                  | row quarantined `parse_error`                  |
+| 34 | wrong delimiter                                | file quarantined `delimiter`, line 1           |
+| 35 | missing required column                        | file quarantined `required_columns`            |
+| 36 | duplicated header column                       | file quarantined `csv_header`                  |
+| 37 | header using a lineage column name             | file quarantined `csv_header`                  |
+| 38 | header only                                    | file quarantined `has_rows`                    |
+| 39 | bytes that are not UTF-8                       | file quarantined `utf8`, its line              |
+| 40 | JSON lines without a required field            | file quarantined `required_columns`            |
+| 41 | gzip of a file in the wrong delimiter          | file quarantined `delimiter`                   |
+| 42 | empty file                                     | `land` refuses it, `not_empty`                 |
+| 43 | truncated gzip                                 | `land` refuses it, `gzip`, nothing lands       |
+| 44 | corrupt gzip                                   | `land` refuses it, `gzip`                      |
+| 45 | the same file landed twice                     | one landed object, no duplicate rows           |
+| 46 | other bytes under a name already delivered     | kept beside it (`.2`), its rows in silver      |
+| 47 | `land --date not-a-date`, `--date 2026-13-45`  | exit 2, "not a date", nothing lands            |
+| 48 | `land`/`run` of an unknown dataset             | exit 2, "unknown dataset"                      |
+| 49 | `land --file` of a missing path                | exit 2, "does not exist"                       |
+| 50 | `run` of a delivery date that is not a date    | exit 2, "not a date"                           |
 
-Elsewhere: a 1 GB file streamed (test_bad_input.py), a whole delivery in milliseconds and a
-partition emptied by quarantine (test_bad_input_more.py), `lake.on_bad_file: stop`, a backfill
-after a correction (test_lake_guarantees.py), the same date run twice at once and two runs writing
-one partition (test_concurrent_runs.py): 57 classes in all.
+Elsewhere: a reading from the future, routed to its date and quarantined (test_bad_input.py,
+test_bad_input_more.py: it does not fail the run), a 1 GB file streamed (test_bad_input.py), a whole
+delivery in milliseconds and a partition emptied by quarantine, `lake.on_bad_file: stop`
+(test_bad_input_more.py), a backfill of an original after its correction (test_lake_guarantees.py),
+the same date run twice at once and two runs writing one partition (test_concurrent_runs.py):
+50 classes here, 57 in all.
 """
 
 from __future__ import annotations
@@ -112,128 +112,115 @@ def jsonl(device: str, n: int = GOOD, **values) -> str:
     return "\n".join(out) + "\n"
 
 
-FUTURE = int((dt.datetime.now(dt.UTC) + dt.timedelta(days=2)).timestamp())
-FUTURE_DAY = dt.datetime.fromtimestamp(FUTURE, dt.UTC).date().isoformat()
+Expect = tuple[str, str] | str | None  # (rule, text in the reason); None: a good row; "none": neither
 
-# name -> (content, quarantined rows [(rule, line, text in the reason)], good rows in silver)
-ROWS: dict[str, tuple[str | bytes, list[tuple[str, int, str]], int]] = {
-    "few-fields.csv": (HEADER + good("few") + "1567382400,few,0.1\n", [("parse_error", 6, "found 3")], GOOD),
-    "many-fields.csv": (
-        HEADER + good("many") + line("many", 9).rstrip("\n") + ",extra\n",
-        [("parse_error", 6, "found 11")],
-        GOOD,
+
+def _with_good(device: str, *bad: tuple[str, Expect]) -> list[tuple[str, Expect]]:
+    return [(line(device, i), None) for i in range(GOOD)] + list(bad)
+
+
+# Row-level classes, all in ONE file (rows.csv): each class its own device, its records in order.
+ROW_CLASSES: dict[str, list[tuple[str, Expect]]] = {
+    "few fields": _with_good("few", ("1567382400,few,0.1\n", ("parse_error", "found 3"))),
+    "many fields": _with_good("many", (line("many", 9).rstrip("\n") + ",extra\n", ("parse_error", "found 11"))),
+    "text number": _with_good("txt", (line("txt", 9, temp="warm"), ("type:temp", "'warm' is not a valid float64"))),
+    "bad time": _with_good("bt", (line("bt", 9, ts="yesterday"), ("type:ts", "'yesterday' is not a valid timestamp"))),
+    "ISO time": _with_good(
+        "iso", (line("iso", 9, ts="2019-09-02T10:00:00Z"), ("type:ts", "looks like an ISO 8601 date-time"))
     ),
-    "text-number.csv": (
-        HEADER + good("txt") + line("txt", 9, temp="warm"),
-        [("type:temp", 6, "'warm' is not a valid float64")],
-        GOOD,
+    "milliseconds": _with_good(
+        "ms", (line("ms", 9, ts=epoch(DELIVERY, 9) * 1000), ("plausible_time:ts", "looks like epoch milliseconds"))
     ),
-    "bad-time.csv": (
-        HEADER + good("bt") + line("bt", 9, ts="yesterday"),
-        [("type:ts", 6, "'yesterday' is not a valid timestamp")],
-        GOOD,
+    "clock reset": _with_good(
+        "reset", (line("reset", 9, ts=60), ("plausible_time:ts", "before the contract's earliest plausible time"))
     ),
-    "iso-time.csv": (
-        HEADER + good("iso") + line("iso", 9, ts="2019-09-02T10:00:00Z"),
-        [("type:ts", 6, "looks like an ISO 8601 date-time")],
-        GOOD,
+    "NaN": _with_good("nanv", (line("nanv", 9, temp="NaN"), ("not_null:temp", "is required"))),
+    "infinity": _with_good("infv", (line("infv", 9, co="inf"), ("finite:co", "is infinite"))),
+    "too hot": _with_good(
+        "hot", (line("hot", 9, temp="300"), ("range:temp", "temp=300.0 outside physical range [-40, 125] celsius"))
     ),
-    "millis.csv": (
-        HEADER + good("ms") + line("ms", 9, ts=epoch(DELIVERY, 9) * 1000),
-        [("plausible_time:ts", 6, "looks like epoch milliseconds")],
-        GOOD,
+    "negative": _with_good("neg", (line("neg", 9, co="-0.5"), ("range:co", "outside physical range [0, 1]"))),
+    "empty field": _with_good("ef", (line("ef", 9, humidity=""), ("not_null:humidity", "is required by contract"))),
+    "null words": _with_good(
+        "nw",
+        (line("nw", 9, lpg="NULL"), ("not_null:lpg", "is required")),
+        (line("nw", 10, lpg="NA"), ("not_null:lpg", "is required")),
     ),
-    "clock-reset.csv": (
-        HEADER + good("reset") + line("reset", 9, ts=60),
-        [("plausible_time:ts", 6, "before the contract's earliest plausible time")],
-        GOOD,
+    "not a bool": _with_good("nb", (line("nb", 9, light="maybe"), ("type:light", "'maybe' is not a valid bool"))),
+    "unit in a number": _with_good(
+        "pct", (line("pct", 9, humidity="50%"), ("type:humidity", "'50%' is not a valid float64"))
     ),
-    "nan.csv": (HEADER + good("nanv") + line("nanv", 9, temp="NaN"), [("not_null:temp", 6, "is required")], GOOD),
-    "inf.csv": (HEADER + good("infv") + line("infv", 9, co="inf"), [("finite:co", 6, "is infinite")], GOOD),
-    "too-hot.csv": (
-        HEADER + good("hot") + line("hot", 9, temp="300"),
-        [("range:temp", 6, "temp=300.0 outside physical range [-40, 125] celsius")],
-        GOOD,
+    "conflicting duplicate": [
+        (line("dup", 0), None),
+        (line("dup", 1), ("duplicate_key", "delivered again with different values; kept the later delivery")),
+        (line("dup", 2), None),
+        (line("dup", 3), None),
+        (line("dup", 1, temp="22.0"), None),  # the later line wins
+    ],
+    "identical duplicate": [
+        (line("same", 0), None),
+        (line("same", 1), "none"),  # collapsed into its later twin: neither quarantined nor duplicated
+        (line("same", 2), None),
+        (line("same", 3), None),
+        (line("same", 1), None),
+    ],
+    "NUL in a device id": _with_good(
+        "nul", (line("nul\x00x", 9), ("printable:device", "holds control or other unprintable characters"))
     ),
-    "negative.csv": (
-        HEADER + good("neg") + line("neg", 9, co="-0.5"),
-        [("range:co", 6, "outside physical range [0, 1]")],
-        GOOD,
+    "10 KB device id": _with_good(
+        "long", (line("d" * 10_000, 9), ("max_length:device", "(10000 characters) is longer than 200 characters"))
     ),
-    "empty-field.csv": (
-        HEADER + good("ef") + line("ef", 9, humidity=""),
-        [("not_null:humidity", 6, "is required by contract")],
-        GOOD,
+    "non-ASCII digit": _with_good(
+        "ar", (line("device-\u0662", 9), ("pattern:device", "does not match the contract's device pattern"))
     ),
-    "null-words.csv": (
-        HEADER + good("nw") + line("nw", 9, lpg="NULL") + line("nw", 10, lpg="NA"),
-        [("not_null:lpg", 6, "is required"), ("not_null:lpg", 7, "is required")],
-        GOOD,
+    "space in a device id": _with_good(
+        "sp", (line("rogue 7", 9), ("pattern:device", "does not match the contract's device pattern"))
     ),
-    "not-bool.csv": (
-        HEADER + good("nb") + line("nb", 9, light="maybe"),
-        [("type:light", 6, "'maybe' is not a valid bool")],
-        GOOD,
+    "no device id": _with_good("nd", (line("", 9), ("not_null:device", "is required"))),
+    "late reading": _with_good("late", *[(line("late", i, day=EARLIER), None) for i in range(6)]),
+    "quoted comma and newline": _with_good(
+        "qn", (line("qn", 9).rstrip("\n").rstrip(",") + ',"stuck, then\nreset"\n', None)
     ),
-    "unit-text.csv": (
-        HEADER + good("pct") + line("pct", 9, humidity="50%"),
-        [("type:humidity", 6, "'50%' is not a valid float64")],
-        GOOD,
-    ),
-    "conflict.csv": (
-        HEADER + good("dup") + line("dup", 1, temp="22.0"),
-        [("duplicate_key", 3, "delivered again with different values; kept the later delivery")],
-        GOOD,
-    ),
-    "identical.csv": (HEADER + good("same") + line("same", 1), [], GOOD),
-    "nul-device.csv": (
-        HEADER + good("nul") + line("nul\x00x", 9),
-        [("printable:device", 6, "holds control or other unprintable characters")],
-        GOOD,
-    ),
-    "long-device.csv": (
-        HEADER + good("long") + line("d" * 10_000, 9),
-        [("max_length:device", 6, "(10000 characters) is longer than 200 characters")],
-        GOOD,
-    ),
-    "arabic-digit.csv": (
-        HEADER + good("ar") + line("device-\u0662", 9),
-        [("pattern:device", 6, "does not match the contract's device pattern")],
-        GOOD,
-    ),
-    "space-device.csv": (
-        HEADER + good("sp") + line("rogue 7", 9),
-        [("pattern:device", 6, "does not match the contract's device pattern")],
-        GOOD,
-    ),
-    "no-device.csv": (HEADER + good("nd") + line("", 9), [("not_null:device", 6, "is required")], GOOD),
+    "whitespace-only lines": _with_good("bl", ("   \n", "none"), (" \t\n", "none")),
+}
+
+
+def _combined() -> tuple[str, dict[str, dict[int, Expect]]]:
+    """rows.csv and, per class, {physical line of each record: what it must become}."""
+    text, lines, number = HEADER, {}, 2
+    for name, records in ROW_CLASSES.items():
+        lines[name] = {}
+        for record, expect in records:
+            lines[name][number] = expect
+            text += record
+            number += record.count("\n")
+    return text, lines
+
+
+ROWS_CSV, ROW_LINES = _combined()
+
+# File-level formats that read fine: name -> (content, device, good rows in silver)
+FORMATS: dict[str, tuple[str | bytes, str, int]] = {
     "extra-column.csv": (
         HEADER.rstrip("\n") + ",firmware\n" + "".join(r.rstrip("\n") + ",v1.2\n" for r in good("xc").splitlines(True)),
-        [],
+        "xc",
         GOOD,
     ),
     "reordered.csv": (
         ",".join(reversed(COLUMNS))
         + "\n"
         + "".join(",".join(reversed(r.rstrip("\n").split(","))) + "\n" for r in good("ro").splitlines(True)),
-        [],
+        "ro",
         GOOD,
     ),
-    "quoted-newline.csv": (
-        HEADER + good("qn") + line("qn", 9).rstrip("\n").rstrip(",") + ',"stuck, then\nreset"\n',
-        [],
-        GOOD + 1,
-    ),
-    "blank-lines.csv": (HEADER + good("bl", 2) + "   \n \t\n" + good("bl", 2, start=2), [], GOOD),
-    "cr-only.csv": ((HEADER + good("cr")).replace("\n", "\r"), [], GOOD),
-    "crlf.csv": ((HEADER + good("crlf")).replace("\n", "\r\n"), [], GOOD),
-    "bom.csv": ("\ufeff" + HEADER + good("bom"), [], GOOD),
-    "compressed.csv.gz": (gzip.compress((HEADER + good("gz")).encode()), [], GOOD),
-    "readings.jsonl": (jsonl("js"), [], GOOD),
-    "broken.jsonl": (jsonl("jb") + "{not json\n", [("parse_error", 5, "")], GOOD),
-    "future.csv": (HEADER + good("fut") + line("fut", 0, ts=FUTURE), [("future_timestamp", 6, "device clock")], GOOD),
-    "late.csv": (HEADER + good("late") + "".join(line("late", i, day=EARLIER) for i in range(6)), [], GOOD + 6),
+    "cr-only.csv": ((HEADER + good("cr")).replace("\n", "\r"), "cr", GOOD),
+    "crlf.csv": ((HEADER + good("crlf")).replace("\n", "\r\n"), "crlf", GOOD),
+    "bom.csv": ("\ufeff" + HEADER + good("bom"), "bom", GOOD),
+    "compressed.csv.gz": (gzip.compress((HEADER + good("gz")).encode()), "gz", GOOD),
+    "readings.jsonl": (jsonl("js"), "js", GOOD),
+    "broken.jsonl": (jsonl("jb") + "{not json\n", "jb", GOOD),  # line 5: parse_error
 }
+
 FIRST_COPY = HEADER + good("re")  # landed twice as redelivered.csv, then:
 SECOND_COPY = HEADER + good("re") + line("re", 4, temp="23.0")  # other bytes under the same name
 
@@ -293,7 +280,8 @@ def delivery(stack, store, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PLATFORM_CONTRACTS_DIR", str(folder))
         mp.setenv("PLATFORM_PARAMS_FILE", str(folder / "params.yaml"))
-        for name, content in [(n, v[0]) for n, v in {**ROWS, **FILES, **REFUSED}.items()]:
+        contents = {"rows.csv": ROWS_CSV} | {n: v[0] for n, v in {**FORMATS, **FILES, **REFUSED}.items()}
+        for name, content in contents.items():
             path = files / name
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
             outcome["land"][name] = cli("land", "--file", str(path), "--dataset", DATASET, "--date", DELIVERY)
@@ -328,32 +316,47 @@ def test_the_delivery_lands_and_runs_as_one(delivery):
     assert all(code == 0 for name, code in delivery["land"].items() if name not in REFUSED), delivery["land"]
 
 
-@pytest.mark.parametrize("name", sorted(ROWS))
+@pytest.mark.parametrize("name", list(ROW_CLASSES))
 def test_every_good_row_reaches_silver_and_every_bad_row_is_quarantined_with_its_reason(delivery, store, name):
-    _, expected, good_rows = ROWS[name]
-    silver = [r for p in (DELIVERY, EARLIER, FUTURE_DAY) for r in _silver(store, p) if r["_source_key"] == _key(name)]
+    expected = ROW_LINES[name]
+    silver = {
+        r["_source_line"]
+        for p in (DELIVERY, EARLIER)
+        for r in _silver(store, p)
+        if r["_source_key"] == _key("rows.csv")
+    }
+    quarantined = {
+        int(q["_source_line"]): (q["rule"], q["reason"])
+        for q in _quarantine(store, DELIVERY)
+        if q["_source_key"] == _key("rows.csv") and int(q["_source_line"]) in expected
+    }
+    assert {n for n, e in expected.items() if e is None} == silver & set(expected), name  # every good row
+    want = {n: e for n, e in expected.items() if isinstance(e, tuple)}
+    assert {n: rule for n, (rule, _) in quarantined.items()} == {n: rule for n, (rule, _) in want.items()}, name
+    for n, (_, text) in want.items():
+        assert text in quarantined[n][1], (name, quarantined[n][1])
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_format_reads_as_delivered_and_its_good_rows_reach_silver(delivery, store, name):
+    _, device, good_rows = FORMATS[name]
+    silver = [r for r in _silver(store, DELIVERY) if r["_source_key"] == _key(name)]
+    assert len(silver) == good_rows and {r["device"] for r in silver} == {device}, name
     quarantined = [
-        (q["rule"], int(q["_source_line"]), q["reason"])
-        for p in (DELIVERY, FUTURE_DAY)
-        for q in _quarantine(store, p)
-        if q["_source_key"] == _key(name)
+        (q["rule"], q["_source_line"]) for q in _quarantine(store, DELIVERY) if q["_source_key"] == _key(name)
     ]
-    assert len(silver) == good_rows, (name, len(silver))
-    assert [(rule, ln) for rule, ln, _ in quarantined] == [(rule, ln) for rule, ln, _ in expected], quarantined
-    for (_, _, reason), (_, _, text) in zip(quarantined, expected, strict=True):
-        assert text in reason, (name, reason)
+    assert quarantined == ([("parse_error", "5")] if name == "broken.jsonl" else []), quarantined
 
 
 def test_routed_readings_reach_their_own_event_dates(delivery, store):
-    late = [r for r in _silver(store, EARLIER) if r["_source_key"] == _key("late.csv")]
+    late = [r for r in _silver(store, EARLIER) if r["device"] == "late"]
     assert len(late) == 6 and {r["ts"].date().isoformat() for r in late} == {EARLIER}
-    assert _silver(store, FUTURE_DAY) == [] and [q["rule"] for q in _quarantine(store, FUTURE_DAY)] == [
-        "future_timestamp"
-    ]
-    quoted = [r for r in _silver(store, DELIVERY) if r["_source_key"] == _key("quoted-newline.csv")]
+    quoted = [r for r in _silver(store, DELIVERY) if r["device"] == "qn"]
     assert "stuck, then\nreset" in {r["label"] for r in quoted}
     bronze = storage.read_partition(store, "bronze", DATASET, DELIVERY)
     assert "firmware" in bronze.column_names
+    same = [r for r in _silver(store, DELIVERY) if r["device"] == "same"]
+    assert len(same) == GOOD  # the identical twin collapsed, not quarantined, not duplicated
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
