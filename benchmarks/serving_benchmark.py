@@ -167,6 +167,7 @@ def main() -> int:
         print("wrk is not installed: `apt-get install wrk` (Debian), then run this again", file=sys.stderr)
         return 2
     connections = [int(c) for c in args.connections.split(",")]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     state = None
     if args.ephemeral:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -207,6 +208,10 @@ class ScoringService:
         )
         self._background: set[asyncio.Task] = set()
         self.scored = ScoredRequests(cfg.feedback_known_requests)
+        self._body_limit: tuple[list[str] | None, int] = (None, 0)
+        # request ids: a random prefix per process and a counter (uuid4 per request read /dev/urandom)
+        self._id_prefix = uuid.uuid4().hex[:20]
+        self._ids = itertools.count()
         self.requests = 0
         self.started_at = time.time()
 
@@ -251,9 +256,12 @@ class ScoringService:
         loaded model's features written with full-precision floats (and for as many feedback labels)."""
         if self.cfg.max_body_bytes:
             return self.cfg.max_body_bytes
-        columns = self.manager.feature_columns() or [""] * DEFAULT_FEATURES
-        record = RECORD_BYTES + sum(len(c) + FIELD_BYTES for c in columns)
-        return max(record, LABEL_BYTES * 10) * self.cfg.max_records_per_request + 4096
+        columns = self.manager.feature_columns()
+        if self._body_limit[0] is not columns:  # computed once per set of loaded models
+            names = columns or [""] * DEFAULT_FEATURES
+            record = RECORD_BYTES + sum(len(c) + FIELD_BYTES for c in names)
+            self._body_limit = (columns, max(record, LABEL_BYTES * 10) * self.cfg.max_records_per_request + 4096)
+        return self._body_limit[1]
 
     async def _read_body(self, request: Request) -> tuple[bytes, Response | None]:
         """The body, refused with 413 as soon as it passes the limit (a chunked body is never held
@@ -312,7 +320,7 @@ class ScoringService:
         if errors:
             return _validation_error(errors)
         request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or f"{self._id_prefix}{next(self._ids):012x}"
         self.requests += 1
 
         rollout = self.manager.rollout
@@ -364,7 +372,10 @@ class ScoringService:
             except Exception as exc:  # noqa: BLE001 - logged as this model's error
                 return role, idx, None, f"{type(exc).__name__}: {exc}"[:300], time.perf_counter() - t0
 
-        outcomes = await asyncio.gather(*(run(role, idx) for role, idx in groups.items()))
+        if len(groups) == 1:  # the usual case: no task and gather per request
+            outcomes = [await run(*next(iter(groups.items())))]
+        else:
+            outcomes = await asyncio.gather(*(run(role, idx) for role, idx in groups.items()))
         fallback: list[int] = []
         for role, idx, res, error, elapsed in outcomes:
             add_rows(role, idx, res, res is not None, error, elapsed)
@@ -603,6 +614,7 @@ def create_app(settings=None, cfg: ServingSettings | None = None, store=None) ->
     # The registry client must fail fast when MLflow is down (its default retries take minutes).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log line, not a progress bar
     settings = settings or get_settings()
     cfg = cfg or serving_settings(load_params(settings.params_file))
     store = store or lake_store(settings, cfg.s3_timeout_seconds)

@@ -156,17 +156,23 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = None
+        self._columns: tuple[tuple[LoadedModel | None, ...], list[str]] = ((), [])
 
     # -- reads (lock-free: each is one reference) ----------------------------------------------
     def get(self, role: str) -> LoadedModel | None:
         return self.models[role]
 
     def feature_columns(self) -> list[str]:
-        cols: list[str] = []
-        for m in self.models.values():
-            for c in m.columns if m else []:
-                if c not in cols:
-                    cols.append(c)
+        """The union of the loaded models' columns: the same list object until a model changes."""
+        loaded = tuple(self.models.values())
+        cached, cols = self._columns
+        if len(cached) != len(loaded) or any(a is not b for a, b in zip(cached, loaded, strict=True)):
+            cols = []
+            for m in loaded:
+                for c in m.columns if m else []:
+                    if c not in cols:
+                        cols.append(c)
+            self._columns = (loaded, cols)
         return cols
 
     # -- the poller --------------------------------------------------------------------------
