@@ -401,18 +401,23 @@ class DatasetView:
         self._slow["live"] = self._attempt("device state", read)
 
     # -- what the page polls ------------------------------------------------------------------------
-    def snapshot(self, column: str | None = None, device: str | None = None) -> dict[str, Any]:
+    def snapshot(self, column: str | None = None, device: str | None = None, max_devices: int = 12) -> dict[str, Any]:
+        """What the page draws: every device's readings when `device` is None (the first
+        `max_devices` of them: a fleet of hundreds is browsed one device at a time), or one device's."""
         self._polled = time.monotonic()
         column = column if column in self.columns else self._default_column()
         with self._lock:
             frame = self._frame
+        devices = sorted(frame["device"].unique().tolist()) if len(frame) else []
         if device and len(frame):
             frame = frame[frame["device"] == device]
-        devices = sorted(self._frame["device"].unique().tolist()) if len(self._frame) else []
+        elif len(devices) > max_devices:
+            frame = frame[frame["device"].isin(devices[:max_devices])]
         models = {r: (m.version if m else None) for r, m in self.manager.models.items()}
         scored = bool(len(frame)) and bool((frame["flagged"] >= 0).any())
         return {
             "dataset": self.dataset,
+            "loading": self._updated_at is None,  # the first refresh (model download, lake read) runs
             "updated_at": _iso(self._updated_at) if self._updated_at else None,
             "refreshes": self._refreshes,
             "column": column,
@@ -422,7 +427,7 @@ class DatasetView:
             "series": device_series(frame, column, self.cfg.max_points) if len(frame) else {},
             "scored": scored,
             "threshold": _num(frame["threshold"].max()) if scored else None,
-            "alerts": recent_alerts(frame, column, self.cfg.alerts) if len(frame) else [],
+            "alerts": recent_alerts(frame, column, self.cfg.alerts) if len(frame) else [],  # of those shown
             "lake": self._lake,
             "model": {"name": self.model_name, "loaded": models, **(self._slow.get("registry") or {})},
             "canary": canary_summary(self.manager.rollout),

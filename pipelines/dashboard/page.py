@@ -161,8 +161,9 @@ function renderCharts(snap) {
   const charts = document.getElementById("charts");
   const names = Object.keys(snap.series);
   const shown = names.slice(0, MAX_CHARTS);
-  document.getElementById("scope").textContent = names.length > MAX_CHARTS
-    ? `showing ${MAX_CHARTS} of ${names.length} devices: choose one above` : `last ${snap.hours} h per device`;
+  document.getElementById("scope").textContent = snap.devices.length > names.length && !params.get("device")
+    ? `last ${snap.hours} h; showing ${names.length} of ${snap.devices.length} devices: choose one above` : `last ${snap.hours} h per device`;
+  if (snap.loading) { charts.replaceChildren(el("p", { class: "muted" }, "reading the lake and loading the model…")); return; }
   if (!names.length) {
     const why = snap.lake && snap.lake.partitions && snap.lake.partitions.length ? "no readings passed silver's rules" : "nothing in bronze yet for this dataset";
     charts.replaceChildren(el("p", { class: "muted" }, why));

@@ -14,6 +14,7 @@ tests/stack/test_uis.py does (no Playwright browser download).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import shutil
@@ -42,6 +43,7 @@ START = dt.date.today() - dt.timedelta(days=2)
 BLUE, RED = "rgb(31, 119, 180)", "rgb(255, 0, 0)"
 
 
+@functools.cache
 def _gold_of_a_simulated_day(day: dt.date) -> pd.DataFrame:
     from pipelines.contracts import load_contract
     from pipelines.datasets import get_dataset
@@ -113,7 +115,7 @@ def drift_reported(store):
     from pipelines.monitoring.job import save_window_report
     from pipelines.monitoring.loop import judge_window, policy_for
 
-    reference = _gold_of_a_simulated_day(START - dt.timedelta(days=6))
+    reference = _gold_of_a_simulated_day(START - dt.timedelta(days=5))  # the model's own training day
     profile = reference_profile(reference, FEATURES)
     window = reference.assign(temp=reference["temp"] + 3.0)
     history: list[dict] = []
@@ -224,6 +226,25 @@ def shot(page, name: str) -> Path:
 
 def snapshot(url: str, dataset: str = DATASET) -> dict:
     return httpx.get(f"{url}/api/snapshot", params={"dataset": dataset}, timeout=30).json()
+
+
+def test_thinned_series_keep_every_anomaly_and_their_order():
+    from pipelines.dashboard.data import device_series
+
+    n = 5000
+    frame = pd.DataFrame(
+        {
+            "device": "d",
+            "ts": pd.date_range("2026-01-01", periods=n, freq="1min", tz="UTC"),
+            "temp": np.arange(n, dtype=float),
+            "score": np.zeros(n),
+            "flagged": np.where(np.arange(n) % 97 == 5, 1, 0).astype("int8"),
+        }
+    )
+    series = device_series(frame, "temp", max_points=500)["d"]
+    assert series["anomalies"] == int((frame["flagged"] == 1).sum()) == sum(series["f"])
+    assert len(series["t"]) <= 500 + series["anomalies"] and series["t"] == sorted(series["t"])
+    assert series["v"][0] == 0.0 and series["v"][-1] == n - 1  # the range's ends stay
 
 
 def test_the_cli_has_the_dashboard_command():
