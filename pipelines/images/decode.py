@@ -124,13 +124,21 @@ def pixel_matrix(blobs: list[bytes], pixels: int) -> np.ndarray:
     return matrix.reshape(len(blobs), pixels)
 
 
-def colour_histograms(matrix: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
-    """(n, bins**3) float32: each image's joint RGB histogram, summing to 1 (the baseline's features)."""
+def colour_histograms(matrix: np.ndarray, bins: int = HIST_BINS, chunk: int = 128) -> np.ndarray:
+    """(n, bins**3) float32: each image's joint RGB histogram, summing to 1 (the baseline's features).
+
+    Computed ``chunk`` images at a time in 16/32-bit integers: a file of 1,000 100 x 100 images in
+    one int64 pass held ~700 MB of temporaries."""
     n = matrix.shape[0]
+    out = np.zeros((n, bins**3), dtype=np.float32)
     if n == 0:
-        return np.zeros((0, bins**3), dtype=np.float32)
-    rgb = matrix.reshape(n, -1, 3)
-    q = (rgb.astype(np.int64) * bins) >> 8  # 0..bins-1 per channel
-    index = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2] + (np.arange(n) * bins**3)[:, None]
-    counts = np.bincount(index.ravel(), minlength=n * bins**3).reshape(n, bins**3)
-    return (counts / rgb.shape[1]).astype(np.float32)
+        return out
+    pixels = matrix.shape[1] // 3
+    for start in range(0, n, chunk):
+        rgb = matrix[start : start + chunk].reshape(-1, pixels, 3)
+        q = (rgb.astype(np.uint16) * bins) >> 8  # 0..bins-1 per channel
+        index = ((q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]).astype(np.int32)
+        index += (np.arange(len(rgb), dtype=np.int32) * bins**3)[:, None]
+        counts = np.bincount(index.ravel(), minlength=len(rgb) * bins**3).reshape(len(rgb), bins**3)
+        out[start : start + len(rgb)] = counts / pixels
+    return out

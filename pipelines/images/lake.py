@@ -366,32 +366,32 @@ def build_image_silver(
                 quarantined.append(bad)
         meta = with_class_share(pd.concat(metas, ignore_index=True))
         quality = _gate(meta, silver_suite(contract, dataset, meta), "silver", dataset, partition, store, progress)
-        manifest = writer.commit({"quality_success": quality["success"], "contract": contract.model_dump()})
+        bad_all = pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table()
+        rules: dict[str, int] = {}
+        for rule in bad_all.column("rule").to_pylist():
+            rules[rule] = rules.get(rule, 0) + 1
+        report = {
+            "layer": "silver",
+            "dataset": dataset,
+            "partition": partition,
+            "rows_in": rows_in,
+            "rows_out": writer.rows,
+            "quarantined": rules,
+            "classes": {str(k): int(v) for k, v in meta["label"].value_counts(dropna=False).items()},
+            "quality_success": quality["success"],
+        }
+        manifest = writer.commit({"report": report, "contract": contract.model_dump()})
     except BaseException:
         writer.abort()
         raise
-    rules: dict[str, int] = {}
-    if quarantined:
-        bad_all = pa.concat_tables(quarantined)
+    # a re-run with nothing to quarantine still replaces an earlier run's quarantine partition
+    if bad_all.num_rows or storage.read_manifest(store, "quarantine", dataset, partition) is not None:
         storage.publish_partition(store, "quarantine", dataset, partition, bad_all, run_id)
-        for rule in bad_all.column("rule").to_pylist():
-            rules[rule] = rules.get(rule, 0) + 1
-    elif storage.read_manifest(store, "quarantine", dataset, partition) is not None:
-        storage.publish_partition(store, "quarantine", dataset, partition, QUARANTINE_SCHEMA.empty_table(), run_id)
     progress(
         f"[silver] {dataset} {partition}: {rows_in} images -> {manifest.rows} decoded at "
         f"{contract.width}x{contract.height}, {sum(rules.values())} quarantined {rules or ''}"
     )
-    return {
-        "layer": "silver",
-        "dataset": dataset,
-        "partition": partition,
-        "rows_in": rows_in,
-        "rows_out": manifest.rows,
-        "quarantined": rules,
-        "classes": meta["label"].value_counts(dropna=False).to_dict() if len(meta) else {},
-        "quality_success": quality["success"],
-    }
+    return report
 
 
 # -- gold ---------------------------------------------------------------------------------------
@@ -448,21 +448,22 @@ def build_image_gold(
             )
         meta = pd.concat(metas, ignore_index=True)
         quality = _gate(meta, gold_suite(contract, dataset), "gold", dataset, partition, store, progress)
-        manifest = writer.commit({"quality_success": quality["success"]})
+        splits = {str(k): int(v) for k, v in meta["split"].value_counts().items()}
+        report = {
+            "layer": "gold",
+            "dataset": dataset,
+            "partition": partition,
+            "rows_out": writer.rows,
+            "splits": splits,
+            "quality_success": quality["success"],
+        }
+        manifest = writer.commit({"report": report})
     except BaseException:
         writer.abort()
         raise
-    splits = meta["split"].value_counts().to_dict()
     train, test = splits.get("train", 0), splits.get("test", 0)
     progress(f"[gold] {dataset} {partition}: {manifest.rows} images (train {train}, test {test})")
-    return {
-        "layer": "gold",
-        "dataset": dataset,
-        "partition": partition,
-        "rows_out": manifest.rows,
-        "splits": splits,
-        "content_sha256": manifest.content_sha256,
-    }
+    return {**report, "content_sha256": manifest.content_sha256}
 
 
 # -- reading gold for training --------------------------------------------------------------------

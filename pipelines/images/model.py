@@ -161,6 +161,7 @@ def _fit_image_model(store: LakeStore, snapshot: dict, contract: ImageContract, 
     )
     with warnings.catch_warnings():  # histogram bins no image of a class fills: expected, not news
         warnings.filterwarnings("ignore", message=".*zero standard deviation", category=UserWarning)
+        warnings.filterwarnings("ignore", message="invalid value encountered in divide", category=RuntimeWarning)
         baseline = NearestCentroid().fit(h_train, y_train.astype(str))
     timings["classifier_fit_seconds"] = time.perf_counter() - started
     model = Pipeline([("pca", pca), ("scale", scale), ("clf", clf)])

@@ -49,10 +49,17 @@ def layers(delivered, store):
     assert main(["land", "--images", str(delivered), "--dataset", FRUIT, "--date", DELIVERY]) == 0
     assert main(["land", "--images", str(delivered), "--dataset", FRUIT, "--date", DELIVERY]) == 0  # idempotent
     landed = store.list_keys(store.settings.landing_bucket, f"{FRUIT}/{DELIVERY}/")
-    bronze = lake.build_image_bronze(DELIVERY, "run-1", dataset=FRUIT, store=store)
-    silver = lake.build_image_silver(DELIVERY, "run-1", dataset=FRUIT, store=store)
-    gold = lake.build_image_gold(DELIVERY, "run-1", dataset=FRUIT, store=store)
-    return {"landed": landed, "bronze": bronze, "silver": silver, "gold": gold}
+    # the real DAG, as Airflow runs it (dags/images.py): bronze -> silver -> gold for the delivery
+    from pipelines import storage
+    from pipelines.orchestration import run_dag
+
+    result = run_dag(f"{FRUIT}_images", conf={"delivery_date": DELIVERY}, progress=lambda _: None)
+    assert result.succeeded
+    reports = {
+        layer: storage.read_manifest(store, layer, FRUIT, DELIVERY).extra["report"]
+        for layer in ("bronze", "silver", "gold")
+    }
+    return {"landed": landed, **reports}
 
 
 def test_layers_keep_one_row_per_image_and_quarantine_bad_files_with_their_rule(layers, delivered, store):
