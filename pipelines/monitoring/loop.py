@@ -322,9 +322,14 @@ def read_window_features(store, dataset: str, start: datetime, end: datetime) ->
 def replay_outputs(client, model_name: str, version: str, features: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     """The version's score and alert flag on the window's rows, as the scoring service computes them
     (same skops loader, columns and decision threshold): for windows no prediction log covers."""
+    import warnings
+
     from pipelines.serving.models import load_version
 
-    model = load_version(client, model_name, "champion", version, tracking_uri)
+    with warnings.catch_warnings():
+        # skops walks every module's attributes; inside a task each deprecated Airflow one warns (~1,000 lines)
+        warnings.filterwarnings("ignore", module=r"skops\.io\._utils")
+        model = load_version(client, model_name, "champion", version, tracking_uri)
     scores = np.asarray(model.estimator.predict(features[model.columns].astype("float64")), dtype="float64").ravel()
     return pd.DataFrame({SCORE: scores, FLAGGED: (scores >= model.threshold).astype("float64")})
 
@@ -373,6 +378,7 @@ def monitor_window(
     settings = get_settings()
     ds = get_dataset(dataset or settings.dataset)
     policy = MonitoringPolicy.from_params(ds.params.monitoring)
+    clock = _Clock()
     store = store or ObjectStore(settings)
     uri = settings.mlflow_tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -390,8 +396,11 @@ def monitor_window(
         note = f"{ds.model_name} has no champion and nothing was served in {label}: nothing to monitor"
         progress(f"[monitor] {note}")
         return {"emit": False, "note": note, "dataset": ds.name, "window_end": end.isoformat()}
+    clock.lap("prediction log")
     profile = load_reference_profile(ds.model_name, version, tracking_uri=uri)
+    clock.lap("reference profile")
     features = read_window_features(store, ds.name, start, end)
+    clock.lap("gold rows")
     mine = predictions[predictions["served"].fillna(False).astype(bool) & (predictions["model_version"] == version)]
     if len(mine):
         outputs, source = mine[[SCORE]].assign(**{FLAGGED: mine[FLAGGED].astype("float64")}), "prediction log"
@@ -399,6 +408,7 @@ def monitor_window(
         outputs, source = replay_outputs(client, ds.model_name, version, features, uri), f"replayed with v{version}"
     else:
         outputs, source = None, "none"
+    clock.lap("scores")
     progress(f"[monitor] {ds.name} {label}: {len(features)} rows, model v{version}, scores from {source}")
 
     history = _history(store, ds.name, start, version, policy.of_windows - 1)
@@ -412,6 +422,7 @@ def monitor_window(
         cooldown_seconds=policy.cooldown_seconds,
     )
     serving = serving_summary(predictions)
+    clock.lap("judge")
 
     exp = client.get_experiment_by_name(monitoring_experiment(ds.name))
     exp_id = exp.experiment_id if exp else client.create_experiment(monitoring_experiment(ds.name))
@@ -457,8 +468,11 @@ def monitor_window(
         alarm=verdict.alarm,
         figure=figure,
     )
+    clock.lap("report")
     prefix = save_window_report(store, ds.name, start, verdict.report, html=html, figure=figure, context=context)
+    clock.lap("lake")
     _log_window_run(client, run.info.run_id, verdict, context, html, figure, serving)
+    clock.lap("mlflow")
 
     alarm = None
     if emit:
@@ -482,6 +496,7 @@ def monitor_window(
         )
     note = f"{verdict.status}: {'; '.join(verdict.reasons) or 'no drift'}; {alarm_note}"
     progress(f"[monitor] {note} (report s3://{store.settings.lake_bucket}/{prefix})")
+    progress(f"[monitor] took {clock}")
     return {
         "emit": emit,
         "alarm": alarm,
@@ -493,6 +508,26 @@ def monitor_window(
         "report": prefix,
         "mlflow_run_id": run.info.run_id,
     }
+
+
+class _Clock:
+    """Seconds per step of a task, for its log line (where a slow window spends its time)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._time = time.perf_counter
+        self._last = self._start = self._time()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, what: str) -> None:
+        now = self._time()
+        self.laps.append((what, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        steps = ", ".join(f"{what} {seconds:.1f}" for what, seconds in self.laps)
+        return f"{self._time() - self._start:.1f} s ({steps})"
 
 
 def _registered_aliases(client, model_name: str) -> dict[str, Any]:
@@ -509,8 +544,13 @@ def _registered_aliases(client, model_name: str) -> dict[str, Any]:
 def _log_window_run(
     client, run_id: str, verdict: WindowVerdict, context: dict, html: str, figure: bytes, serving
 ) -> None:
+    """Metrics in one request and the three files in one upload call (each MLflow request counts on a
+    busy tracking server)."""
     import tempfile
+    import time
     from pathlib import Path
+
+    from mlflow.entities import Metric
 
     r = verdict.report
     metrics = {
@@ -525,16 +565,15 @@ def _log_window_run(
         if f.feature in OUTPUTS or f.feature in verdict.responsible:
             metrics[f"wasserstein.{f.feature}"] = f.wasserstein
             metrics[f"mean.{f.feature}"] = f.mean_current
-    stamp = int(datetime.fromisoformat(context["window_end"]).timestamp() * 1000)
-    for key, value in metrics.items():
-        if isinstance(value, float) and math.isfinite(value):
-            client.log_metric(run_id, key, value, timestamp=stamp)
-    client.log_text(run_id, html, "monitoring/report.html")
-    client.log_dict(run_id, {**r.to_dict(), "context": context}, "monitoring/report.json")
+    stamp = int(time.time() * 1000)
+    batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)]
+    client.log_batch(run_id, metrics=batch)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "figure.png"
-        path.write_bytes(figure)
-        client.log_artifact(run_id, str(path), "monitoring")
+        folder = Path(tmp)
+        (folder / "report.html").write_text(html, encoding="utf-8")
+        (folder / "report.json").write_text(json.dumps({**r.to_dict(), "context": context}, default=str))
+        (folder / "figure.png").write_bytes(figure)
+        client.log_artifacts(run_id, str(folder), "monitoring")
     client.set_terminated(run_id, "FINISHED")
 
 
