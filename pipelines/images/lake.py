@@ -490,11 +490,13 @@ def gold_snapshot(store: LakeStore, dataset: str, partitions: list[str] | None =
 def iter_gold(
     store: LakeStore, snapshot: dict[str, Any], split: str, columns: list[str] | None = None
 ) -> Iterator[pa.Table]:
-    """Gold rows of one split, one file at a time, in a fixed order (partitions, then files)."""
+    """Gold rows of one split, one file at a time, in a fixed order (partitions, then files). Only
+    ``columns`` are decoded: counting labels does not decompress pixels."""
     import pyarrow.compute as pc
 
+    wanted = None if columns is None else sorted({*columns, "split"})
     for partition in snapshot["partitions"]:
-        for table in partition_tables(store, "gold", snapshot["dataset"], partition, columns=None):
+        for table in partition_tables(store, "gold", snapshot["dataset"], partition, columns=wanted):
             part = table.filter(pc.equal(table.column("split"), split))
             if part.num_rows:
                 yield part.select(columns) if columns else part

@@ -111,7 +111,9 @@ def _fit_image_model(store: LakeStore, snapshot: dict, contract: ImageContract, 
     tp = contract.train
     timings: dict[str, float] = {}
     # 1. PCA on the training split, partial_fit on batches of pca_batch_size images
-    n_train = sum(len(y) for _, y, _ in _batches(store, snapshot, "train", contract))
+    from pipelines.images.lake import iter_gold
+
+    n_train = sum(len(t) - t.column("label").null_count for t in iter_gold(store, snapshot, "train", ["label"]))
     if n_train < 2:
         raise ValueError(f"image dataset {contract.name}: {n_train} labelled training images; deliver more")
     k = min(tp.pca_components, contract.pixels, n_train)
