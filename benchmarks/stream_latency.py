@@ -85,15 +85,12 @@ def start_redis() -> tuple[subprocess.Popen | None, str | None]:
 
 
 def register_model(uri: str, name: str) -> None:
-    """An IsolationForest (100 trees, the platform's default) on gold features of a simulated day."""
+    """An IsolationForest (100 trees, the platform's pipeline for it) on gold features of a simulated day."""
     import io
 
     import mlflow.sklearn
     import pandas as pd
     from mlflow.models import infer_signature
-    from sklearn.ensemble import IsolationForest
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
 
     import mlflow
     from mlflow import MlflowClient
@@ -110,9 +107,8 @@ def register_model(uri: str, name: str) -> None:
     silver, _ = to_silver(raw, contract)
     gold = to_gold(silver, contract, "15min", long_window="4h")
     cols = feature_columns(gold)
-    model = training.AnomalyScorer(
-        Pipeline([("scale", StandardScaler()), ("model", IsolationForest(n_estimators=100, random_state=0))])
-    ).fit(gold[cols])
+    # the platform's own pipeline for the family (imputer, scaler, 100 trees), as training builds it
+    model = training.AnomalyScorer(training._pipeline("isolation_forest", {"seed": 0})).fit(gold[cols])
     scores = model.predict(gold[cols])
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("stream-benchmark")

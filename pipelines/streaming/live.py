@@ -19,6 +19,7 @@ replaying them after the tail was rebuilt from bronze would count them twice in 
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 import threading
@@ -70,6 +71,12 @@ class ScoringWorker:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        # OpenMP and BLAS on this thread only: HistGradientBoosting's predict is one OpenMP region per
+        # tree, each ending at a barrier that waits for a time slice on every core it spread to while
+        # the broker, the ingester and the MQTT threads share them (the serving stall of issue 18).
+        threadpool_limits(limits=1)
         while True:
             self._ready.wait(0.05)
             self._ready.clear()
@@ -217,6 +224,11 @@ class ScorerProcess:
                     log.info("scorer warmed up from %d committed bronze readings", len(silver))
             except Exception:  # noqa: BLE001 - a cold start only makes the first windows shorter
                 log.exception("warm-up from bronze failed; starting with empty device tails")
+        # The libraries, models and warmed windows are ~1M long-lived objects a full collection would
+        # walk with every thread stopped (0.7-0.9 s in the scoring service): frozen, it walks only
+        # what is allocated from here on.
+        gc.collect()
+        gc.freeze()
         self.worker.start()
         self._intake.start()
         return self
