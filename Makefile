@@ -20,6 +20,10 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## the main job end to end on embedded defaults (KEEP_UP=1 leaves the stack running)
 	$(BIN)/platform demo $(if $(KEEP_UP),--keep-up,)
 
+# Test modules run on up to 4 cores (pytest-xdist); each worker starts its own stack on free ports and a
+# module stays on one worker, so its module fixtures are built once. PYTEST_ARGS= runs them in one process.
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP) browser brokers  ## the test suite (starts and stops its own services on free ports)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
