@@ -823,14 +823,18 @@ class Lease:
 
 
 def _read_lease(store: LakeStore, bucket: str, key: str) -> tuple[dict | None, str | None]:
+    """The lease's content and ETag (the store's own: with encryption at rest it is not the MD5).
+    Read one after the other: if the lease changed between, the conditional put on that ETag fails
+    and the caller reads again."""
     try:
+        etag = store.etag(bucket, key)
         data = store.get_bytes(bucket, key)
     except Exception:  # noqa: BLE001 - gone (released): the caller tries again
         return None, None
     try:
-        return json.loads(data), hashlib.md5(data).hexdigest()  # noqa: S324 - the ETag of a single PUT
+        return json.loads(data), etag
     except ValueError:
-        return {"owner": "?", "expires_at": 0}, hashlib.md5(data).hexdigest()  # noqa: S324
+        return {"owner": "?", "expires_at": 0}, etag
 
 
 def _describe(holder: dict | None) -> str:

@@ -69,9 +69,14 @@ the same date run twice at once and two runs writing one partition (test_concurr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gzip
+import io
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -294,8 +299,21 @@ def delivery(stack, store, tmp_path_factory):
                 "land", "--file", str(path), "--dataset", DATASET, "--date", DELIVERY
             )
         landed = time.monotonic()
-        outcome["run"] = cli("run", DELIVERY, "--dataset", DATASET, "--skip-training")
+        # The user starts the run, and (another terminal) starts the same delivery again while it runs.
+        command = [sys.executable, "-m", "pipelines.cli", "run", DELIVERY, "--dataset", DATASET, "--skip-training"]
+        first = subprocess.Popen(
+            command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        lease = f"{storage.LOCK_PREFIX}runs/{DATASET}_lakehouse/{DELIVERY}.json"
+        while not store.exists(store.settings.lake_bucket, lease) and first.poll() is None:
+            time.sleep(0.1)
+        with contextlib.redirect_stderr(io.StringIO()) as second_err:
+            outcome["second"] = (cli("run", DELIVERY, "--dataset", DATASET, "--skip-training"), "")
+        outcome["second"] = (outcome["second"][0], second_err.getvalue())
+        out, err = first.communicate(timeout=900)
+        outcome["run"], outcome["run_output"] = first.returncode, out + err
         outcome["seconds"] = {"land": landed - started, "run": time.monotonic() - landed}
+        outcome["lease_left"] = store.exists(store.settings.lake_bucket, lease)
     return outcome
 
 
@@ -312,7 +330,16 @@ def _key(name: str) -> str:
 
 
 def test_the_delivery_lands_and_runs_as_one(delivery):
-    assert delivery["run"] == 0
+    assert delivery["run"] == 0, delivery["run_output"][-3000:]
+    assert "IntegrityError" not in delivery["run_output"] and not delivery["lease_left"]
+
+
+def test_the_same_delivery_started_twice_at_once_is_refused_while_the_first_runs(delivery):
+    code, err = delivery["second"]
+    (refusal,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and f"DAG {DATASET}_lakehouse for delivery {DELIVERY} is refused" in refusal, err
+    assert "held by platform run (pid" in refusal and "Wait for that run to finish" in refusal, refusal
+    assert "Traceback" not in err and "IntegrityError" not in err
     assert all(code == 0 for name, code in delivery["land"].items() if name not in REFUSED), delivery["land"]
 
 

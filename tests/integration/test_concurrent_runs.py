@@ -8,13 +8,10 @@ file that is not in the store, and `platform summary` checks that.
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipelines import storage
 from pipelines.jobs import lake
@@ -115,41 +112,25 @@ def test_summary_verifies_that_every_file_a_manifest_names_exists(store, capsys)
     assert storage.verify_partition(store, "silver", DATASET, p) == []
 
 
-@pytest.fixture(scope="module")
-def probe_dataset(tmp_path_factory):
-    """A user's dataset (a contract in PLATFORM_CONTRACTS_DIR): its own DAGs, as `platform run` runs them."""
-    folder = tmp_path_factory.mktemp("contracts-concurrent")
-    contract = yaml.safe_load((REPO / "pipelines" / "contracts" / "iot_telemetry.yaml").read_text())
-    contract["name"] = "concurrent_probe"
-    (folder / "concurrent_probe.yaml").write_text(yaml.safe_dump(contract, sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PLATFORM_CONTRACTS_DIR", str(folder))
-        yield "concurrent_probe"
-
-
-def test_the_same_date_run_twice_at_once_is_refused_with_a_clear_message(probe_dataset, store, settings, tmp_path):
-    import os
+def test_the_same_date_started_while_it_runs_is_refused_with_a_clear_message(store, settings, capsys):
+    """`platform run` holds a lease per DAG and delivery in the lake: started again while the first
+    runs (here: its lease held as another terminal's run would hold it), it is refused at once,
+    naming the holder, before Airflow is started (no "FOREIGN KEY constraint failed"). The real
+    double start, two `platform run` processes at once, is in test_bad_input_cli.py."""
+    from pipelines.cli import main
+    from pipelines.datasets import get_dataset
 
     p = "2022-08-01"
-    csv = tmp_path / "telemetry.csv"
-    csv.write_text(HEADER + "".join(row(p, i) for i in range(60)))
-    env = os.environ | settings.client_env()
-    land = [sys.executable, "-m", "pipelines.cli", "land", "--file", str(csv), "--dataset", probe_dataset]
-    assert subprocess.run([*land, "--date", p], env=env, capture_output=True, timeout=120).returncode == 0
-    command = [sys.executable, "-m", "pipelines.cli", "run", p, "--dataset", probe_dataset, "--skip-training"]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lease = f"{storage.LOCK_PREFIX}runs/{probe_dataset}_lakehouse/{p}.json"
-    deadline = time.monotonic() + 60
-    while not store.exists(settings.lake_bucket, lease):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.1)
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, out + err
-    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
-    assert "IntegrityError" not in second.stderr + out + err
-    (refusal,) = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-    assert f"DAG {probe_dataset}_lakehouse for delivery {p} is refused" in refusal, refusal
-    assert "held by platform run (pid" in refusal and "Wait for that run to finish" in refusal, refusal
-    assert storage.read_partition(store, "silver", probe_dataset, p).num_rows == 60
-    assert not store.exists(settings.lake_bucket, lease), "the run's lease is released when it ends"
+    dag = get_dataset("iot_telemetry").lakehouse_dag_id
+    other = "platform run (pid 4242 on another-terminal)"
+    name = f"runs/{dag}/{p}"
+    with storage.Lease(store, name, other, f"DAG {dag} for delivery {p}", 60).acquire():
+        started = time.monotonic()
+        assert main(["run", p, "--dataset", "iot_telemetry", "--skip-training"]) == 1
+        assert time.monotonic() - started < 30  # refused at once, not after an Airflow run
+    err = capsys.readouterr().err
+    (refusal,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"DagRunRefused: DAG {dag} for delivery {p} is refused" in refusal, refusal
+    assert f"held by {other}" in refusal and "Wait for that run to finish" in refusal, refusal
+    assert "Traceback" not in err and "IntegrityError" not in err
+    assert not store.exists(settings.lake_bucket, f"{storage.LOCK_PREFIX}{name}.json")  # released by its holder

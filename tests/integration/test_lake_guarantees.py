@@ -272,9 +272,10 @@ def test_a_backfill_of_the_original_never_reverts_its_correction(store):
 def test_training_reads_gold_within_the_configured_bound_and_says_what_it_left_out(two_deliveries, store):
     """read_gold keeps the newest partitions whole while they fit in train.sample.max_rows, else whole
     devices of the newest; the snapshot (logged with the training run) records the sample."""
-    everything, snap = lake.read_gold(dataset=DATASET, store=store, max_rows=0)
+    days = ["2025-03-01", "2025-03-02"]  # other tests of this module add later partitions
+    everything, snap = lake.read_gold(days, dataset=DATASET, store=store, max_rows=0)
     assert len(everything) == 130 and snap["sample"]["partitions_left_out"] == []
-    newest, snap = lake.read_gold(dataset=DATASET, store=store, max_rows=100)
+    newest, snap = lake.read_gold(days, dataset=DATASET, store=store, max_rows=100)
     assert list(snap["partitions"]) == ["2025-03-02"] and len(newest) == 40
     assert snap["sample"] == {
         "rule": "latest_partitions",
@@ -285,7 +286,7 @@ def test_training_reads_gold_within_the_configured_bound_and_says_what_it_left_o
         "partitions_left_out": ["2025-03-01"],
     }
     # the newest alone is over the bound: whole devices of it (here its one device), never a cut device
-    part, snap = lake.read_gold(dataset=DATASET, store=store, max_rows=10)
+    part, snap = lake.read_gold(days, dataset=DATASET, store=store, max_rows=10)
     assert len(part) == 40 and snap["partitions"]["2025-03-02"]["devices_read"] == 1
     # the gate re-reads the partitions training read: the same rows
     again, _ = lake.read_gold(list(snap["partitions"]), dataset=DATASET, store=store, max_rows=10)
