@@ -720,8 +720,10 @@ def verify_partition(store: LakeStore, layer: str, dataset: str, partition: str)
 LOCK_PREFIX = "_locks/"
 
 
-class LockHeld(StorageError):
-    """Another run holds the lease: the message names it, since when, until when, and what to do."""
+class LockHeld(StorageError, TimeoutError):
+    """Another run holds the lease: the message names it, since when, until when, and what to do.
+    A TimeoutError: a task that waited its `lake.lock_wait_seconds` in vain is retried by Airflow
+    (as for a busy service), never failed as a deterministic error."""
 
 
 @dataclass
