@@ -501,10 +501,17 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.streaming.cli import register_commands as streaming_commands
 
     streaming_commands(sub)  # platform stream, platform simulate --mqtt
+    from pipelines.monitoring.cli import register_commands as monitoring_commands
+
+    monitoring_commands(sub)  # platform monitor
     from pipelines.dashboard.cli import register_commands as dashboard_commands
 
     dashboard_commands(sub)  # platform dashboard
     return parser
+
+
+# Commands that read or write the lake or the registry: checked first to talk to our own stack.
+STACK_COMMANDS = ("land", "layer", "run", "backfill", "train", "summary", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,21 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # what the CLI writes (logs, data) is its owner's alone, as the stack's files are
     args = build_parser().parse_args(argv)
     try:
-# Commands that read or write the lake or the registry: checked first to talk to our own stack.
-STACK_COMMANDS = ("land", "layer", "run", "backfill", "train", "summary", "serve")
+        if args.command in STACK_COMMANDS:
+            # credentials go only to the servers `platform up` started here (pipelines.services)
+            from pipelines.services import verify_own_stack
 
-
+            verify_own_stack(get_settings())
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-        if args.command in STACK_COMMANDS:
-            # credentials go only to the servers `platform up` started here (pipelines.services)
-            from pipelines.services import verify_own_stack
-
-            verify_own_stack(get_settings())
     except Exception as e:  # noqa: BLE001 - a user's mistake gets one clear line, not a traceback
         import os
 
