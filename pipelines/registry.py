@@ -354,10 +354,16 @@ def offline_gate(
     tracking_uri: str,
     progress=print,
     windows: list | None = None,
+    score_with=None,
+    metric: str | None = None,
 ) -> GateDecision:
-    """Compare ``version`` with the champion on ``eval_df``; set ``challenger`` (or ``champion`` if first)."""
+    """Compare ``version`` with the champion on ``eval_df``; set ``challenger`` (or ``champion`` if first).
+
+    ``score_with(client, version) -> {"metric", "score_ms_per_1k", "model_mb", "run_id"}`` scores a
+    version another way (the image classifier's accuracy on its test split): the margin, guardrails,
+    lease, compare-and-set and version tags are this gate's, whatever the workload."""
     rp = registry_params(params)
-    metric = rp.get("primary_metric", "pr_auc")
+    metric = metric or rp.get("primary_metric", "pr_auc")
     margin = float(rp.get("margin", 0.0))
     max_ms = float(rp.get("max_score_ms_per_1k", float("inf")))
     max_mb = float(rp.get("max_model_mb", float("inf")))
@@ -365,6 +371,8 @@ def offline_gate(
     client = _client(tracking_uri)
 
     def score(v: str) -> dict:
+        if score_with is not None:
+            return score_with(client, v)
         return score_version(
             client,
             model_name,

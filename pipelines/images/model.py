@@ -410,13 +410,7 @@ def image_gate(
     same test split (accuracy), the same margin, guardrails, lease, compare-and-set and version tags."""
     from pipelines import registry as reg
 
-    rp = reg.registry_params(params)
-    margin = float(rp.get("margin", 0.0))
-    max_ms = float(rp.get("max_score_ms_per_1k", float("inf")))
-    max_mb = float(rp.get("max_model_mb", float("inf")))
-    client = reg._client(tracking_uri)
-
-    def score(v: str) -> dict:
+    def score(client, v: str) -> dict:
         model, size, _ = load_registered(model_name, v, tracking_uri=tracking_uri)
         return {
             **score_on_test(model, store, snapshot, contract),
@@ -424,72 +418,15 @@ def image_gate(
             "run_id": client.get_model_version(model_name, v).run_id,
         }
 
-    challenger = score(version)
-    guardrails = {
-        "score_ms_per_1k": {
-            "value": round(challenger["score_ms_per_1k"], 3),
-            "limit": max_ms,
-            "passed": challenger["score_ms_per_1k"] <= max_ms,
-        },
-        "model_mb": {
-            "value": round(challenger["model_mb"], 3),
-            "limit": max_mb,
-            "passed": challenger["model_mb"] <= max_mb,
-        },
-    }
-    progress(f"[gate] {model_name} v{version}: accuracy={challenger['metric']:.4f}, guardrails {guardrails}")
-    new_aliases: dict[str, str] = {}
-    with reg.registry_lease(client, model_name, who=f"gate v{version}"):
-        champ = reg._alias_version(client, model_name, reg.CHAMPION)
-        if champ == version:
-            return reg.GateDecision(
-                True,
-                "already champion",
-                challenger["metric"],
-                challenger["metric"],
-                margin,
-                guardrails,
-                {},
-                version,
-                champ,
-                "accuracy",
-            )
-        champ_metric = score(champ)["metric"] if champ else None
-        passed, reason = reg.decide(challenger["metric"], champ_metric, margin, guardrails)
-        current_challenger = reg._alias_version(client, model_name, reg.CHALLENGER)
-        if passed and champ is not None and current_challenger not in (None, version, champ):
-            pending = score(current_challenger)["metric"]
-            if pending > challenger["metric"]:
-                reason += f"; challenger slot kept by v{current_challenger} (accuracy {pending:.4f} is higher)"
-                current_challenger = "keep"
-        reg._record_gate(
-            client, model_name, version, challenger, passed, reason, "accuracy", champ, champ_metric, margin, guardrails
-        )
-        if passed and current_challenger != "keep":
-            tag_ok = client.get_model_version(model_name, version).tags.get("gate.passed") == "true"
-            if tag_ok and reg._alias_version(client, model_name, reg.CHAMPION) == champ:
-                alias, expected = (reg.CHAMPION, None) if champ is None else (reg.CHALLENGER, current_challenger)
-                if reg.set_alias_safely(client, model_name, alias, version, expected):
-                    new_aliases[alias] = version
-                    client.set_model_version_tag(model_name, version, f"alias.{alias}.set_at", reg._now())
-                else:
-                    reason += f"; alias {alias} moved concurrently, left unchanged"
-            else:
-                reason += "; re-validation failed (gate tag or champion changed), no alias moved"
-            client.set_model_version_tag(model_name, version, "gate.reason", reason[:5000])
-    progress(f"[gate] {model_name} v{version}: passed={passed} ({reason}); aliases set {new_aliases}")
-    return reg.GateDecision(
-        passed,
-        reason,
-        challenger["metric"],
-        champ_metric,
-        margin,
-        guardrails,
-        new_aliases,
+    return reg.offline_gate(
+        model_name,
         version,
-        champ,
-        "accuracy",
-        extra={"score_ms_per_1k": challenger["score_ms_per_1k"], "model_mb": challenger["model_mb"]},
+        None,
+        params,
+        tracking_uri=tracking_uri,
+        progress=progress,
+        score_with=score,
+        metric="accuracy",
     )
 
 
