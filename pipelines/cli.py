@@ -49,7 +49,9 @@ def _print_status(info: dict) -> None:
         state = "running" if s["running"] else "stopped"
         health = "" if s["healthy"] is None else (" healthy" if s["healthy"] else " UNHEALTHY")
         print(f"  {name:24s} {state}{health}  {s['url'] or ''}")
-    print(f"  MLflow UI:  {info['endpoints']['mlflow']}")
+    print(
+        f"  MLflow UI:  {info['endpoints']['mlflow']}  (user admin, MLFLOW_AUTH_ADMIN_PASSWORD in {info['env_file']})"
+    )
     print(
         f"  Airflow UI: {info['endpoints']['airflow']}  (user admin, password in {info['airflow_admin_password_file']})"
     )
@@ -347,6 +349,7 @@ def build_summary(dataset: str | None = None) -> dict:
         "model": model,
         "endpoints": info["endpoints"],
         "airflow_admin_password_file": info["airflow_admin_password_file"],
+        "env_file": info["env_file"],
     }
 
 
@@ -409,7 +412,8 @@ def format_summary(s: dict) -> str:
     out += [
         "",
         "browse:",
-        f"  MLflow UI   {s['endpoints']['mlflow']}   (experiments, runs, model registry)",
+        f"  MLflow UI   {s['endpoints']['mlflow']}   (experiments, runs, model registry; user admin, "
+        f"MLFLOW_AUTH_ADMIN_PASSWORD in {s['env_file']})",
         f"  Airflow UI  {s['endpoints']['airflow']}   (`make up` keeps it running; user admin, "
         f"password in {s['airflow_admin_password_file']})",
     ]
