@@ -665,6 +665,8 @@ def loop_records(dataset: str, *, store=None, client=None) -> list[dict[str, Any
     if not alarms:
         return []
     events = [e for e in history.read_events(store) if e.get("model_name") == ds.model_name]
+    # search_model_versions leaves a version's aliases empty: the registered model has them
+    aliases = {str(a): str(v) for a, v in _registered_aliases(client, ds.model_name).items()}
     exp = client.get_experiment_by_name(settings.mlflow_experiment)
     runs = []
     if exp is not None:
@@ -682,7 +684,7 @@ def loop_records(dataset: str, *, store=None, client=None) -> list[dict[str, Any
                 versions.append(
                     {
                         "version": str(mv.version),
-                        "aliases": list(getattr(mv, "aliases", []) or []),
+                        "aliases": sorted(a for a, v in aliases.items() if v == str(mv.version)),
                         "gate": tags.get("gate.reason", ""),
                         "rollout": history.rollout_outcome(events, str(mv.version)),
                     }
