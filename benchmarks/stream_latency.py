@@ -323,7 +323,8 @@ def main() -> int:
             proc.wait(10)
         if args.ephemeral:
             services.down(progress=lambda s: None)
-            shutil.rmtree(workdir, ignore_errors=True)
+            if not os.environ.get("PLATFORM_KEEP_BENCH_DIR"):
+                shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
@@ -350,6 +351,7 @@ def start_ingester(args, workdir: Path, dataset: str, port: int, http_port: int,
     ]
     log = (workdir / f"ingester-{rate}.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"ingester log: {workdir / f'ingester-{rate}.log'}", flush=True)
     wait_port(http_port, 120)
     time.sleep(1.0)  # subscribed
     return proc
