@@ -242,6 +242,7 @@ def main() -> int:
     ap.add_argument("--batch-seconds", type=float, default=1.0)
     ap.add_argument("--no-scoring", action="store_true", help="ingest only: the commit path's own capacity")
     ap.add_argument("--ephemeral", action="store_true", help="start a throwaway stack and register a model")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the work directory (ingester logs) afterwards")
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-bench-"))
@@ -323,7 +324,7 @@ def main() -> int:
             proc.wait(10)
         if args.ephemeral:
             services.down(progress=lambda s: None)
-            if not os.environ.get("PLATFORM_KEEP_BENCH_DIR"):
+            if not args.keep_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
