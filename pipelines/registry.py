@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -273,10 +271,6 @@ def register_version(result: TrainResult, model_name: str, *, tracking_uri: str)
 # --------------------------------------------------------------------------- scoring a version
 
 
-def _dir_size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
-
-
 def score_version(
     client,
     model_name: str,
@@ -289,21 +283,12 @@ def score_version(
 ) -> dict[str, Any]:
     """Load ``models:/name/version`` (skops with the platform's trusted types only: no pickle), score the
     labelled eval rows; metric, timing and size."""
-    import mlflow
-    from pipelines.serving.models import load_skops_model
+    from pipelines.serving.models import fetch_skops_model
 
     lab = labelled(eval_df)
     if lab.empty:  # no labels: timing, size and the flag rate are still measured on every row
         lab = eval_df
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}/{version}",
-            dst_path=tmp,
-            tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
-        )
-        size_mb = _dir_size_mb(Path(local))
-        model, mlmodel = load_skops_model(local, model_name, version)
+    model, mlmodel, size_mb = fetch_skops_model(model_name, version, tracking_uri)
     columns = mlmodel.get_input_schema().input_names()
     missing = [c for c in columns if c not in lab.columns]
     if missing:

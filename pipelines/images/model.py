@@ -17,11 +17,9 @@ Baseline: a 64-bin joint colour histogram with a nearest-centroid rule, on the s
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -354,20 +352,10 @@ def register_image_version(result: ImageTrainResult, *, tracking_uri: str) -> st
 
 def load_registered(model_name: str, version: str, *, tracking_uri: str) -> tuple[Any, float, str]:
     """(estimator, size in MB, input name) of ``models:/name/version``, loaded as skops with the
-    platform's trusted types only (``pipelines.serving.models.load_skops_model``)."""
-    import mlflow
-    from pipelines.registry import _dir_size_mb
-    from pipelines.serving.models import load_skops_model
+    platform's trusted types only (``pipelines.serving.models.fetch_skops_model``)."""
+    from pipelines.serving.models import fetch_skops_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}/{version}",
-            dst_path=tmp,
-            tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
-        )
-        size = _dir_size_mb(Path(local))
-        model, mlmodel = load_skops_model(local, model_name, version)
+    model, mlmodel, size = fetch_skops_model(model_name, version, tracking_uri)
     return model, size, mlmodel.get_input_schema().input_names()[0]
 
 

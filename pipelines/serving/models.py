@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,8 +104,10 @@ def load_skops_model(local_dir: str, model_name: str, version: str) -> tuple[Any
     return skops.io.load(path, trusted=trusted), mlmodel
 
 
-def load_version(client, model_name: str, role: str, version: str, tracking_uri: str) -> LoadedModel:
-    """Download and load ``models:/name/version`` (skops only, see load_skops_model)."""
+def fetch_skops_model(model_name: str, version: str, tracking_uri: str) -> tuple[Any, Any, float]:
+    """(estimator, mlflow Model, size in MB) of ``models:/name/version``: downloaded to a temporary
+    directory and loaded with skops only (see load_skops_model). The one loader of registered models:
+    the scoring service, the offline gate and the image gate all call it."""
     import tempfile
 
     import mlflow
@@ -116,7 +119,14 @@ def load_version(client, model_name: str, role: str, version: str, tracking_uri:
             tracking_uri=tracking_uri,
             registry_uri=tracking_uri,
         )
+        size_mb = sum(p.stat().st_size for p in Path(local).rglob("*") if p.is_file()) / 1e6
         raw, mlmodel = load_skops_model(local, model_name, str(version))
+    return raw, mlmodel, size_mb
+
+
+def load_version(client, model_name: str, role: str, version: str, tracking_uri: str) -> LoadedModel:
+    """Download and load ``models:/name/version`` (skops only, see load_skops_model)."""
+    raw, mlmodel, _ = fetch_skops_model(model_name, version, tracking_uri)
     schema = mlmodel.get_input_schema()
     if schema is None:
         raise ValueError(f"{model_name} v{version} has no signature: cannot validate requests; re-log it")
