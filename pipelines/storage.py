@@ -20,6 +20,7 @@ both run the same layer jobs and write the same lake.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -857,23 +858,21 @@ def lock_settings() -> tuple[float, float]:
     return float(lake.get("lock_ttl_seconds", 120)), float(lake.get("lock_wait_seconds", 900))
 
 
-def lock_partitions(
-    store: LakeStore, dataset: str, partitions: list[str], owner: str, purpose: str, progress=None
-) -> list[Lease]:
-    """Hold the leases of event-date partitions (in sorted order: two runs never wait on each other
-    in a cycle). Writers of one partition — bronze commits, silver and gold builds of any run — are
-    serialised by these, so a manifest's read-modify-write never loses another run's batch. Waits up
-    to `lake.lock_wait_seconds` for each, then raises LockHeld naming the holder."""
+@contextlib.contextmanager
+def lock_partitions(store: LakeStore, dataset: str, partitions: list[str], owner: str, purpose: str, progress=None):
+    """Hold the leases of event-date partitions for the `with` block (taken in sorted order: two runs
+    never wait on each other in a cycle). Writers of one partition — bronze commits, silver and gold
+    builds of any run — are serialised by these, so a manifest's read-modify-write never loses another
+    run's batch. Waits up to `lake.lock_wait_seconds` for each, then raises LockHeld naming the holder."""
     ttl, wait = lock_settings()
     held: list[Lease] = []
     try:
         for partition in sorted(set(partitions)):
             lease = Lease(store, f"{dataset}/event_date={partition}", owner, f"{purpose} of {dataset} {partition}", ttl)
             held.append(lease.acquire(wait=wait, progress=progress))
-    except BaseException:
+        yield held
+    finally:
         release_all(held)
-        raise
-    return held
 
 
 def release_all(leases: list[Lease]) -> None:

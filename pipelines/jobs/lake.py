@@ -477,17 +477,17 @@ def build_bronze(
     good_keys = [k for k in keys if k not in {b for b, _ in bad_files}]
     # Each commit merges this delivery's batch into the partition's manifest (read, modify, write):
     # other runs writing the same partitions wait for these leases, so no batch is lost.
+    locked = False
     try:
-        leases = storage.lock_partitions(store, dataset, list(writers), run_id, "bronze commit", progress)
+        with storage.lock_partitions(store, dataset, list(writers), run_id, "bronze commit", progress):
+            locked = True
+            for _, writer in sorted(writers.items()):
+                writer.commit(extra={"sources": good_keys, "delivery_date": delivery_date})
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        if not locked:  # nothing committed: the staged files go (after a commit, manifests name them)
+            for writer in writers.values():
+                writer.abort()
         raise
-    try:
-        for _, writer in sorted(writers.items()):
-            writer.commit(extra={"sources": good_keys, "delivery_date": delivery_date})
-    finally:
-        storage.release_all(leases)
     quality = qualities[-1] if len(qualities) == 1 else _merge_quality(qualities)
     _put_quality(store, "bronze", dataset, delivery_date, quality)
     late = [d for d in writers if d < delivery_date]
@@ -702,11 +702,8 @@ def build_silver(
     # The partition's lease, from reading bronze to committing: another run's bronze commit or
     # silver build of this partition waits (a silver built from a bronze read before another run's
     # commit, then committed after it, would lose that run's records).
-    leases = storage.lock_partitions(store, dataset, [partition], run_id, "silver build", progress)
-    try:
+    with storage.lock_partitions(store, dataset, [partition], run_id, "silver build", progress):
         return _build_silver(partition, run_id, dataset, store, progress, bucket_rows, workers)
-    finally:
-        storage.release_all(leases)
 
 
 def _build_silver(partition, run_id, dataset, store, progress, bucket_rows, workers) -> LayerReport:
@@ -829,11 +826,8 @@ def build_gold(
     before the partition is committed. Buckets run side by side in `workers` processes, as silver's."""
 
     store, dataset = _resolve(store, dataset)
-    leases = storage.lock_partitions(store, dataset, [partition], run_id, "gold build", progress)
-    try:
+    with storage.lock_partitions(store, dataset, [partition], run_id, "gold build", progress):
         return _build_gold(partition, run_id, dataset, store, progress, bucket_rows, workers)
-    finally:
-        storage.release_all(leases)
 
 
 def _build_gold(partition, run_id, dataset, store, progress, bucket_rows, workers) -> LayerReport:
