@@ -77,6 +77,30 @@ def nab_csv() -> Path:
     return path
 
 
+@pytest.fixture
+def own_state(tmp_path, monkeypatch):
+    """A second, empty state directory (another stack of this checkout) with its own keys; whatever it
+    starts is stopped afterwards."""
+    import secrets
+
+    from pipelines import services
+
+    state = tmp_path / "state"
+    for var in list(os.environ):
+        if var.startswith(("AWS_", "MLFLOW_")):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("PLATFORM_STATE_DIR", str(state))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "platform-" + secrets.token_hex(4))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(24))
+    # start_object_store sets AWS_ENDPOINT_URL in os.environ: have monkeypatch put the original back.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "unset")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    try:
+        yield state
+    finally:
+        services.down(progress=lambda *_: None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if exitstatus == 0 and not os.environ.get("PLATFORM_KEEP_TEST_STATE"):
         shutil.rmtree(_STATE, ignore_errors=True)

@@ -18,7 +18,6 @@ import functools
 import io
 import json
 import shutil
-import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -26,12 +25,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-import playwright.sync_api as playwright_api
 import pytest
 
 from pipelines.services import free_port
+from tests.browser import chromium, screenshot
 from tests.integration.test_stream import Broker, gateway, readings, stream_settings, wait_for
-from tests.stack.test_uis import CHROMIUM, CHROMIUM_FLAGS
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
@@ -197,31 +195,12 @@ def dashboard(settings, store, versions, drift_reported):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install chromium` or set PLATFORM_CHROMIUM")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    with playwright_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            profile,
-            executable_path=CHROMIUM,
-            args=CHROMIUM_FLAGS,
-            headless=True,
-            viewport={"width": 1400, "height": 900},
-        )
-        context.set_default_timeout(60_000)
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    with chromium(timeout_ms=60_000) as context:
+        yield context
 
 
 def shot(page, name: str) -> Path:
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    print(f"screenshot: {path}")
-    return path
+    return screenshot(page, ARTIFACTS, name)
 
 
 def snapshot(url: str, dataset: str = DATASET) -> dict:

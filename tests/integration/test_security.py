@@ -280,25 +280,6 @@ def foreign_server():
     server.server_close()
 
 
-@pytest.fixture
-def own_state(tmp_path, monkeypatch):
-    """A second, empty state directory (another stack of this checkout) with its own keys."""
-    state = tmp_path / "state"
-    for var in list(os.environ):
-        if var.startswith(("AWS_", "MLFLOW_")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("PLATFORM_STATE_DIR", str(state))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "platform-" + secrets.token_hex(4))
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(24))
-    # start_object_store sets AWS_ENDPOINT_URL in os.environ: have monkeypatch put the original back.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "unset")
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    try:
-        yield state
-    finally:
-        services.down(progress=lambda *_: None)
-
-
 def test_a_taken_recorded_port_gets_a_new_one_and_the_holder_is_never_asked(own_state, foreign_server):
     from pipelines.settings import get_settings
     from pipelines.storage import ObjectStore

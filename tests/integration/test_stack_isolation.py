@@ -5,7 +5,6 @@ that are not the ones `platform up` started (the scoring service included: no ./
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -43,25 +42,6 @@ FOREIGN_SERVER = textwrap.dedent(
     servers[0].serve_forever()
     """
 )
-
-
-@pytest.fixture
-def own_state(tmp_path, monkeypatch):
-    """A second, empty state directory (another stack of this checkout) with its own keys."""
-    state = tmp_path / "state"
-    for var in list(os.environ):
-        if var.startswith(("AWS_", "MLFLOW_")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("PLATFORM_STATE_DIR", str(state))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "platform-" + secrets.token_hex(4))
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(24))
-    # start_object_store sets AWS_ENDPOINT_URL in os.environ: have monkeypatch put the original back.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "unset")
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    try:
-        yield state
-    finally:
-        services.down(progress=lambda *_: None)
 
 
 @pytest.fixture

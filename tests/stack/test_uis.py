@@ -12,42 +12,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import playwright.sync_api as playwright_api  # in the lock's dev extra; its browser download is not used
 import pytest
+
+from tests.browser import chromium, require_chromium, screenshot
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "ui"
-CHROMIUM = os.environ.get("PLATFORM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# Chromium's own background connections are refused on closed networks, many at a time: off.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DAGS = ("iot_canary", "iot_lakehouse", "iot_training")
 RUN_TIMEOUT = 150  # seconds for the triggered lakehouse run (and the scheduled one queued before it)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def chromium_present():
-    # `make test` installs Debian's chromium when it is missing; a UI test never silently skips.
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install chromium` or set PLATFORM_CHROMIUM")
+    require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -67,26 +51,12 @@ def airflow_ui(stack):
 
 @pytest.fixture(scope="module")
 def browser():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    with playwright_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            profile,
-            executable_path=CHROMIUM,
-            args=CHROMIUM_FLAGS,
-            headless=True,
-            viewport={"width": 1400, "height": 900},
-        )
-        context.set_default_timeout(30_000)
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    with chromium(timeout_ms=30_000) as context:
+        yield context
 
 
 def shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    screenshot(page, ARTIFACTS, name)
 
 
 def _api(base: str, path: str, token: str) -> dict:
