@@ -20,10 +20,8 @@ import datetime as dt
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -353,23 +351,13 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from pipelines import services
-    from pipelines.settings import get_settings
+    from benchmarks.throwaway import object_store
 
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         os.environ["BENCH_PROFILE_DIR"] = str(Path(args.profile).resolve())
 
-    state = Path(tempfile.mkdtemp(prefix="lake-bench-"))
-    os.environ["PLATFORM_STATE_DIR"] = str(state)
-    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ.pop(var, None)
-    settings = services.ensure_credentials(get_settings())
-    services.write_stack_env(settings, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{services.free_port()}"})
-    print(f"object store in {state} ...", flush=True)
-    services.start_object_store(get_settings())
-    os.environ.update(get_settings().client_env())
-    try:
+    with object_store("lake-bench-"):
         common = ["--rows", str(args.rows), "--days", str(args.days), "--freq-seconds", str(args.freq_seconds)]
         print("landing simulated telemetry:", flush=True)
         land = _child("land", *common)
@@ -383,9 +371,6 @@ def main() -> None:
         pipe = _child("pipeline", *common)
         print("ceiling (the least any implementation adds to the floor: typed silver, the issue's gold):", flush=True)
         ceiling = _child("ceiling", *common)
-    finally:
-        services.down(progress=lambda _m: None)
-        shutil.rmtree(state, ignore_errors=True)  # the throwaway store's data: GBs at 10M rows
 
     rows = land["rows"]
     floor_rps = floor["rows"] / floor["seconds"]

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -160,20 +157,11 @@ def main() -> None:
         print(json.dumps(result, default=str))
         return
 
-    from pipelines import services
-    from pipelines.settings import get_settings, load_params
+    from benchmarks.throwaway import object_store
+    from pipelines.settings import load_params
 
-    state = Path(tempfile.mkdtemp(prefix="memory-bench-"))
-    os.environ["PLATFORM_STATE_DIR"] = str(state)
-    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ.pop(var, None)
-    settings = services.ensure_credentials(get_settings())
-    services.write_stack_env(settings, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{services.free_port()}"})
-    print(f"object store in {state} ...", flush=True)
-    services.start_object_store(get_settings())
-    os.environ.update(get_settings().client_env())
     results: dict = {}
-    try:
+    with object_store("memory-bench-") as state:
         big = state / "big.csv"
         size = write_big_csv(big, args.gb)
         print(f"landing a generated {size / 1e9:.2f} GB CSV:", flush=True)
@@ -186,9 +174,6 @@ def main() -> None:
         results["gold_bounded"] = _child("gold", "configured")
         if not args.skip_unbounded:
             results["gold_unbounded"] = _child("gold", "0")
-    finally:
-        services.down(progress=lambda _m: None)
-        shutil.rmtree(state, ignore_errors=True)
 
     part_mb = float((load_params().get("lake") or {}).get("land_part_mb", 16))
     sample = load_params()["train"].get("sample") or {}
