@@ -474,6 +474,33 @@ def _paired(s: StepSample, min_n: int) -> PairedSample | None:
     return s.paired if s.paired is not None and s.paired.n >= min_n else None
 
 
+def _labels_decide_over_ranks(sample: StepSample, cfg: AnalysisConfig, min_n: int, by_name: dict) -> None:
+    """The paired score-rank check is a proxy for "the challenger is not broken" while no labels say
+    how its decisions compare. Where they do, on the same labelled records, the evidence wins: a
+    challenger whose F1 there is at least the champion's, and whose flags agree with the champion's,
+    is not failed because the two order the records they both call normal differently (seen in the
+    drift loop: a retrained gradient-boosting model, rho 0.30 over near-zero probabilities, agreement
+    0.997, F1 0.92 vs 0.86, was rolled back by the rank check alone). The rank result stays in the
+    verdict, marked as overruled."""
+    shift, f1m, agreement = by_name["score_shift"], by_name["f1"], by_name["agreement"]
+    paired_labels = sample.paired is not None and int(sample.paired.labelled().sum()) >= cfg.min_labels
+    if not (
+        shift.verdict == FAIL
+        and _paired(sample, min_n) is not None
+        and paired_labels
+        and f1m.verdict == PASS
+        and (f1m.statistic or 0.0) >= 0.0
+        and agreement.verdict == PASS
+    ):
+        return
+    shift.verdict = PASS
+    shift.detail = (
+        f"rank check overruled by labels: on {f1m.n_champion} labelled records both scored, challenger F1 "
+        f"{_fmt(f1m.challenger)} >= champion's {_fmt(f1m.champion)} and flags agree ({_fmt(agreement.challenger)}); "
+        + shift.detail
+    )
+
+
 def analyze_step(sample: StepSample, step: Step, cfg: AnalysisConfig) -> StepVerdict:
     """The step's verdict from what both models did (pure: no I/O, deterministic for a given seed)."""
     paired = sample.paired_agreement is not None and len(sample.paired_agreement) > 0
@@ -489,6 +516,7 @@ def analyze_step(sample: StepSample, step: Step, cfg: AnalysisConfig) -> StepVer
         _f1(sample, cfg, alpha),
     ]
     by_name = {m.name: m for m in metrics}
+    _labels_decide_over_ranks(sample, cfg, min_n, by_name)
     failed = [m for m in metrics if m.verdict == FAIL]
     reasons: list[str] = []
     if failed:

@@ -173,6 +173,36 @@ def test_build_sample_pairs_the_shadow_copy_with_the_served_record():
     assert list(controller.build_sample(log, empty, state, now=ts.to_pydatetime()).paired.labels) == [-1, -1]
 
 
+def reordered_normals_traffic(rng, labelled: bool, n: int = 2000) -> analysis.StepSample:
+    """Both models flag the same anomalies but order the normal records independently (a retrained
+    classifier's near-zero probabilities): Spearman's rho over all records is low."""
+    y = rng.random(n) < 0.08
+    champ = np.where(y, rng.uniform(0.9, 1.0, n), rng.uniform(0.0, 0.05, n))
+    chal = np.where(y, rng.uniform(0.9, 1.0, n), rng.uniform(0.0, 0.05, n))  # independent among normals
+    flags_a, flags_b = champ >= 0.5, chal >= 0.5
+    labels = y.astype(int) if labelled else np.full(n, -1)
+    lat = rng.lognormal(np.log(8), 0.3, n)
+    champion = analysis.RoleSample(lat, np.zeros(n, bool), champ, flags_a, y[:0], flags_a[:0])
+    challenger = analysis.RoleSample(lat, np.zeros(n, bool), chal, flags_b, y[:0], flags_b[:0])
+    paired = analysis.PairedSample(champ, chal, flags_a, flags_b, labels)
+    return analysis.StepSample(champion, challenger, elapsed_seconds=3600, paired=paired)
+
+
+def test_labels_on_the_same_records_overrule_the_score_rank_check():
+    """Ranks are a proxy while no labels say how the decisions compare: with them, a challenger that
+    flags what the champion flags and is no worse on labels passes; without them the rank check fails it."""
+    step = Step("canary-10", 10, "champion", min_requests=150, bake_seconds=0)
+    cfg = AnalysisConfig(min_labels=100)
+    rng = np.random.default_rng(5)
+    unlabelled = analysis.analyze_step(reordered_normals_traffic(rng, labelled=False), step, cfg)
+    assert unlabelled.verdict == "fail" and unlabelled.metrics["score_shift"].verdict == "fail"
+    assert unlabelled.metrics["score_shift"].statistic < 0.5
+    labelled = analysis.analyze_step(reordered_normals_traffic(rng, labelled=True), step, cfg)
+    shift = labelled.metrics["score_shift"]
+    assert labelled.verdict == "pass", labelled.summary()
+    assert shift.verdict == "pass" and "overruled by labels" in shift.detail and shift.statistic < 0.5
+
+
 @pytest.mark.parametrize(
     "fault,kwargs,metric",
     [
