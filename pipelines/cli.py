@@ -90,7 +90,7 @@ def cmd_datasets(args) -> int:
         layers = "  ".join(f"{k} {v:,}" for k, v in r["rows"].items()) if r.get("rows") else r.get("lake", "")
         aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) if r.get("aliases") else "none"
         print(f"{r['dataset']:28s} {r['contract']}")
-        print(f"  DAGs {r['dags'][0]}, {r['dags'][1]}; partitions by {r['grain']}")
+        print(f"  DAGs {', '.join(r['dags'])}; partitions by {r['grain']}")
         print(f"  rows: {layers or 'nothing landed yet'}")
         note = f" ({r['model_error']})" if r.get("model_error") else ""
         print(f"  model {r['model_name']}: aliases {aliases}{note}")
@@ -114,7 +114,13 @@ def dataset_overview() -> list[dict]:
         row = {
             "dataset": ds.name,
             "contract": str(ds.contract_path),
-            "dags": [ds.lakehouse_dag_id, ds.training_dag_id],
+            "dags": [
+                ds.lakehouse_dag_id,
+                ds.training_dag_id,
+                ds.canary_dag_id,
+                ds.monitoring_dag_id,
+                ds.stream_dag_id,
+            ],
             "grain": ds.grain,
             "model_name": ds.model_name,
         }
@@ -297,7 +303,7 @@ def build_summary(dataset: str | None = None) -> dict:
         layers[layer]["missing_files"] = missing
     quality = {}
     for layer in ("bronze", "silver", "gold"):
-        results = read_quality(layer, storage.list_partitions(store, layer, dataset), store=store)
+        results = read_quality(layer, dataset=dataset, store=store)  # every gate run recorded for it
         quality[layer] = {
             p: {
                 "success": r.get("success"),

@@ -1011,9 +1011,15 @@ def _devices_within(store: LakeStore, dataset: str, partition: str, limit: int) 
 
 
 def read_quality(
-    layer: str, partitions: list[str], *, dataset: str | None = None, store: LakeStore | None = None
+    layer: str, partitions: list[str] | None = None, *, dataset: str | None = None, store: LakeStore | None = None
 ) -> dict[str, Any]:
+    """The gate results of `layer` per partition; all recorded ones when `partitions` is None (bronze's
+    are filed under the delivery date, which names no event-date partition)."""
     store, dataset = _resolve(store, dataset)
+    if partitions is None:
+        prefix = f"quality/{layer}/{dataset}/event_date="
+        keys = store.list_keys(store.settings.lake_bucket, prefix)
+        partitions = sorted({k[len(prefix) :].split("/", 1)[0] for k in keys if k.endswith("/validation.json")})
     out = {}
     for p in partitions:
         key = f"quality/{layer}/{dataset}/event_date={p}/validation.json"
