@@ -73,7 +73,9 @@ class MonitoringParams(_Strict):
     (measured on the simulator: 92% of the features of every no-drift hour)."""
 
     window: str = "1d"
-    min_rows: int = Field(1000, ge=1)  # a window with fewer rows is reported, never judged
+    # A window with fewer rows is reported, never judged. None: 1,000, or half the readings one device
+    # gives in a window where the contract's cadence says that is fewer (a 5-minute series has 288 a day).
+    min_rows: int | None = Field(None, ge=1)
     wasserstein: float = Field(0.1, gt=0)  # a feature drifts: normed Wasserstein (reference stds) above
     jensen_shannon: float = Field(0.1, gt=0)  # ... or Jensen-Shannon distance on the reference's bins above
     drift_share: float = Field(0.5, gt=0, le=1)  # the window drifts when this share of features drifts

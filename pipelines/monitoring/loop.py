@@ -58,15 +58,16 @@ class MonitoringPolicy:
     cooldown_seconds: float = 86400.0
 
     @classmethod
-    def from_params(cls, p: Any) -> MonitoringPolicy:
+    def from_params(cls, p: Any, cadence_seconds: float | None = None) -> MonitoringPolicy:
         from pipelines.datasets import parse_duration
 
+        window = parse_duration(p.window, what="monitoring.window")
         return cls(
-            window_seconds=parse_duration(p.window, what="monitoring.window"),
+            window_seconds=window,
             thresholds=DriftThresholds(
                 wasserstein=p.wasserstein,
                 jensen_shannon=p.jensen_shannon,
-                min_rows=p.min_rows,
+                min_rows=p.min_rows or default_min_rows(window, cadence_seconds),
                 drift_share=p.drift_share,
             ),
             strong_wasserstein=p.strong_wasserstein,
@@ -86,10 +87,20 @@ class MonitoringPolicy:
         )
 
 
+def default_min_rows(window_seconds: float, cadence_seconds: float | None) -> int:
+    """1,000 rows, or half of what one device reports in a window when the cadence says that is fewer."""
+    if not cadence_seconds:
+        return 1000
+    return int(min(1000, max(50, math.ceil(window_seconds / cadence_seconds / 2))))
+
+
 def policy_for(dataset: str) -> MonitoringPolicy:
+    """The dataset's monitoring rule: its params, its contract's cadence for what they leave unset."""
+    from pipelines.contracts import load_contract
     from pipelines.datasets import get_dataset
 
-    return MonitoringPolicy.from_params(get_dataset(dataset).params.monitoring)
+    ds = get_dataset(dataset)
+    return MonitoringPolicy.from_params(ds.params.monitoring, load_contract(ds.contract_path).cadence_seconds)
 
 
 @dataclass(frozen=True)
@@ -377,7 +388,7 @@ def monitor_window(
 
     settings = get_settings()
     ds = get_dataset(dataset or settings.dataset)
-    policy = MonitoringPolicy.from_params(ds.params.monitoring)
+    policy = policy_for(ds.name)
     clock = _Clock()
     store = store or ObjectStore(settings)
     uri = settings.mlflow_tracking_uri

@@ -215,5 +215,8 @@ def test_the_rule_comes_from_the_dataset_params():
     p = get_dataset(DATASET).params.monitoring
     policy = MonitoringPolicy.from_params(p)
     assert policy.window_seconds == 86400 and (policy.alarm_windows, policy.of_windows) == (3, 4)
-    assert policy.thresholds.min_rows == p.min_rows and "hour_sin" in policy.exclude
+    assert policy.thresholds.min_rows == 1000 and "hour_sin" in policy.exclude  # no cadence in the contract
+    # a 5-minute series reports 288 readings a day: its windows need half of them, not 1,000
+    assert MonitoringPolicy.from_params(p, cadence_seconds=300).thresholds.min_rows == 144
+    assert policy_for(DATASET).thresholds.min_rows == 1000
     assert np.isfinite(policy.strong_wasserstein)
