@@ -332,7 +332,9 @@ def scaleout(stack, settings, state_dir):
     token = secrets.token_hex(4)
     base = state_dir / f"scaleout-{token}"
     celery_state = base / "celery"
-    celery_state.mkdir(parents=True)
+    # inside the session's private state directory, and holding a second stack's keys: private too
+    base.mkdir(mode=0o700)
+    celery_state.mkdir(mode=0o700)
     params = _params_file(base / "params.yaml")
     airflow_db, mlflow_db = f"airflow_scaleout_{token}", f"mlflow_scaleout_{token}"
     redis_db: int | None = None
