@@ -129,14 +129,14 @@ def register_model(uri: str, name: str) -> None:
 
 
 class Collector:
-    """Publish times by (device, seq); alert and commit receipt times; all on this process's clock."""
+    """Receipt times of alerts and commit events (this machine's clock); latencies are worked out
+    afterwards against the load generator's publish times (`latencies`)."""
 
     def __init__(self, port: int, dataset: str):
         import paho.mqtt.client as mqtt
 
-        self.sent: dict[tuple[str, int], int] = {}
-        self.alert_ms: list[float] = []
-        self.commit_ms: list[float] = []
+        self.alerts: list[tuple[str, int, int]] = []  # (device, seq, received ns)
+        self.commits: list[tuple[dict, int]] = []  # (the ingester's commit event, received ns)
         self.committed = 0
         self.last_commit_ns = 0
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.urandom(3).hex()}")
@@ -154,17 +154,30 @@ class Collector:
         event = json.loads(msg.payload)
         if msg.topic.endswith("/commits"):
             self.last_commit_ns = now
+            self.commits.append((event, now))
+            self.committed += sum(hi - lo + 1 for runs in event["runs"].values() for lo, hi in runs)
+        else:
+            self.alerts.append((event["device"], event["seq"], now))
+
+    def latencies(self, sent: dict[tuple[str, int], int]) -> tuple[list[float], list[float], list[dict]]:
+        """ms from publish to alert, and to commit, per reading; the commit events, each with the lag
+        from the publish of its earliest reading to the ingester's receipt of its first message."""
+        alert_ms = [(now - sent[(d, q)]) / 1e6 for d, q, now in self.alerts if (d, q) in sent]
+        commit_ms: list[float] = []
+        events = []
+        for event, now in self.commits:
+            first = None
             for device, runs in event["runs"].items():
                 for lo, hi in runs:
                     for seq in range(lo, hi + 1):
-                        sent = self.sent.get((device, seq))
-                        if sent is not None:
-                            self.commit_ms.append((now - sent) / 1e6)
-                            self.committed += 1
-        else:
-            sent = self.sent.get((event["device"], event["seq"]))
-            if sent is not None:
-                self.alert_ms.append((now - sent) / 1e6)
+                        at = sent.get((device, seq))
+                        if at is not None:
+                            commit_ms.append((now - at) / 1e6)
+                            first = at if first is None else min(first, at)
+            if first is not None:
+                event["receipt_lag"] = event["first_received_at"] - first / 1e9
+            events.append(event)
+        return alert_ms, commit_ms, events
 
     def close(self) -> None:
         self.client.disconnect()
@@ -178,54 +191,55 @@ def pct(values: list[float], q: float) -> float:
 def run_rate(rate: int, seconds: float, port: int, dataset: str, devices: int, http_port: int) -> dict:
     import httpx
 
-    from pipelines.simulator import stream_readings
-    from pipelines.streaming.publisher import FleetPublisher, publish_at_rate
+
+    import multiprocessing
+
+    from mqtt_load import publish_fleet
 
     collector = Collector(port, dataset)
-    publisher = FleetPublisher("127.0.0.1", port, client_id=f"bench-pub-{rate}-{os.urandom(2).hex()}")
-    while not publisher.client.is_connected():
-        time.sleep(0.02)
     total = int(rate * seconds)
     start = dt.date.today() - dt.timedelta(days=max(2, total // (devices * 1440) + 2))
-    data = stream_readings(start, total // (devices * 1440) + 1, devices=devices, freq_seconds=60, seed=11)
     before = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
-    t0 = time.perf_counter()
     t0_ns = time.time_ns()
-
-    def on_sent(reading: dict, sent_ns: int) -> None:
-        collector.sent[(reading["device"], reading["seq"])] = sent_ns
-
-    sent = publish_at_rate(publisher, dataset, data, rate, on_sent=on_sent, limit=total)
-    publish_seconds = time.perf_counter() - t0
-    publisher.flush(120)
+    # The load comes from a process of its own (its own interpreter and core time), as a fleet's
+    # would: sharing this one with the collector, paho fell seconds behind at 5,000 readings/s.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        load = pool.apply(
+            publish_fleet, ("127.0.0.1", port, dataset, start, total // (devices * 1440) + 1, devices, rate, total)
+        )
+    if load["error"] or load["acked"] < len(load["sent"]):
+        print(f"        the broker acknowledged {load['acked']} of {len(load['sent'])} readings {load['error']}")
+    sent = load["sent"]
+    publish_seconds = load["seconds"]
     deadline = time.monotonic() + 120
-    while collector.committed < sent and time.monotonic() < deadline:
+    while collector.committed < len(sent) and time.monotonic() < deadline:
         time.sleep(0.1)
-    drain_seconds = (collector.last_commit_ns - t0_ns) / 1e9  # first publish to the last commit seen
+    drain_seconds = (collector.last_commit_ns - t0_ns) / 1e9  # about the first publish to the last commit seen
     time.sleep(1.0)
     after = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
-    publisher.close()
     collector.close()
+    alert_ms, commit_ms, commits = collector.latencies(sent)
     sc0, sc1 = before.get("scoring", {}), after.get("scoring", {})
     batches = max(1, sc1.get("batches", 0) - sc0.get("batches", 0))
     return {
         "rate": rate,
-        "published": sent,
-        "publish_rate": sent / publish_seconds,
+        "published": len(sent),
+        "publish_rate": len(sent) / publish_seconds,
         "committed": collector.committed,
         "sustained": collector.committed / max(drain_seconds, publish_seconds),
-        "alerts": len(collector.alert_ms),
-        "alert_p50": pct(collector.alert_ms, 50),
-        "alert_p99": pct(collector.alert_ms, 99),
-        "commit_p50": pct(collector.commit_ms, 50),
-        "commit_p99": pct(collector.commit_ms, 99),
-        "commit_max": max(collector.commit_ms) if collector.commit_ms else float("nan"),
+        "alerts": len(alert_ms),
+        "alert_p50": pct(alert_ms, 50),
+        "alert_p99": pct(alert_ms, 99),
+        "commit_p50": pct(commit_ms, 50),
+        "commit_p99": pct(commit_ms, 99),
+        "commit_max": max(commit_ms) if commit_ms else float("nan"),
         "score_batches": batches,
         "rows_per_batch": (sc1.get("readings", 0) - sc0.get("readings", 0)) / batches,
         "silver_ms_per_batch": 1000 * (sc1.get("silver_seconds", 0) - sc0.get("silver_seconds", 0)) / batches,
         "features_ms_per_batch": 1000 * (sc1.get("feature_seconds", 0) - sc0.get("feature_seconds", 0)) / batches,
         "model_ms_per_batch": 1000 * (sc1.get("model_seconds", 0) - sc0.get("model_seconds", 0)) / batches,
         "output_ms_per_batch": 1000 * (sc1.get("output_seconds", 0) - sc0.get("output_seconds", 0)) / batches,
+        "commits": commits,
         "silver_full_batches": sc1.get("silver_full_batches", 0) - sc0.get("silver_full_batches", 0),
     }
 
@@ -308,6 +322,21 @@ def main() -> int:
                 f"{r['output_ms_per_batch']:>9.1f}",
                 flush=True,
             )
+            commits = [c for c in r["commits"] if c["rows"]]
+            if commits:
+                phases = {k: [c["commit_phases"].get(k, 0.0) for c in commits] for k in commits[0]["commit_phases"]}
+                print(
+                    f"        {len(commits)} commits of p50 {pct([c['rows'] for c in commits], 50):.0f} rows; "
+                    f"commit p50 {1000 * pct([c['commit_seconds'] for c in commits], 50):.0f} ms, "
+                    f"p99 {1000 * pct([c['commit_seconds'] for c in commits], 99):.0f} ms ("
+                    + ", ".join(f"{k} p50 {1000 * pct(v, 50):.0f} ms" for k, v in phases.items() if any(v))
+                    + "); first reading received -> committed p99 "
+                    f"{1000 * pct([c['committed_at'] - c['first_received_at'] for c in commits], 99):.0f} ms; "
+                    "publish -> ingester's receipt of a batch's earliest reading p50 "
+                    f"{1000 * pct([c['receipt_lag'] for c in commits if 'receipt_lag' in c], 50):.0f} ms, p99 "
+                    f"{1000 * pct([c['receipt_lag'] for c in commits if 'receipt_lag' in c], 99):.0f} ms",
+                    flush=True,
+                )
             if r["committed"] < r["published"]:
                 print(f"        {r['published'] - r['committed']} readings not committed within 120 s")
         print(f"load average {os.getloadavg()[0]:.1f} after (other work on this machine shares its cores)")

@@ -25,7 +25,8 @@ def register_commands(subparsers) -> None:
         "--role",
         choices=("all", "ingest", "scorer"),
         default="all",
-        help="all (default): ingest here and score in a child process; ingest or scorer: that part only",
+        help="all (default): ingest here and score in a child process fed by this one; ingest: no scoring "
+        "(scorer: that child, reading the ingester's readings on stdin)",
     )
     p.add_argument("--redis-url", help="keep the device state in Redis (default: in memory)")
     p.add_argument("--redis-password-file", type=Path)
@@ -103,24 +104,30 @@ def cmd_stream(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = None
-    if args.role == "scorer":
-        service = build_scorer_process(dataset, cfg).start()
+    if args.role == "scorer":  # the child of `platform stream`: readings arrive on stdin
+        service = build_scorer_process(dataset, cfg, source=sys.stdin.buffer).start()
         if cfg.http_port:
             server = serve_in_thread(state_app(service.worker.state, service.status), cfg.http_host, cfg.http_port)
-        print(f"[stream] {dataset}: scoring sensors/{dataset}/+ -> alerts/{dataset}/<device>", flush=True)
-        stop.wait()
+        print(f"[stream] {dataset}: scoring the ingester's readings -> alerts/{dataset}/<device>", flush=True)
+        while not stop.wait(0.5) and not service.ended.is_set():
+            pass
         service.stop()
         if server is not None:
             server.should_exit = True
         return 0
 
-    ingester = build_ingester(dataset, cfg, score_in_process=False).start()
-    child: subprocess.Popen | None = None
+    from pipelines.streaming.live import ScoringPipe
+
     scoring = args.role == "all" and (cfg.scoring or cfg.http_port)
+    pipe = ScoringPipe().start() if scoring else None
+    ingester = build_ingester(dataset, cfg, score_in_process=False, scoring=pipe).start()
+    child: subprocess.Popen | None = None
 
     def start_scorer() -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pipelines.cli", *sys.argv[1:], "--role", "scorer"]
-        return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
+        pipe.attach(proc.stdin)
+        return proc
 
     if scoring:
         child = start_scorer()  # it serves the device state (it writes it)
@@ -138,11 +145,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
             print(f"[stream] the scorer exited ({child.returncode}); restarting it", flush=True)
             child = start_scorer()
     print("[stream] stopping: committing and acknowledging what was received", flush=True)
+    ingester.stop()  # the last readings go to the scorer, then its pipe closes: it scores them and ends
     if child is not None:
-        child.terminate()
-    ingester.stop()
-    if child is not None:
-        child.wait(30)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            child.wait(10)
     if server is not None:
         server.should_exit = True
     return 0

@@ -40,6 +40,7 @@ class CommitResult:
     refused: int = 0
     seconds: float = 0.0
     runs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # device -> committed seq runs
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: table, upload, manifest, quarantine
 
 
 class BronzeCommitter:
@@ -61,23 +62,34 @@ class BronzeCommitter:
                 result.duplicates += 1
             else:
                 fresh[(r.device, r.seq)] = r
+        phases = result.phases = {"table": 0.0, "upload": 0.0, "manifest": 0.0, "quarantine": 0.0}
         if refusals:
+            mark = time.perf_counter()
             self._quarantine(list(refusals))
             result.refused = len(refusals)
+            phases["quarantine"] += time.perf_counter() - mark
         by_partition: dict[str, list[Reading]] = defaultdict(list)
         for r in fresh.values():
             by_partition[r.partition].append(r)
         now = self.store.now()
         for partition, rows in sorted(by_partition.items()):
             rows.sort(key=lambda r: (r.device, r.seq))  # device order: silver's buckets skip row groups
+            mark = time.perf_counter()
             key = batch_key(rows)
             table = bronze_table(rows, self.columns, batch_key=key, run_id=self.run_id, ingested_at=now)
             # The same split as a landed delivery: the partition is decided by the same parser.
-            for event_partition, part in split_by_event_date(table, self.contract, partition, self.grain).items():
+            parts = split_by_event_date(table, self.contract, partition, self.grain)
+            phases["table"] += time.perf_counter() - mark
+            for event_partition, part in parts.items():
+                mark = time.perf_counter()
                 writer = storage.PartitionWriter(self.store, "bronze", self.dataset, event_partition, self.run_id, key)
                 try:
                     writer.write(part)
+                    writer.rows  # noqa: B018 - waits for the upload: its time is the upload's, not the manifest's
+                    phases["upload"] += time.perf_counter() - mark
+                    mark = time.perf_counter()
                     writer.commit(extra={"source": "mqtt", "batch": key, "committed_by": self.run_id})
+                    phases["manifest"] += time.perf_counter() - mark
                 except BaseException:
                     writer.abort()
                     raise

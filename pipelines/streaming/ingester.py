@@ -75,6 +75,8 @@ class IngestStats:
     ack_skipped_reconnected: int = 0
     connected: bool = False
     connections: int = 0
+    commit_seconds: float = 0.0
+    commit_phase_seconds: dict[str, float] = field(default_factory=dict)
     last_commit: dict[str, Any] = field(default_factory=dict)
     refused_rules: dict[str, int] = field(default_factory=dict)
 
@@ -90,7 +92,10 @@ class Ingester:
         state=None,
         notifier=None,
         grain: str = "day",
+        scoring=None,
     ):
+        """`scorer`/`state`: score in this process (threads); or `scoring`: where accepted readings
+        go instead (`live.ScoringPipe`, to the scorer child of `platform stream`)."""
         from pipelines.contracts import load_contract
         from pipelines.datasets import get_dataset
 
@@ -106,8 +111,8 @@ class Ingester:
         self.metrics = IngestMetrics(dataset)  # Prometheus counters (GET /metrics)
         self._inbox: collections.deque[Inbound] = collections.deque()
         self._arrived = threading.Event()
-        self.scoring = None
-        if scorer is not None or state is not None:
+        self.scoring = scoring
+        if scoring is None and (scorer is not None or state is not None):
             from pipelines.streaming.live import ScoringWorker
 
             self.scoring = ScoringWorker(
@@ -209,12 +214,16 @@ class Ingester:
             self._arrived.clear()
             stopping = self._stop.is_set()
             fresh: list[Reading] = []
+            taken = 0
             while self._inbox:
+                taken += 1
                 fresh_one = self._take(self._inbox.popleft())
                 if fresh_one is not None:
                     fresh.append(fresh_one)
                 if self._batch.messages >= self.cfg.batch_max_readings:
                     self._close_batch()
+            if taken:  # one increment a pass: a multiprocess counter's inc costs a lock and an mmap write
+                self.metrics.received.inc(taken)
             if fresh and self.scoring is not None:
                 self.scoring.submit(fresh)
             if self._batch.messages and (
@@ -232,7 +241,6 @@ class Ingester:
             batch.first_received_ns = message.received_ns
         batch.acks.append((message.connection, message.mid, message.qos))
         self.stats.received += 1
-        self.metrics.received.inc()
         item = self.reader.read(message.topic, message.payload)
         if isinstance(item, Refusal):
             item.received_ns = message.received_ns
@@ -313,10 +321,14 @@ class Ingester:
             "refused": result.refused,
             "runs": {d: [list(r) for r in runs] for d, runs in result.runs.items()},
             "commit_seconds": round(result.seconds, 4),
+            "commit_phases": {k: round(v, 4) for k, v in result.phases.items()},
             "committed_at": time.time(),
             "first_received_at": batch.first_received_ns / 1e9,
         }
         self.stats.last_commit = {k: v for k, v in event.items() if k != "runs"}
+        self.stats.commit_seconds += result.seconds
+        for phase, seconds in result.phases.items():
+            self.stats.commit_phase_seconds[phase] = self.stats.commit_phase_seconds.get(phase, 0.0) + seconds
         self.client.publish(f"{self.cfg.commits_topic}/{self.dataset}/commits", json.dumps(event), qos=1)
         if self.notifier is not None and result.partitions:
             self.notifier.touched(result.partitions)
@@ -351,8 +363,9 @@ def build_scorer(dataset: str, cfg: StreamSettings, settings, store, models=None
     return OnlineScorer(load_contract(ds.contract_path), gold["window"], gold["long_window"], models, ds.model_name)
 
 
-def build_scorer_process(dataset: str, cfg: StreamSettings | None = None, *, store=None, models=None):
-    """`platform stream --role scorer`: scoring, alerts and device state in a process of their own."""
+def build_scorer_process(dataset: str, cfg: StreamSettings | None = None, *, source, store=None, models=None):
+    """`platform stream --role scorer`: scoring, alerts and device state in a process of their own,
+    fed the ingester's readings on `source` (its stdin)."""
     from pipelines.settings import get_settings
     from pipelines.storage import ObjectStore
     from pipelines.streaming.live import ScorerProcess
@@ -363,14 +376,21 @@ def build_scorer_process(dataset: str, cfg: StreamSettings | None = None, *, sto
     store = store or ObjectStore(settings)
     scorer = build_scorer(dataset, cfg, settings, store, models) if cfg.scoring else None
     state = state_store(cfg.redis_url, dataset, cfg.secret("redis_password"))
-    return ScorerProcess(dataset, cfg, store=store, scorer=scorer, state=state)
+    return ScorerProcess(dataset, cfg, store=store, scorer=scorer, state=state, source=source)
 
 
 def build_ingester(
-    dataset: str, cfg: StreamSettings | None = None, *, store=None, models=None, score_in_process: bool = True
+    dataset: str,
+    cfg: StreamSettings | None = None,
+    *,
+    store=None,
+    models=None,
+    score_in_process: bool = True,
+    scoring=None,
 ) -> Ingester:
     """The ingester: the stack's store, the Airflow notifier as configured and, when scoring in this
-    process (tests, small fleets), the registry's champion and the state store."""
+    process (tests, small fleets), the registry's champion and the state store; or `scoring`, the
+    pipe to a scorer process."""
     from pipelines.datasets import get_dataset
     from pipelines.settings import get_settings
     from pipelines.storage import ObjectStore
@@ -401,4 +421,5 @@ def build_ingester(
         state=state_store(cfg.redis_url, dataset, cfg.secret("redis_password")) if score_in_process else None,
         notifier=notifier,
         grain=ds.grain,
+        scoring=scoring,
     )

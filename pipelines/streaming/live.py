@@ -5,15 +5,15 @@ so the fixed cost of silver's and gold's functions is paid once per pass, not pe
 publishes an alert for each reading at or above its model's threshold on `alerts/<dataset>/<device>`
 and writes each device's latest state.
 
-`platform stream` runs it in a process of its own (`ScorerProcess`, `--role scorer`), subscribed
-to the same topics as the ingester with its own MQTT session: pandas' work in the scorer would
+`platform stream` runs it in a process of its own (`ScorerProcess`, `--role scorer`), fed by the
+ingester over a pipe (`ScoringPipe`) with the readings it accepted: pandas' work in the scorer would
 otherwise hold the ingester's interpreter lock and delay its commits (at 5,000 readings/s on two
 shared cores the p99 from publish to bronze commit was 16.5 s with scoring in the ingester's
-process, 1.6-2.2 s with scoring in its own). It starts
-warm: each device's tail is read back from the bronze readings the ingester committed, so the first
-readings after a restart get the same windows as gold gives them. Readings published while the
-scorer was down are committed by the ingester but not alerted on (its session is not persistent:
-replaying them after the tail was rebuilt from bronze would count them twice in the windows).
+process, 1.6-2.2 s with scoring in its own). It starts warm: each device's tail is read back from
+the bronze readings the ingester committed, so the first readings after a restart get the same
+windows as gold gives them. Readings that arrive while the scorer is down are committed by the
+ingester but not alerted on (replaying them after the tail was rebuilt from bronze would count them
+twice in the windows).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import collections
 import gc
 import json
 import logging
+import pickle
+import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipelines.streaming.messages import Reading, bronze_table
 
@@ -163,22 +165,146 @@ def warm_tails(scorer, store, dataset: str, contract, days: int = 2):
     return silver
 
 
-class ScorerProcess:
-    """`platform stream --role scorer`: its own MQTT session, reader and `ScoringWorker`."""
+FRAME = struct.Struct(">I")  # a frame on the ingester -> scorer pipe: its length, then a pickle
 
-    def __init__(self, dataset: str, cfg, *, store, scorer, state):
+
+def encode_readings(readings: list[Reading]) -> bytes:
+    """One frame of readings for the scorer child: tuples of plain values, pickled (the pipe joins a
+    parent and the child it started, nothing else writes to it)."""
+    payload = pickle.dumps(
+        [(r.device, r.seq, r.values, r.topic, r.partition, r.received_ns) for r in readings],
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+    return FRAME.pack(len(payload)) + payload
+
+
+def read_frames(source: BinaryIO):
+    """The readings of each frame until the writer closes the pipe."""
+    while True:
+        head = source.read(FRAME.size)
+        if len(head) < FRAME.size:
+            return
+        (size,) = FRAME.unpack(head)
+        body = source.read(size)
+        if len(body) < size:
+            return
+        yield [Reading(*fields) for fields in pickle.loads(body)]  # noqa: S301 - our own parent's frames
+
+
+class ScoringPipe:
+    """The ingester's end of scoring in a child process: the readings each intake pass found new,
+    written to the child's stdin by a thread of their own, so the intake never waits on the child.
+
+    The ingester has read and checked every message already: the child gets them as parsed readings
+    instead of subscribing to the broker itself, which had cost it a second MQTT client, JSON parse
+    and PUBACK per reading (at 5,000 readings/s, more than half of its process's time). A backlog
+    beyond `max_backlog` readings (a child that stopped reading) is dropped and counted, never held
+    without bound; so are readings sent while no child is attached (it restarts warm from bronze)."""
+
+    def __init__(self, max_backlog: int = 200_000):
+        self.max_backlog = max_backlog
+        self.forwarded = 0
+        self.dropped_backlog = 0
+        self.dropped_no_scorer = 0
+        self._sink: BinaryIO | None = None
+        self._status: Callable[[], dict[str, Any]] | None = None
+        self._queue: collections.deque[list[Reading]] = collections.deque()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scoring-pipe", daemon=True)
+
+    def attach(self, sink: BinaryIO | None, status: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Write to `sink` from now on (a restarted child's stdin); `status` reports the child's own."""
+        with self._lock:
+            old, self._sink, self._status = self._sink, sink, status
+        if old is not None and old is not sink:
+            try:
+                old.close()
+            except OSError:
+                pass
+
+    def start(self) -> ScoringPipe:
+        if not self._thread.is_alive():  # the ingester starts it too
+            self._thread.start()
+        return self
+
+    def submit(self, readings: list[Reading]) -> None:
+        with self._lock:
+            if self._queued + len(readings) > self.max_backlog:
+                self.dropped_backlog += len(readings)
+                return
+            self._queue.append(readings)
+            self._queued += len(readings)
+        self._ready.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._ready.set()
+        self._thread.join(timeout)
+        with self._lock:
+            sink, self._sink = self._sink, None
+        if sink is not None:
+            try:
+                sink.close()
+            except OSError:
+                pass
+
+    def _loop(self) -> None:
+        while True:
+            self._ready.wait(0.05)
+            self._ready.clear()
+            with self._lock:
+                batches, self._queue = list(self._queue), collections.deque()
+                self._queued = 0
+                sink = self._sink
+            readings = [r for batch in batches for r in batch]
+            if readings:
+                if sink is None:
+                    self.dropped_no_scorer += len(readings)
+                else:
+                    try:
+                        sink.write(encode_readings(readings))
+                        sink.flush()
+                        self.forwarded += len(readings)
+                    except (OSError, ValueError):  # the child is gone (restarting): it warms up from bronze
+                        self.dropped_no_scorer += len(readings)
+            elif self._stop.is_set():
+                return
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "forwarded": self.forwarded,
+            "dropped_backlog": self.dropped_backlog,
+            "dropped_no_scorer": self.dropped_no_scorer,
+            "queued": self._queued,
+        }
+        if self._status is not None:
+            try:
+                out |= self._status()
+            except Exception:  # noqa: BLE001 - the child's own report is optional
+                pass
+        return out
+
+
+class ScorerProcess:
+    """`platform stream`'s scoring child (`--role scorer`): the readings the ingester accepted arrive
+    on `source` (its stdin, `ScoringPipe` frames); alerts go out over its own MQTT connection."""
+
+    def __init__(self, dataset: str, cfg, *, store, scorer, state, source: BinaryIO):
         import paho.mqtt.client as mqtt
 
         from pipelines.contracts import load_contract
         from pipelines.datasets import get_dataset
         from pipelines.streaming.ledger import SeqSet
-        from pipelines.streaming.messages import MessageReader, subscription
+        from pipelines.streaming.messages import MessageReader
 
         self.dataset, self.cfg, self.store = dataset, cfg, store
         contract = load_contract(get_dataset(dataset).contract_path)
         self.contract = contract
-        self.reader = MessageReader(dataset, contract, cfg.device_allow_list())
-        self.seen: dict[str, SeqSet] = collections.defaultdict(SeqSet)  # redeliveries are not scored twice
+        self.source = source
+        self.seen: dict[str, SeqSet] = collections.defaultdict(SeqSet)  # the warm-up's rows are not scored twice
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"{cfg.session_id(dataset)}-scorer",
@@ -190,25 +316,25 @@ class ScorerProcess:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(100_000)
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
-        self.topic = subscription(dataset)
-        self.client.on_connect = lambda c, u, f, reason, p: None if reason.is_failure else c.subscribe(self.topic, 1)
-        self.client.on_message = self._on_message
         self.worker = ScoringWorker(
             dataset,
             scorer,
             state,
             lambda t, p: self.client.publish(t, p, qos=1),
-            columns=self.reader.columns,
+            columns=MessageReader(dataset, contract).columns,
             alerts_topic=cfg.alerts_topic,
         )
-        self._inbox: collections.deque = collections.deque()
+        self.ended = threading.Event()  # the ingester closed the pipe
+        self._inbox: collections.deque[list[Reading]] = collections.deque()
         self._arrived = threading.Event()
         self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="scorer-pipe", daemon=True)
         self._intake = threading.Thread(target=self._intake_loop, name="scorer-intake", daemon=True)
 
     def start(self) -> ScorerProcess:
-        # Subscribe first, then read bronze: a reading is either in the tail read back or among the
-        # messages buffered meanwhile (or both, and then it is skipped), never in neither.
+        # Read the pipe first, then bronze: a reading is either in the tail read back or among the
+        # frames buffered meanwhile (or both, and then it is skipped), never in neither.
+        self._reader.start()
         self.client.connect_async(self.cfg.mqtt_host, self.cfg.mqtt_port, keepalive=self.cfg.keepalive_seconds)
         self.client.loop_start()
         deadline = time.monotonic() + 30
@@ -233,27 +359,32 @@ class ScorerProcess:
         self._intake.start()
         return self
 
-    def _on_message(self, client, userdata, msg) -> None:
-        self._inbox.append((msg.topic, msg.payload))
-        self._arrived.set()
+    def _read_loop(self) -> None:
+        try:
+            for readings in read_frames(self.source):
+                self._inbox.append(readings)
+                self._arrived.set()
+        except (OSError, ValueError, pickle.UnpicklingError):
+            log.exception("the ingester's pipe broke")
+        self.ended.set()
 
     def _intake_loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
+            stopping = self._stop.is_set()
             self._arrived.wait(0.05)
             self._arrived.clear()
             fresh = []
             while self._inbox:
-                topic, payload = self._inbox.popleft()
-                item = self.reader.read(topic, payload)
-                if not isinstance(item, Reading):
-                    continue
-                seen = self.seen[item.device]
-                if item.seq in seen:
-                    continue
-                seen.add(item.seq)
-                fresh.append(item)
+                for item in self._inbox.popleft():
+                    seen = self.seen[item.device]
+                    if item.seq in seen:
+                        continue
+                    seen.add(item.seq)
+                    fresh.append(item)
             if fresh:
                 self.worker.submit(fresh)
+            if stopping:
+                return
 
     def stop(self) -> None:
         self._stop.set()

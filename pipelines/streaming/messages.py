@@ -14,6 +14,7 @@ row, and is refused: kept in quarantine with the rule and the raw payload, never
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,10 +66,16 @@ class Refusal:
 
 
 def _text(value) -> str | None:
-    """A JSON value as bronze keeps it: strings as they are, other scalars rendered as JSON."""
-    if value is None:
-        return None
-    return value if isinstance(value, str) else json.dumps(value)
+    """A JSON value as bronze keeps it: strings as they are, other scalars rendered as JSON.
+
+    A finite float or an int renders as its repr, which is what `json.dumps` writes for them, at a
+    tenth of its cost (every field of every message passes here, twice: ingester and scorer)."""
+    kind = type(value)
+    if kind is str or value is None:
+        return value
+    if kind is float and math.isfinite(value) or kind is int:
+        return repr(value)
+    return json.dumps(value)
 
 
 class MessageReader:

@@ -480,15 +480,20 @@ def test_streamed_scores_equal_batch_scores_and_anomalies_are_alerted(broker, re
     wait_for(lambda: ingester.scoring.scored >= cut, 60, "every reading scored")
     ingester.stop()
 
-    # 2. As `platform stream` runs: ingest in one process, score in another that starts warm, each
-    # device's windows read back from bronze, so its first scores equal gold's too.
-    ingester = build_ingester(dataset, cfg, store=store, score_in_process=False).start()
-    scorer = build_scorer_process(dataset, cfg, store=store, models=manager).start()
+    # 2. As `platform stream` runs: ingest in one process, score in another (here: the two ends of a
+    # pipe, as between `platform stream` and its child) that starts warm, each device's windows read
+    # back from bronze, so its first scores equal gold's too.
+    from pipelines.streaming.live import ScoringPipe
+
+    read_end, write_end = os.pipe()
+    pipe = ScoringPipe().start()
+    pipe.attach(os.fdopen(write_end, "wb"))
+    ingester = build_ingester(dataset, cfg, store=store, score_in_process=False, scoring=pipe).start()
+    scorer = build_scorer_process(dataset, cfg, source=os.fdopen(read_end, "rb"), store=store, models=manager).start()
     http_port = free_port()
     server = serve_in_thread(state_app(scorer.worker.state, scorer.status), "127.0.0.1", http_port)
     assert ingester.wait_connected(10)
     wait_for(lambda: scorer.client.is_connected(), 10, "the scorer to connect")
-    time.sleep(0.3)  # subscribed
     publish_at_rate(pub, dataset, data[cut:], rate=4000)
     pub.flush(30)
     wait_for(lambda: ingester.stats.committed_rows >= len(data) - cut, 60, "every reading committed")
@@ -497,10 +502,12 @@ def test_streamed_scores_equal_batch_scores_and_anomalies_are_alerted(broker, re
     state = httpx.get(f"http://127.0.0.1:{http_port}/devices/device-03", timeout=5).json()
     devices = httpx.get(f"http://127.0.0.1:{http_port}/devices", timeout=5).json()["devices"]
     health = httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5)
+    ingester.stop()  # closes the pipe: the scorer reads to its end
+    wait_for(scorer.ended.is_set, 10, "the scorer to see the pipe closed")
     scorer.stop()
-    ingester.stop()
     server.should_exit = True
     listener.close()
+    assert pipe.status()["forwarded"] == len(data) - cut and not pipe.dropped_backlog + pipe.dropped_no_scorer
     pub.close()
 
     assert health.status_code == 200 and health.json()["state_store"] is True
