@@ -112,9 +112,7 @@ def publish_fleet(
             topic = topics[device] = _string(sensor_topic(dataset, device))
         mid = mid % 65535 + 1
         payload = json.dumps(reading).encode()
-        chunk.append(
-            b"\x32" + _length(len(topic) + 2 + len(payload)) + topic + struct.pack(">H", mid) + payload
-        )
+        chunk.append(b"\x32" + _length(len(topic) + 2 + len(payload)) + topic + struct.pack(">H", mid) + payload)
         keys.append((device, reading["seq"]))
         count += 1
         while count - acks.count > 60_000 and not acks.error:  # packet ids must not wrap onto unacked ones

@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="folder in NAB's layout")
     ap.add_argument("--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS))
-    ap.add_argument("--profile", action="append", choices=sorted(nab.PROFILES),
-                    help="profile(s) to report (default: all three)")
+    ap.add_argument(
+        "--profile", action="append", choices=sorted(nab.PROFILES), help="profile(s) to report (default: all three)"
+    )
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one file per task)")
     ap.add_argument("--no-reference", action="store_true", help="skip the detectors under DIR/results")
     args = ap.parse_args(argv)
@@ -117,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     files = nab.load_corpus(corpus)
     categories = sorted({f.category for f in files})
     rows = sum(len(f.values) for f in files)
-    print(f"NAB corpus {corpus}: {len(files)} files, {rows} rows, "
-          f"{sum(len(f.windows) for f in files)} windows; detector {args.detector!r}, jobs {args.jobs}")
+    print(
+        f"NAB corpus {corpus}: {len(files)} files, {rows} rows, "
+        f"{sum(len(f.windows) for f in files)} windows; detector {args.detector!r}, jobs {args.jobs}"
+    )
 
     t0 = time.perf_counter()
     ours = run_detector(files, args.detector, args.jobs)
@@ -150,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             det, tot, fapd = _events(files, scores, total.threshold)
             cats = " ".join(f"{(f'{v:.1f}' if v is not None else '-'):>{cat_w}}" for v in per_cat.values())
             print(f"{name:<18}{total.normalised:>7.1f}{total.threshold:>8.3f}{f'{det}/{tot}':>9}{fapd:>8.2f}  {cats}")
-    print("\nper-category scores at the corpus threshold ('-': no window); windows = detected/scored; "
-          "FA/day = false-alarm events per scored day")
+    print(
+        "\nper-category scores at the corpus threshold ('-': no window); windows = detected/scored; "
+        "FA/day = false-alarm events per scored day"
+    )
     print(f"total time {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -189,11 +189,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_rate(rate: int, seconds: float, port: int, dataset: str, devices: int, http_port: int) -> dict:
-    import httpx
-
-
     import multiprocessing
 
+    import httpx
     from mqtt_load import publish_fleet
 
     collector = Collector(port, dataset)

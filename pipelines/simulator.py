@@ -27,9 +27,7 @@ def simulate_telemetry(
     concatenation of `simulate_day_csv` for each day: landing day by day or all at once agree.
     """
     _check_args(days, devices, freq_seconds)
-    parts = [
-        _simulate_day(start_date + dt.timedelta(days=i), devices, freq_seconds, seed) for i in range(days)
-    ]
+    parts = [_simulate_day(start_date + dt.timedelta(days=i), devices, freq_seconds, seed) for i in range(days)]
     if not parts:
         return _frame(_empty_day())
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -183,9 +181,7 @@ def _fault_events(rng: np.random.Generator, devices: int, n: int) -> list[tuple[
     return events
 
 
-def stream_readings(
-    start_date: dt.date, days: int, devices: int = 4, freq_seconds: int = 60, seed: int = 42
-):
+def stream_readings(start_date: dt.date, days: int, devices: int = 4, freq_seconds: int = 60, seed: int = 42):
     """The same telemetry as `simulate_telemetry`, as the messages a device sends: one dict per
     reading, time-major (all devices at t0, then t1, ...), each with ``seq``, the device's own
     counter from 0 (MQTT has no sequence numbers: a receiver recognises redeliveries by it).

@@ -670,9 +670,7 @@ class PartitionWriter:
         self.store.put_bytes(self.bucket, self.prefix + MANIFEST_NAME, manifest.to_json(), "application/json")
         live = {f["key"] for f in all_files} | {self.prefix + MANIFEST_NAME}
         superseded = {f["key"] for f in previous.files} if previous is not None else set()
-        self.store.delete_keys(
-            self.bucket, collectable(ages, live, self.run_prefix, gc_grace_seconds(), superseded)
-        )
+        self.store.delete_keys(self.bucket, collectable(ages, live, self.run_prefix, gc_grace_seconds(), superseded))
         return manifest
 
     def abort(self) -> None:

@@ -28,9 +28,7 @@ class Step:
         if not 0 <= self.weight <= 100:
             raise ValueError(f"canary step {self.name!r}: weight {self.weight} must be within 0..100")
         if self.shadow not in SHADOW_ROLES:
-            raise ValueError(
-                f"canary step {self.name!r}: shadow {self.shadow!r} must be one of {SHADOW_ROLES}"
-            )
+            raise ValueError(f"canary step {self.name!r}: shadow {self.shadow!r} must be one of {SHADOW_ROLES}")
         if self.weight == 0 and self.shadow != "challenger":
             raise ValueError(f"canary step {self.name!r}: weight 0 sends the challenger nothing; use shadow")
 

@@ -23,6 +23,8 @@ def rollout_key(model_name: str) -> str:
     if not model_name:
         raise ValueError("a rollout state belongs to a registered model: model_name is empty")
     return f"{ROLLOUT_PREFIX}{model_name}.json"
+
+
 IDLE, RUNNING, PROMOTED, ROLLED_BACK = "idle", "running", "promoted", "rolled_back"
 
 
@@ -139,9 +141,7 @@ def finish(state: RolloutState, actor: str, reason: str, verdict: dict | None = 
     )
 
 
-def with_weight(
-    state: RolloutState, weight: int, shadow: str | None, actor: str, reason: str
-) -> RolloutState:
+def with_weight(state: RolloutState, weight: int, shadow: str | None, actor: str, reason: str) -> RolloutState:
     if not 0 <= weight <= 100:
         raise ValueError(f"weight {weight} must be within 0..100 (percent of devices)")
     return replace(

@@ -217,11 +217,17 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
         raise fail("<root>", "is not a mapping", "write the contract as YAML keys (name, event_time, ...)")
     for key in ("name", "event_time", "entity", "columns"):
         if key not in raw:
-            raise fail(
-                key, "is missing", f"add a {key!r} section (see pipelines/contracts/iot_telemetry.yaml)"
-            )
+            raise fail(key, "is missing", f"add a {key!r} section (see pipelines/contracts/iot_telemetry.yaml)")
     known = {
-        "name", "description", "format", "event_time", "entity", "columns", "keys", "label", "cadence",
+        "name",
+        "description",
+        "format",
+        "event_time",
+        "entity",
+        "columns",
+        "keys",
+        "label",
+        "cadence",
         "label_windows",
     }
     unknown = sorted(set(raw) - known)
@@ -257,9 +263,7 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
 
         zoneinfo.ZoneInfo(event_time.timezone)
     except Exception:
-        raise fail(
-            "event_time.timezone", f"is {event_time.timezone!r}", "use an IANA zone such as 'UTC'"
-        ) from None
+        raise fail("event_time.timezone", f"is {event_time.timezone!r}", "use an IANA zone such as 'UTC'") from None
 
     en = _mapping(raw["entity"], "entity", fail)
     if bool(en.get("source")) == (en.get("constant") is not None):
@@ -292,9 +296,7 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
         if names.count(name) > 1:
             raise fail("columns", f"declares {name!r} twice", "give each canonical column one entry")
         if name in reserved:
-            raise fail(
-                "columns", f"uses reserved name {name!r}", f"rename it; {sorted(reserved)} are canonical"
-            )
+            raise fail("columns", f"uses reserved name {name!r}", f"rename it; {sorted(reserved)} are canonical")
 
     label = None
     if raw.get("label") is not None:
@@ -305,9 +307,7 @@ def parse_contract(raw: Any, *, source: Path | str = "<contract>") -> Contract:
             column=str(lb.get("column", "label")),
             source=str(lb["source"]),
             required=bool(lb.get("required", False)),
-            normal_values=tuple(
-                str(v).strip().lower() for v in lb.get("normal_values", DEFAULT_NORMAL_LABELS)
-            ),
+            normal_values=tuple(str(v).strip().lower() for v in lb.get("normal_values", DEFAULT_NORMAL_LABELS)),
         )
 
     cadence = raw.get("cadence")
@@ -398,9 +398,7 @@ def _column(raw: Any, i: int, fail: Callable[[str, str, str], ContractError]) ->
     unit, source_unit = col.get("unit"), col.get("source_unit")
     if source_unit is not None:
         if ctype != "float64" or unit is None:
-            raise fail(
-                f"{field}.source_unit", "needs a float64 column with a 'unit'", "add unit: <canonical unit>"
-            )
+            raise fail(f"{field}.source_unit", "needs a float64 column with a 'unit'", "add unit: <canonical unit>")
         if source_unit != unit and (source_unit, unit) not in UNIT_CONVERSIONS:
             raise fail(
                 f"{field}.source_unit",

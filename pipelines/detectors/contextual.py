@@ -202,7 +202,7 @@ class ContextualDetector:
         potential_all.update(potential)
         frac_active = len(active) / n_selected if n_selected else 0.0
         active.sort()
-        neurons = {NEURON_OFFSET + a[3] for a in active[-self.config.max_active_neurons:]}
+        neurons = {NEURON_OFFSET + a[3] for a in active[-self.config.max_active_neurons :]}
         st.left_facts = tuple(sorted(set(sens) | neurons))
         n_new = self._add_contexts(st, potential, zero_level=False) if potential else 0
         self._cross(st, 0, st.left_facts)

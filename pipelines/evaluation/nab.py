@@ -89,7 +89,9 @@ def load_profiles(path: Path | str) -> dict[str, CostMatrix]:
     for name, spec in raw.items():
         cm = spec["CostMatrix"]
         out[name] = CostMatrix(
-            tp=float(cm["tpWeight"]), fp=float(cm["fpWeight"]), fn=float(cm["fnWeight"]),
+            tp=float(cm["tpWeight"]),
+            fp=float(cm["fpWeight"]),
+            fn=float(cm["fnWeight"]),
             tn=float(cm.get("tnWeight", 1.0)),
         )
     return out
@@ -145,7 +147,7 @@ def load_detector_scores(root: Path | str, detector: str) -> dict[str, np.ndarra
     prefix = f"{detector}_"
     out: dict[str, np.ndarray] = {}
     for path in sorted(base.glob(f"*/{prefix}*.csv")):
-        name = f"{path.parent.name}/{path.name[len(prefix):]}"
+        name = f"{path.parent.name}/{path.name[len(prefix) :]}"
         out[name] = pd.read_csv(path, usecols=["anomaly_score"])["anomaly_score"].to_numpy(dtype=np.float64)
     if not out:
         raise FileNotFoundError(f"no per-row results for detector {detector!r} under {base}")

@@ -652,9 +652,7 @@ def _silver_bucket(job: tuple[int, list | None, int]) -> dict[str, Any]:
     def work(say: Callable[[str], None]) -> dict[str, Any]:
         bronze = storage.decode_rows(task.files, task.contract.entity.source, bucket)
         rows_in = bronze.num_rows
-        silver, quarantine = to_silver(
-            bronze, task.contract, partition=task.partition, now=task.now, grain=task.grain
-        )
+        silver, quarantine = to_silver(bronze, task.contract, partition=task.partition, now=task.now, grain=task.grain)
         del bronze
         n_collapsed = int(silver.attrs.get("collapsed_duplicates", 0))
         say(

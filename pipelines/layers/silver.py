@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -295,7 +296,7 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
 
     Missing values (empty, "NA", "NaN", ...) become null, not type errors; rules decide if null is allowed.
     """
-    out = pd.DataFrame(index=raw.index)
+    out: dict[str, Any] = {}  # the frame is built once at the end: inserting column by column cost more
     errors: dict[str, pd.Series] = {}
     et, entity = contract.event_time, contract.entity
 
@@ -332,17 +333,19 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
     out["event_date"] = ts.dt.date
     for col in SILVER_LINEAGE:
         out[col] = raw[col] if col in raw else pd.NA
-    out["_source_line"] = out["_source_line"].astype("Int64")
+    out["_source_line"] = pd.Series(out["_source_line"], index=raw.index).astype("Int64")
     # Ordering for "the latest delivery wins": by delivery, never by when a run happened to execute
     # (a backfill of an original after its correction must not revert it). Absent lineage
     # (hand-built frames) means row order.
     out["_delivery_order"] = delivery_order(raw)
     errors = {c: m.fillna(False).astype(bool) for c, m in errors.items() if m.any()}
+    frame = pd.DataFrame(out, index=raw.index)
     if implausible.any():  # parsed, but not a plausible reading time: to_silver names the cause
-        out.attrs["implausible_time"] = implausible
-    return out, errors
+        frame.attrs["implausible_time"] = implausible
+    return frame, errors
 
 
+_STR = pd.Series([], dtype="str").dtype
 _LANDED_KEY = re.compile(r"/(\d{4}-\d{2}-\d{2})/([^/]+)$")  # s3://landing/<dataset>/<delivery date>/<name>
 _LANDED_COPY = re.compile(r"^[^.]*\.(\d+)(?:\.|$)")  # <stem>.<n>.<ext>: the n-th file landed under one name
 
@@ -356,16 +359,19 @@ def delivery_order(raw: pd.DataFrame) -> pd.Series:
     Evaluated once per distinct source: a delivery has few files and each row repeats its file's key."""
     if "_source_key" not in raw:
         return pd.Series(pd.NA, index=raw.index, dtype="object")
-    ingested = (
-        pd.to_datetime(raw["_ingested_at"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
-        if "_ingested_at" in raw
-        else pd.Series("", index=raw.index)
-    ).fillna("")
-    pairs = raw["_source_key"].astype("str").fillna("") + "\x00" + ingested
-    codes, uniques = pd.factorize(pairs)
+    # Distinct (key, ingestion time) pairs first: a delivery's rows repeat a handful of them, and
+    # formatting a time per row was most of this function's cost on a large delivery.
+    key_codes, key_uniques = pd.factorize(raw["_source_key"].astype("str").fillna(""))
+    if "_ingested_at" in raw:
+        time_codes, time_uniques = pd.factorize(pd.to_datetime(raw["_ingested_at"], utc=True))
+        whens = pd.Series(time_uniques).dt.strftime("%Y-%m-%dT%H:%M:%S.%f").fillna("").tolist() + [""]
+    else:
+        time_codes, whens = np.full(len(raw), -1), [""]
+    time_index = np.where(time_codes < 0, len(whens) - 1, time_codes)  # NaT: the last, ""
+    codes, pair_uniques = pd.factorize(key_codes.astype("int64") * len(whens) + time_index)
     orders = []
-    for pair in uniques:
-        key, _, when = str(pair).partition("\x00")
+    for pair in pair_uniques.tolist():
+        key, when = str(key_uniques[pair // len(whens)]), whens[pair % len(whens)]
         found = _LANDED_KEY.search(key)
         if found is None:
             orders.append(f"{when[:10]}|{0:06d}|{when}")
@@ -426,7 +432,8 @@ def _adjacent_keys_repeat(ordered: pd.DataFrame, keys: list[str]) -> bool:
 def _text(raw: pd.DataFrame, column: str) -> pd.Series:
     if column not in raw:  # optional delivered column absent from this file
         return pd.Series(pd.NA, index=raw.index, dtype="str")
-    return raw[column].astype("str")
+    text = raw[column]
+    return text if text.dtype == _STR else text.astype("str")  # bronze's text columns are already text
 
 
 def _is_missing(text: pd.Series) -> pd.Series:

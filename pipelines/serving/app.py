@@ -52,9 +52,7 @@ RECORD_BYTES, FIELD_BYTES, LABEL_BYTES, DEFAULT_FEATURES = 1400, 48, 160, 32
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    return Response(
-        orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json"
-    )
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json")
 
 
 def _error(status: int, message: str, close: bool = False, **extra: Any) -> Response:
@@ -75,14 +73,10 @@ def validate_records(
     within +-``max_abs`` or null, and a record has at least one that is not null: a model answers
     anything, and 1e308 or a record of nulls scored "no anomaly" (issue 18)."""
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
-        return [], [
-            {"loc": ["body", "records"], "msg": "expected an object with a list 'records'", "type": "missing"}
-        ]
+        return [], [{"loc": ["body", "records"], "msg": "expected an object with a list 'records'", "type": "missing"}]
     records = body["records"]
     if not records:
-        return [], [
-            {"loc": ["body", "records"], "msg": "at least one record is required", "type": "too_short"}
-        ]
+        return [], [{"loc": ["body", "records"], "msg": "at least one record is required", "type": "too_short"}]
     if len(records) > max_records:
         return [], [
             {
@@ -108,9 +102,7 @@ def validate_records(
         readings = 0
         for col in columns:
             if col not in rec:
-                errors.append(
-                    {"loc": ["body", "records", i, col], "msg": "field required", "type": "missing"}
-                )
+                errors.append({"loc": ["body", "records", i, col], "msg": "field required", "type": "missing"})
                 continue
             v = rec[col]
             if v is None:
@@ -300,9 +292,7 @@ class ScoringService:
         try:
             return orjson.loads(body), None
         except orjson.JSONDecodeError as exc:
-            return None, _validation_error(
-                [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]
-            )
+            return None, _validation_error([{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}])
 
     # -- scoring ----------------------------------------------------------------------------------
     async def score(self, request: Request) -> Response:
@@ -331,9 +321,7 @@ class ScoringService:
             and self.manager.get("challenger") is not None
         )
         weight, shadow, rid, step = (
-            (rollout.weight, rollout.shadow, rollout.rollout_id, rollout.step_name)
-            if active
-            else (0, "none", "", "")
+            (rollout.weight, rollout.shadow, rollout.rollout_id, rollout.step_name) if active else (0, "none", "", "")
         )
         roles = [route(r["device"], weight, rid) for r in records] if weight else ["champion"] * len(records)
         groups: dict[str, list[int]] = {}
@@ -445,9 +433,7 @@ class ScoringService:
                 [{"loc": ["body", "labels"], "msg": "expected a non-empty list", "type": "missing"}]
             )
         if len(labels) > self.cfg.max_records_per_request * 10:
-            return _validation_error(
-                [{"loc": ["body", "labels"], "msg": "too many labels; split", "type": "too_long"}]
-            )
+            return _validation_error([{"loc": ["body", "labels"], "msg": "too many labels; split", "type": "too_long"}])
         rows, errors = [], []
         now = time.time()
         for i, lab in enumerate(labels):

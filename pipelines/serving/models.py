@@ -234,9 +234,7 @@ class ModelManager:
                         log.info("alias %s removed: unloading v%s", role, current.version)
                     self.models[role] = None
                 elif current is None or current.version != str(wanted):
-                    loaded = load_version(
-                        client, self.model_name, role, str(wanted), self.settings.mlflow_tracking_uri
-                    )
+                    loaded = load_version(client, self.model_name, role, str(wanted), self.settings.mlflow_tracking_uri)
                     self.models[role] = loaded  # the atomic swap: in-flight batches keep the old object
                     gc.freeze()  # the new model's objects join the heap the collector leaves alone (app.py)
                     log.info("%s now v%s (was %s)", role, loaded.version, current and current.version)

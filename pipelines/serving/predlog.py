@@ -83,9 +83,7 @@ def lake_store(settings, timeout_seconds: float = 5.0):
 class LakeTableWriter:
     """Buffers rows of one table and writes them as Parquet parts from a background thread."""
 
-    def __init__(
-        self, store, table: str, schema: pa.Schema, flush_seconds: float, flush_rows: int, max_rows: int
-    ):
+    def __init__(self, store, table: str, schema: pa.Schema, flush_seconds: float, flush_rows: int, max_rows: int):
         self.store = store
         self.table = table
         self.schema = schema
@@ -153,9 +151,7 @@ class LakeTableWriter:
                     self._rows[:0] = kept
                     self._in_flight = 0
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                log.warning(
-                    "%s: %d rows kept in memory, write failed: %s", self.table, len(kept), self.last_error
-                )
+                log.warning("%s: %d rows kept in memory, write failed: %s", self.table, len(kept), self.last_error)
                 return len(rows) - len(kept)
 
     def _tables_by_day(self, rows: list[dict]) -> tuple[list[str], dict[str, pa.Table]]:

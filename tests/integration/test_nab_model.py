@@ -90,18 +90,14 @@ def test_nab_model_beats_threshold_rule_on_held_out_range(nab_gold, mlflow_uri, 
             "rows": len(gold),
         },
     )
-    result = training.train_and_log(
-        gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment=EXPERIMENT, progress=print
-    )
+    result = training.train_and_log(gold, PARAMS, ctx, tracking_uri=mlflow_uri, experiment=EXPERIMENT, progress=print)
     train_df, test_df = training.split_by_time(gold, PARAMS["train"]["test_fraction"])
     model = mlflow.pyfunc.load_model(result.model_uri)
     y = test_df["is_anomaly"].astype(int).to_numpy()
     model_scores = np.asarray(model.predict(test_df[result.feature_columns]), dtype=np.float64)
     temp_above = result.baseline_temp_above
     rule_scores, rule_alarm = training.threshold_rule_scores(test_df, temp_above)
-    below_t = training.choose_threshold(
-        -train_df["temp"].to_numpy(), train_df["is_anomaly"].astype(int).to_numpy()
-    )
+    below_t = training.choose_threshold(-train_df["temp"].to_numpy(), train_df["is_anomaly"].astype(int).to_numpy())
     below_scores = -test_df["temp"].to_numpy()
 
     rows = {
@@ -128,9 +124,7 @@ def test_nab_model_beats_threshold_rule_on_held_out_range(nab_gold, mlflow_uri, 
         "false_alarm_episodes",
         "window_lead_hours_mean",
     )
-    print(
-        f"\nNAB held-out range from {test_df['ts'].min()} ({len(test_df)} rows), model {result.model_family}"
-    )
+    print(f"\nNAB held-out range from {test_df['ts'].min()} ({len(test_df)} rows), model {result.model_family}")
     print(f"{'scorer':18}" + "".join(f"{k:>22}" for k in keys))
     for name, m in rows.items():
         print(f"{name:18}" + "".join(f"{m[k]:>22.4f}" for k in keys))

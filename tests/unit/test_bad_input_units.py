@@ -98,9 +98,7 @@ def test_outside_partition_rule_quarantines_rows_of_another_day():
 def test_changing_a_contract_range_changes_quarantine_and_gate_alike():
     narrowed = dataclasses.replace(
         IOT,
-        columns=tuple(
-            dataclasses.replace(c, range=(0.0, 30.0)) if c.name == "temp" else c for c in IOT.columns
-        ),
+        columns=tuple(dataclasses.replace(c, range=(0.0, 30.0)) if c.name == "temp" else c for c in IOT.columns),
     )
     for contract, expected in ((IOT, (-40.0, 125.0)), (narrowed, (0.0, 30.0))):
         (rule,) = [r for r in silver_rules(contract) if r.name == "range:temp"]

@@ -40,9 +40,7 @@ def test_nab_contract_maps_value_to_celsius_temp_with_constant_device():
 
 
 def test_fahrenheit_converts_to_celsius():
-    np.testing.assert_allclose(
-        convert_units(np.array([32.0, 212.0, -40.0]), "fahrenheit", "celsius"), [0, 100, -40]
-    )
+    np.testing.assert_allclose(convert_units(np.array([32.0, 212.0, -40.0]), "fahrenheit", "celsius"), [0, 100, -40])
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:

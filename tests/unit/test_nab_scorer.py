@@ -64,8 +64,9 @@ def test_per_file_scores_match_nab(corpus, detector_scores, detector, profile):
     by_name = {f.name: f for f in corpus}
     for row in published.itertuples():
         f = by_name[row.File]
-        got = nab.score_file(f.timestamps, f.windows, detector_scores[detector][row.File], row.Threshold,
-                             PROFILES[profile])
+        got = nab.score_file(
+            f.timestamps, f.windows, detector_scores[detector][row.File], row.Threshold, PROFILES[profile]
+        )
         assert got.score == pytest.approx(row.Score, abs=1e-6), row.File
         assert (got.tp, got.fp, got.fn, got.tn) == (row.TP, row.FP, row.FN, row.TN), row.File
         assert got.total == got.tp + got.fp + got.fn + got.tn
@@ -117,8 +118,9 @@ def test_corpus_scores_and_optimised_threshold(corpus, detector_scores, detector
 @needs_corpus
 def test_numenta_standard_is_plausible(corpus, detector_scores):
     """Numenta HTM scored 70.5 on NAB's 58 files; on these 45 at its published threshold it is 71.157."""
-    score = nab.normalised_scores(_pairs(corpus, detector_scores, "numenta"), STANDARD,
-                                  threshold=_published_threshold("numenta", "standard"))
+    score = nab.normalised_scores(
+        _pairs(corpus, detector_scores, "numenta"), STANDARD, threshold=_published_threshold("numenta", "standard")
+    )
     assert 60 < score.normalised < 80
     assert score.normalised == pytest.approx(71.156666, abs=1e-3)
 
@@ -136,10 +138,12 @@ def test_optimise_is_fast(corpus, detector_scores):
 def test_load_corpus_rejects_unlabelled_file(tmp_path):
     (tmp_path / "data" / "cat").mkdir(parents=True)
     (tmp_path / "labels").mkdir()
-    pd.DataFrame({"timestamp": ["2020-01-01 00:00:00"], "value": [1.0]}).to_csv(tmp_path / "data/cat/a.csv",
-                                                                                 index=False)
-    pd.DataFrame({"timestamp": ["2020-01-01 00:00:00"], "value": [1.0]}).to_csv(tmp_path / "data/cat/b.csv",
-                                                                                 index=False)
+    pd.DataFrame({"timestamp": ["2020-01-01 00:00:00"], "value": [1.0]}).to_csv(
+        tmp_path / "data/cat/a.csv", index=False
+    )
+    pd.DataFrame({"timestamp": ["2020-01-01 00:00:00"], "value": [1.0]}).to_csv(
+        tmp_path / "data/cat/b.csv", index=False
+    )
     (tmp_path / "labels" / "combined_windows.json").write_text(json.dumps({"cat/a.csv": []}))
     with pytest.raises(ValueError, match="cat/b.csv"):
         nab.load_corpus(tmp_path)
@@ -330,8 +334,13 @@ def test_event_metrics_probation_and_empty_series():
 
 
 def test_perfect_detector_for_a_window_starting_in_probation():
-    f = CorpusFile(name="x/c.csv", category="x", timestamps=TS, values=np.zeros(N),
-                   windows=[(pd.Timestamp(TS[100]), pd.Timestamp(TS[199]))])  # rows 150..199 are scored
+    f = CorpusFile(
+        name="x/c.csv",
+        category="x",
+        timestamps=TS,
+        values=np.zeros(N),
+        windows=[(pd.Timestamp(TS[100]), pd.Timestamp(TS[199]))],
+    )  # rows 150..199 are scored
     score = nab.normalised_scores([(f, np.zeros(N))], STANDARD, threshold=0.5)
     assert score.null == -1.0
     assert score.perfect == pytest.approx(float(nab.scaled_sigmoid(-0.5)) / float(nab.scaled_sigmoid(-1.0)))
