@@ -188,7 +188,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_rate(rate: int, seconds: float, port: int, dataset: str, devices: int, http_port: int) -> dict:
+def run_rate(
+    rate: int, seconds: float, port: int, dataset: str, devices: int, http_port: int, timeline: bool = False
+) -> dict:
     import multiprocessing
 
     import httpx
@@ -217,6 +219,18 @@ def run_rate(rate: int, seconds: float, port: int, dataset: str, devices: int, h
     after = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
     collector.close()
     alert_ms, commit_ms, commits = collector.latencies(sent)
+    if timeline:  # alert latency by when the reading was published: warm-up and steady state apart
+        t_alert = [
+            ((now - sent[(d, q)]) / 1e6, (sent[(d, q)] - t0_ns) / 1e9)
+            for d, q, now in collector.alerts
+            if (d, q) in sent
+        ]
+        for lo in range(0, int(seconds) + 1, 3):
+            seg = [ms for ms, at in t_alert if lo <= at < lo + 3]
+            if seg:
+                print(
+                    f"   t={lo:3}s alerts {len(seg):5} p50 {pct(seg, 50):6.0f} p99 {pct(seg, 99):6.0f} max {max(seg):6.0f}"
+                )
     sc0, sc1 = before.get("scoring", {}), after.get("scoring", {})
     batches = max(1, sc1.get("batches", 0) - sc0.get("batches", 0))
     return {
@@ -254,6 +268,7 @@ def main() -> int:
     ap.add_argument("--batch-seconds", type=float, default=1.0)
     ap.add_argument("--no-scoring", action="store_true", help="ingest only: the commit path's own capacity")
     ap.add_argument("--ephemeral", action="store_true", help="start a throwaway stack and register a model")
+    ap.add_argument("--timeline", action="store_true", help="alert latency per 3 s of publishing")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the work directory (ingester logs) afterwards")
     args = ap.parse_args()
 
@@ -309,7 +324,7 @@ def main() -> int:
             dataset = f"iot_telemetry.bench{os.urandom(3).hex()}"
             http_port = free_port()
             ingester = start_ingester(args, workdir, dataset, port, http_port, redis_url, rate)
-            r = run_rate(rate, args.seconds, port, dataset, args.devices, http_port)
+            r = run_rate(rate, args.seconds, port, dataset, args.devices, http_port, args.timeline)
             stop_ingester(ingester)
             ingester = None
             print(
