@@ -229,7 +229,8 @@ def run_rate(
             seg = [ms for ms, at in t_alert if lo <= at < lo + 3]
             if seg:
                 print(
-                    f"   t={lo:3}s alerts {len(seg):5} p50 {pct(seg, 50):6.0f} p99 {pct(seg, 99):6.0f} max {max(seg):6.0f}"
+                    f"   t={lo:3}s alerts {len(seg):5} p50 {pct(seg, 50):6.0f} "
+                    f"p99 {pct(seg, 99):6.0f} max {max(seg):6.0f}"
                 )
     sc0, sc1 = before.get("scoring", {}), after.get("scoring", {})
     batches = max(1, sc1.get("batches", 0) - sc0.get("batches", 0))
