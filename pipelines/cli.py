@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.umask(0o077)  # what the CLI writes (logs, data) is its owner's alone, as the stack's files are
+    from pipelines.waits import announce_waits
+
+    announce_waits()  # a service that stops answering is said, not waited on in silence
     args = build_parser().parse_args(argv)
     try:
         if args.command in STACK_COMMANDS:

@@ -21,7 +21,7 @@ TRAINING_DAG = "iot_training"
 # Lines worth echoing from a DAG run's log: task boundaries and the platform's own progress.
 _ECHO = re.compile(
     r"\[DAG TEST\] (starting|end task) task_id|^\[(land|bronze|silver|gold|train|register|gate)\]"
-    r"|GX \w+ gate|QualityGateError|DagRun Finished|Task failed"
+    r"|GX \w+ gate|QualityGateError|DagRun Finished|Task failed|\[wait\] |UP_FOR_RETRY|up_for_retry"
 )
 
 
@@ -231,6 +231,9 @@ def _tidy(line: str) -> str:
         # mapped tasks (one per partition) show their index: the run's progress through the partitions
         index = f"[{m.group(3)}]" if m.group(3) not in (None, "-1") else ""
         return f"task {m.group(2)}{index}: {'started' if m.group(1) == 'starting' else 'finished'}"
+    m = re.search(r"\[wait\] .*", line)
+    if m:
+        return m.group(0)
     m = re.search(r"DagRun Finished: dag_id=(\S+), .*state=(\w+)", line)
     if m:
         return f"DAG run {m.group(1).rstrip(',')}: {m.group(2)}"

@@ -62,6 +62,9 @@ def _http_status(exc: BaseException) -> int | None:
 def run_task(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a job inside an Airflow task: transient errors propagate (the task retries), any other
     error fails the task at once with the job's own message."""
+    from pipelines.waits import announce_waits
+
+    announce_waits()  # a service that stops answering shows as `[wait]` lines, echoed by `platform run`
     try:
         return job(*args, **kwargs)
     except Exception as exc:
