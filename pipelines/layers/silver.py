@@ -320,10 +320,7 @@ def type_bronze(raw: pd.DataFrame, contract: Contract) -> tuple[pd.DataFrame, di
             continue
         missing = _is_missing(text)
         if spec.type == "bool":
-            lowered = text.str.strip().str.lower()
-            values = pd.Series(pd.NA, index=raw.index, dtype="boolean")
-            values[lowered.isin(_TRUE)] = True
-            values[lowered.isin(_FALSE)] = False
+            values = _parse_bool(text)
             errors[spec.name] = values.isna() & ~missing
             out[spec.name] = values
         else:
@@ -446,6 +443,17 @@ def _is_missing(text: pd.Series) -> pd.Series:
         return pd.Series(True, index=text.index)
     token = pd.Series(uniques, dtype="str").str.strip().str.lower().isin(_MISSING).to_numpy()
     return pd.Series((codes < 0) | token[np.maximum(codes, 0)] & (codes >= 0), index=text.index)
+
+
+def _parse_bool(text: pd.Series) -> pd.Series:
+    """True/False for the spellings in _TRUE/_FALSE (any case, blanks around), null otherwise.
+
+    Decided per distinct value, as `_is_missing`: a flag column repeats a handful of strings."""
+    codes, uniques = pd.factorize(text, use_na_sentinel=True)
+    lowered = pd.Series(uniques, dtype="str").str.strip().str.lower()
+    truth = np.where(lowered.isin(_TRUE).to_numpy(), 1, np.where(lowered.isin(_FALSE).to_numpy(), 0, -1))
+    picked = np.where(codes >= 0, truth[np.maximum(codes, 0)] if len(truth) else -1, -1)
+    return pd.Series(pd.array(picked == 1, dtype="boolean"), index=text.index).mask(picked < 0)
 
 
 def _parse_float(text: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
