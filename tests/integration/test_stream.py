@@ -644,6 +644,81 @@ def test_kill_9_mid_batch_and_a_broker_restart_lose_and_duplicate_nothing(broker
     assert "Traceback" not in log_path.read_text()
 
 
+def test_platform_stream_scores_in_its_child_and_restarts_it_after_a_kill(broker, settings, store, tmp_path):
+    """`platform stream` as deployed: the ingester feeds its scorer child over a pipe and the child
+    publishes alerts with the champion's version; the child killed with SIGKILL is restarted by the
+    ingester, warms up from bronze and alerts again, while the ingester commits every reading."""
+    import yaml
+
+    name, version = _register_stream_model(settings)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"]["iot_telemetry"]["model_name"] = name  # this module's registered model
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    dataset = "iot_telemetry.stream_cli"
+    http_port = free_port()
+    log_path = tmp_path / "stream.log"
+    env = os.environ | {
+        "PLATFORM_PARAMS_FILE": str(params_file),
+        "PLATFORM_STREAM_MQTT_USERNAME": "ingester",
+        "PLATFORM_STREAM_MQTT_PASSWORD": USERS["ingester"],
+        "PLATFORM_STREAM_CLIENT_ID": f"ingester-{dataset}",
+        "PLATFORM_STREAM_BATCH_MAX_SECONDS": "0.5",
+    }
+    cmd = [sys.executable, "-m", "pipelines.cli", "stream", "--dataset", dataset, "--mqtt-host", "127.0.0.1"]
+    cmd += ["--mqtt-port", str(broker.port), "--http-port", str(http_port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+    listener = Listener(broker, dataset)
+    pub = gateway(broker, "gw-cli")
+    data = readings(devices=4, days=1)
+    half = len(data) // 2
+
+    def scorer_pid() -> int | None:
+        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        return int(found[0]) if found else None
+
+    def scored() -> int:
+        try:
+            return httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=2).json()["scoring"]["scored"]
+        except (httpx.HTTPError, KeyError, ValueError):
+            return -1
+
+    from pipelines.streaming.publisher import publish_at_rate
+
+    try:
+        wait_for(lambda: scored() >= 0, 60, "the scorer child to serve its status")
+        publish_at_rate(pub, dataset, data[:half], rate=3000)
+        wait_for(lambda: scored() >= half, 60, "the first half scored in the child")
+        first_alerts = len(listener.alerts)
+        first = scorer_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "restarting it" in log_path.read_text(), 30, "the ingester to restart its scorer")
+        wait_for(lambda: scored() >= 0, 60, "the restarted scorer to serve its status")
+        publish_at_rate(pub, dataset, data[half:], rate=3000)
+        pub.flush(30)
+        wait_for(lambda: scored() >= len(data) - half, 60, "the second half scored by the new child")
+        wait_for(lambda: _bronze_count(store, dataset) >= len(data), 60, "bronze to hold every reading")
+        time.sleep(0.5)  # the last alerts in flight
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        listener.close()
+        pub.close()
+    log = log_path.read_text()
+    assert proc.returncode == 0, log[-2000:]
+    assert first_alerts > 0, "the simulated faults raise alerts in the first half"
+    later = [a for a in listener.alerts[first_alerts:] if a["seq"] >= half // 4]
+    assert later, "the restarted scorer alerts on the second half"
+    assert {a["model_version"] for a in listener.alerts} == {version}
+    assert f"the scorer exited ({-signal.SIGKILL}); restarting it" in log
+    assert "Traceback" not in log, log[-3000:]
+    assert_exactly_once(bronze_rows(store, dataset), {f"device-{i:02d}": 1440 for i in range(1, 5)})
+
+
 def _bronze_count(store, dataset: str) -> int:
     from pipelines import storage
 
