@@ -40,6 +40,7 @@ Progress = Callable[[str], None]
 OUTPUTS = (SCORE, FLAGGED)  # the model's outputs, profiled beside its input features at training time
 ALARM_TAG = "monitoring.alarm_id"  # on a training run and the version it registered
 HISTORY_DEPTH = 24  # reports read back to find the previous windows of the same model version
+FEEDBACK_HORIZON = timedelta(days=7)  # feedback posted this long after a window still counts for it
 
 
 # ---------------------------------------------------------------------------------------------- the rule
@@ -363,6 +364,51 @@ def _history(store, dataset: str, start: datetime, version: str, depth: int) -> 
     return same[-depth:] if depth > 0 else []
 
 
+def _window_performance(
+    store,
+    client,
+    model_name: str,
+    version: str,
+    tracking_uri: str,
+    served: pd.DataFrame,
+    features: pd.DataFrame,
+    outputs: pd.DataFrame | None,
+    scores_from: str,
+    end: datetime,
+) -> dict[str, Any]:
+    """The window's performance against the labels that have arrived: feedback on the version's served
+    records (posted up to :data:`FEEDBACK_HORIZON` after the window), else the gold rows' labels beside
+    the version's flags on those rows (replayed when the window's scores came from the prediction log,
+    whose records do not line up with gold rows). Never fails the window: drift is judged regardless."""
+    from pipelines.monitoring.performance import LABEL, feedback_rows, gold_rows, labelled_count, window_performance
+    from pipelines.serving.predlog import FEEDBACK, read_table
+
+    feedback = None
+    if len(served):
+        since = served["ts"].min().to_pydatetime()  # a label is posted after its prediction
+        feedback = feedback_rows(
+            served, read_table(store, FEEDBACK, since, min(datetime.now(UTC), end + FEEDBACK_HORIZON))
+        )
+    gold_labelled = int(features[LABEL].notna().sum()) if LABEL in features.columns else 0
+    if feedback is not None and labelled_count(feedback):
+        perf = window_performance(feedback)
+        if gold_labelled:
+            perf["note"] = f"feedback on served records preferred over gold labels on {gold_labelled:,} rows"
+        return perf
+    if not gold_labelled:
+        return window_performance(feedback)
+    if outputs is not None and scores_from != "prediction log":  # the version's flags on these very rows
+        return window_performance(feedback, gold_rows(features, outputs[FLAGGED]), gold_flags_from=scores_from)
+    try:
+        replayed = replay_outputs(client, model_name, version, features, tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - the drift verdict must not depend on the labels
+        perf = window_performance(feedback)
+        perf["note"] = f"gold labels present, but v{version}'s flags on them could not be replayed: {exc}"[:500]
+        return perf
+    flags_from = f"replayed with v{version} (the prediction log's records are not gold rows)"
+    return window_performance(feedback, gold_rows(features, replayed[FLAGGED]), gold_flags_from=flags_from)
+
+
 def monitoring_experiment(dataset: str) -> str:
     return f"monitoring-{dataset}"
 
@@ -381,6 +427,8 @@ def monitor_window(
     from mlflow import MlflowClient
     from pipelines.datasets import get_dataset
     from pipelines.monitoring.job import load_reference_profile, save_window_report
+    from pipelines.monitoring.performance import describe as describe_performance
+    from pipelines.monitoring.performance import performance_metrics
     from pipelines.monitoring.report import effect_size_figure, figure_png, render_html
     from pipelines.serving.predlog import PREDICTIONS, read_table
     from pipelines.settings import get_settings
@@ -434,6 +482,9 @@ def monitor_window(
     )
     serving = serving_summary(predictions)
     clock.lap("judge")
+    perf = _window_performance(store, client, ds.model_name, version, uri, mine, features, outputs, source, end)
+    clock.lap("performance")
+    progress(f"[monitor] {describe_performance(perf)}")
 
     exp = client.get_experiment_by_name(monitoring_experiment(ds.name))
     exp_id = exp.experiment_id if exp else client.create_experiment(monitoring_experiment(ds.name))
@@ -448,6 +499,7 @@ def monitor_window(
             "window_end": end.isoformat(),
             "scores_from": source,
             "status": verdict.status,
+            "performance_source": perf["source"],
             "airflow_dag_id": dag_id or "",
             "airflow_run_id": run_id or "",
             **({ALARM_TAG: alarm_id} if alarm_id else {}),
@@ -466,6 +518,7 @@ def monitor_window(
         "alarm_id": alarm_id,
         "alarm_note": alarm_note,
         "serving": serving,
+        "performance": perf,
         "mlflow_run_id": run.info.run_id,
     }
     figure = figure_png(effect_size_figure(verdict.report, title=f"{ds.name} {label}"))
@@ -478,11 +531,12 @@ def monitor_window(
         history=[*zip(labels, verdict.history, strict=True), ("this window", verdict.drifted)],
         alarm=verdict.alarm,
         figure=figure,
+        performance=perf,
     )
     clock.lap("report")
     prefix = save_window_report(store, ds.name, start, verdict.report, html=html, figure=figure, context=context)
     clock.lap("lake")
-    _log_window_run(client, run.info.run_id, verdict, context, html, figure, serving)
+    _log_window_run(client, run.info.run_id, verdict, context, html, figure, serving, performance_metrics(perf))
     clock.lap("mlflow")
 
     alarm = None
@@ -518,6 +572,7 @@ def monitor_window(
         "status": verdict.status,
         "report": prefix,
         "mlflow_run_id": run.info.run_id,
+        "performance": {k: perf.get(k) for k in ("source", "labelled_rows", "f1", "event_recall")},
     }
 
 
@@ -553,7 +608,14 @@ def _registered_aliases(client, model_name: str) -> dict[str, Any]:
 
 
 def _log_window_run(
-    client, run_id: str, verdict: WindowVerdict, context: dict, html: str, figure: bytes, serving
+    client,
+    run_id: str,
+    verdict: WindowVerdict,
+    context: dict,
+    html: str,
+    figure: bytes,
+    serving,
+    performance: Mapping[str, float] | None = None,
 ) -> None:
     """Metrics in one request and the three files in one upload call (each MLflow request counts on a
     busy tracking server)."""
@@ -571,6 +633,7 @@ def _log_window_run(
         "alarm": float(verdict.alarm),
         "max_wasserstein": max((f.wasserstein for f in r.features if math.isfinite(f.wasserstein)), default=0.0),
         **{f"serving_{k}": v for k, v in serving.items()},
+        **(performance or {}),
     }
     for f in r.features:
         if f.feature in OUTPUTS or f.feature in verdict.responsible:

@@ -98,6 +98,47 @@ dt { font-weight: bold; }
 """
 
 
+PERFORMANCE_ROWS = (
+    ("labelled rows", "labelled_rows"),
+    ("positive rows", "positives"),
+    ("flagged rows", "flagged"),
+    ("true positives", "true_positives"),
+    ("false positives", "false_positives"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("F1", "f1"),
+    ("anomaly events", "events"),
+    ("events caught", "events_caught"),
+    ("event recall", "event_recall"),
+    ("false alarms per 1,000 rows", "false_alarms_per_1000"),
+)
+
+
+def _performance_section(perf: Mapping[str, object]) -> list[str]:
+    """The served flags against the labels: the source and counts, or a plain "no labels" (never zeros)."""
+    e = html.escape
+    source = str(perf.get("source") or "no labels")
+    parts = ["<h2>Performance against labels</h2>"]
+    if source == "no labels" or not perf.get("labelled_rows"):
+        parts.append(
+            f"<p><b>No labels</b> for this window: {e(str(perf.get('note') or 'performance not measured'))}.</p>"
+        )
+        return parts
+    parts.append(
+        f"<p>Labels from <b>{e(source)}</b>; flags from {e(str(perf.get('flags_from') or '-'))}. An anomaly event "
+        "is a run of consecutive positive-labelled rows of one device; it is caught when any of its rows is "
+        "flagged. A metric whose denominator is empty is shown as &ndash;.</p>"
+    )
+    if perf.get("note"):
+        parts.append(f"<p>{e(str(perf['note']))}</p>")
+    parts.append("<table><tbody>")
+    for label, key in PERFORMANCE_ROWS:
+        value = perf.get(key)
+        parts.append(f"<tr>{_cell(label, css='name')}{_cell(math.nan if value is None else value)}</tr>")
+    parts.append("</tbody></table>")
+    return parts
+
+
 def render_html(
     report: DriftReport,
     *,
@@ -106,9 +147,11 @@ def render_html(
     history: Sequence[tuple[str, bool]] | None = None,
     alarm: bool | None = None,
     figure: bytes | None = None,
+    performance: Mapping[str, object] | None = None,
 ) -> str:
-    """A self-contained HTML page: verdict, context (dataset, model version, window...), the per-feature
-    table, the recent windows' verdicts and the figure (PNG embedded). Every value is HTML-escaped."""
+    """A self-contained HTML page: verdict, context (dataset, model version, window...), the performance
+    against labels (:func:`pipelines.monitoring.performance.window_performance`), the per-feature table,
+    the recent windows' verdicts and the figure (PNG embedded). Every value is HTML-escaped."""
     e = html.escape
     t = report.thresholds
     parts = [
@@ -131,6 +174,8 @@ def render_html(
         parts.append("<dl>")
         parts.extend(f"<dt>{e(str(k))}</dt><dd>{e(_fmt(v))}</dd>" for k, v in context.items())
         parts.append("</dl>")
+    if performance is not None:
+        parts.extend(_performance_section(performance))
     deciding = ", ".join(f"{m} > {t.threshold(m):g}" for m in t.methods)
     parts.append(
         f"<p>A feature drifts when {e(deciding)} (effect sizes, not p-values), or its missing share moves by "

@@ -11,7 +11,9 @@ contract under another name, so its lake, DAGs and registered model are this tes
 4. the canary rolls it out through the real scoring service (shadow, then 100% with the champion
    shadowing) and promotes it;
 5. a later drifted day, judged against the new champion's reference, no longer drifts: the alarm clears;
-   `platform monitor` shows the chain alarm -> run -> version -> promotion.
+   `platform monitor` shows the chain alarm -> run -> version -> promotion;
+6. the window of the canary's own traffic reports the served flags' performance against the labels
+   posted to /feedback (each window before it, against the gold rows' labels).
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def aliases(client) -> dict[str, str]:
 
 
 def test_the_alarm_fires_within_3_drifted_windows_and_updates_the_drift_asset(loop, store, settings, drift_dataset):
+    from pipelines.monitoring.performance import describe
+
     judged = [r["context"] for r in reports(store, NAME)]
     assert [w["window_end"] for w in judged] == [window_end(day(i)) for i in (3, 4, 5)]
     assert [w["window_drift"] for w in judged] == [True, True, True], [w["reasons"] for w in judged]
@@ -216,6 +220,15 @@ def test_the_alarm_fires_within_3_drifted_windows_and_updates_the_drift_asset(lo
         assert store.get_bytes(bucket, prefix + "figure.png")[:4] == b"\x89PNG"
         files = {f.path for f in client_of(settings).list_artifacts(w["mlflow_run_id"], "monitoring")}
         assert files == {"monitoring/report.html", "monitoring/report.json", "monitoring/figure.png"}
+        # performance against the simulator's labels in gold (no feedback: no prediction log covers March)
+        perf = w["performance"]
+        print(f"\nwindow {w['window_end'][:10]}: {describe(perf)}")
+        assert perf["source"] == "gold labels" and perf["labelled_rows"] == w["rows"] and perf["positives"] > 0, perf
+        assert perf["flags_from"] == "replayed with v1" and perf["events"] > 0 and perf["f1"] is not None
+        run = client_of(settings).get_run(w["mlflow_run_id"])
+        assert run.data.metrics["perf_f1"] == pytest.approx(perf["f1"]) and run.data.tags["performance_source"] == (
+            "gold labels"
+        )
     # the asset event carries the alarm (only the third window emitted it: the first two skipped the task)
     consumed = loop["retraining"]["consumed"]
     drift_events = [e for e in consumed if e["uri"] == drift_dataset.drift_asset_uri()]
@@ -336,3 +349,30 @@ def test_the_alarm_clears_against_the_new_reference_and_the_chain_is_queryable(
     (version,) = training["versions"]
     assert record["alarm_id"] == alarm_id and version["version"] == "2"
     assert version["rollout"]["event"] == "promoted to champion" and "champion" in version["aliases"]
+
+
+def test_a_window_with_feedback_in_the_lake_reports_performance_on_it_in_its_mlflow_run(
+    promoted, store, settings, drift_dataset
+):
+    """Step 6 (last: it judges a window of today, after the simulated days). The canary's shadow step sent
+    600 records of day 5 served by v1 and labelled through /feedback: the window judging them measures
+    v1's served flags against those labels."""
+    from pipelines.jobs.lake import read_gold
+    from pipelines.monitoring.loop import monitor_window
+    from pipelines.monitoring.performance import describe
+
+    gold, _ = read_gold([str(day(5))], dataset=NAME, store=store)
+    shadow_step = gold.sample(n=1200, random_state=7).reset_index(drop=True).iloc[:600]  # as `promoted` sent
+    end = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+    out = monitor_window(end, dataset=NAME, store=store, progress=lambda _: None)
+    assert out["model_version"] == "1" and out["performance"]["source"] == "feedback", out
+    perf = reports(store, NAME)[-1]["context"]["performance"]
+    assert perf["labelled_rows"] == 600 and perf["positives"] == int(shadow_step["is_anomaly"].sum()) > 0, perf
+    assert perf["flags_from"].startswith("prediction log") and perf["recall"] is not None
+    print(f"\nv1 on the canary's shadow step: {describe(perf)}")
+    run = client_of(settings).get_run(out["mlflow_run_id"])
+    assert run.data.tags["performance_source"] == "feedback" and run.data.metrics["perf_labelled_rows"] == 600
+    assert run.data.metrics["perf_f1"] == pytest.approx(perf["f1"])
+    assert run.data.metrics["perf_event_recall"] == pytest.approx(perf["event_recall"])
+    html = store.get_bytes(settings.lake_bucket, out["report"] + "report.html").decode()
+    assert "Performance against labels" in html and "Labels from <b>feedback</b>" in html

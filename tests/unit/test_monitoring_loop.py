@@ -1,6 +1,7 @@
 """The monitoring loop's rule on simulator data, no stack: false alarms over 200 no-drift days, a calibration
 drift alarmed within 3 windows and cleared against a reference of the drifted data, alarm emission once per
-alarm, serving errors and latency per call, alarms read from Asset events."""
+alarm, serving errors and latency per call, alarms read from Asset events, performance against labels
+(feedback preferred over gold labels, anomaly events, "no labels" never reported as zeros)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ from pipelines.monitoring.loop import (
     policy_for,
     serving_summary,
 )
+from pipelines.monitoring.performance import (
+    feedback_rows,
+    gold_rows,
+    performance_metrics,
+    window_performance,
+)
+from pipelines.monitoring.report import render_html
 from pipelines.simulator import simulate_telemetry
 
 DATASET = "iot_telemetry"
@@ -220,3 +228,126 @@ def test_the_rule_comes_from_the_dataset_params():
     assert MonitoringPolicy.from_params(p, cadence_seconds=300).thresholds.min_rows == 144
     assert policy_for(DATASET).thresholds.min_rows == 1000
     assert np.isfinite(policy.strong_wasserstein)
+
+
+# ---------------------------------------------------------------------------------------------- performance
+
+T0 = pd.Timestamp("2026-01-09T00:00:00Z")
+
+
+def labelled_gold(device_labels: dict[str, str], device_flags: dict[str, str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Gold rows, one a minute per device, from strings: label '1' anomaly, '0' normal, '.' unknown;
+    flag '1' flagged. The rows are interleaved across devices, as gold stores them."""
+    rows, flags = [], []
+    for device, labels in device_labels.items():
+        for i, (y, f) in enumerate(zip(labels, device_flags[device], strict=True)):
+            rows.append(
+                {"device": device, "ts": T0 + pd.Timedelta(minutes=i), "is_anomaly": None if y == "." else int(y)}
+            )
+            flags.append(float(f))
+    frame = pd.DataFrame(rows).astype({"is_anomaly": "Int8"})
+    order = np.argsort(frame["ts"].to_numpy(), kind="stable")  # interleave devices, keep flags aligned
+    return frame.iloc[order].reset_index(drop=True), np.asarray(flags)[order]
+
+
+def test_performance_counts_anomaly_events_per_device_and_false_alarms_per_1000_rows():
+    features, flags = labelled_gold(
+        {
+            # events: [1-3] caught (row 2), [6-7] missed, [9] caught; row 4 is a false alarm
+            "a": "0111001101",
+            # one event [2-5] across an unknown row (skipped, not a break): caught at row 5; row 8 a false alarm
+            "b": "0011.11000",
+        },
+        {"a": "0010100001", "b": "0000001010"},
+    )
+    perf = window_performance(gold=gold_rows(features, flags), gold_flags_from="replayed with v3")
+    assert perf["source"] == "gold labels" and perf["flags_from"] == "replayed with v3"
+    assert perf["labelled_rows"] == 19 and perf["positives"] == 10
+    assert (perf["true_positives"], perf["false_positives"]) == (3, 2)
+    assert perf["precision"] == pytest.approx(3 / 5) and perf["recall"] == pytest.approx(3 / 10)
+    assert perf["f1"] == pytest.approx(2 * 0.6 * 0.3 / 0.9)
+    assert (perf["events"], perf["events_caught"]) == (4, 3) and perf["event_recall"] == pytest.approx(0.75)
+    assert perf["false_alarms_per_1000"] == pytest.approx(1000 * 2 / 19)
+    metrics = performance_metrics(perf)
+    assert metrics["perf_f1"] == pytest.approx(perf["f1"]) and metrics["perf_event_recall"] == 0.75
+    # a run of positives ends where the device changes, even when the next device's first row is positive
+    features, flags = labelled_gold({"a": "0011", "b": "1100"}, {"a": "0001", "b": "0000"})
+    perf = window_performance(gold=gold_rows(features, flags))
+    assert (perf["events"], perf["events_caught"]) == (2, 1)
+
+
+def test_a_window_without_labels_reports_no_labels_never_zeros():
+    features, flags = labelled_gold({"a": "....."}, {"a": "01100"})
+    for perf in (
+        window_performance(),
+        window_performance(gold=gold_rows(features, flags)),
+        window_performance(gold=gold_rows(features.drop(columns="is_anomaly"), flags)),
+    ):
+        assert perf["source"] == "no labels" and perf["labelled_rows"] == 0
+        assert all(perf[k] is None for k in ("precision", "recall", "f1", "event_recall", "false_alarms_per_1000"))
+        assert performance_metrics(perf) == {"perf_labelled_rows": 0.0}
+    html = render_html(model_report(), title="t", performance=window_performance())
+    assert "Performance against labels" in html and "No labels" in html and "F1" not in html
+    # labels but no positive and no flag: precision, recall, F1 and event recall are undefined, not 0
+    features, flags = labelled_gold({"a": "00000"}, {"a": "00000"})
+    perf = window_performance(gold=gold_rows(features, flags))
+    assert perf["labelled_rows"] == 5 and perf["false_alarms_per_1000"] == 0.0
+    assert perf["precision"] is None and perf["recall"] is None and perf["f1"] is None and perf["event_recall"] is None
+    assert "perf_f1" not in performance_metrics(perf) and performance_metrics(perf)["perf_false_alarms_per_1000"] == 0
+
+
+def model_report():
+    from pipelines.monitoring.drift import DriftThresholds, drift_report, reference_profile
+
+    ref = pd.DataFrame({"x": np.linspace(0, 1, 50)})
+    return drift_report(reference_profile(ref, ["x"]), ref, columns=["x"], thresholds=DriftThresholds(min_rows=10))
+
+
+def test_feedback_on_served_records_is_preferred_over_gold_labels():
+    ts = T0 + pd.Timedelta(minutes=5)
+    predictions = pd.DataFrame(
+        [
+            # r1: 3 records of device a served by v2, then its shadow copy by v3 (not served)
+            *[
+                {"request_id": "r1", "record_index": i, "ts": ts, "device": "a", "served": True,
+                 "model_version": "2", "flagged": f}
+                for i, f in enumerate([False, True, False])
+            ],
+            *[
+                {"request_id": "r1", "record_index": i, "ts": ts, "device": "a", "served": False,
+                 "model_version": "3", "flagged": True}
+                for i in range(3)
+            ],
+            # r2: failed call (no flag), r3: never labelled
+            {"request_id": "r2", "record_index": 0, "ts": ts, "device": "b", "served": True, "model_version": "2",
+             "flagged": None},
+            {"request_id": "r3", "record_index": 0, "ts": ts, "device": "b", "served": True, "model_version": "2",
+             "flagged": True},
+        ]
+    )  # fmt: skip
+    later = ts + pd.Timedelta(hours=2)
+    feedback = pd.DataFrame(
+        [
+            {"request_id": "r1", "record_index": 0, "is_anomaly": 1, "ts": later},
+            {"request_id": "r1", "record_index": 1, "is_anomaly": 1, "ts": later},
+            {"request_id": "r1", "record_index": 2, "is_anomaly": 1, "ts": later},  # relabelled below
+            {"request_id": "r1", "record_index": 2, "is_anomaly": 0, "ts": later + pd.Timedelta(minutes=1)},
+            {"request_id": "r2", "record_index": 0, "is_anomaly": 1, "ts": later},
+        ]
+    )
+    rows = feedback_rows(predictions, feedback, version="2")
+    assert len(rows) == 3 and rows["device"].tolist() == ["a"] * 3  # the shadow, the failed call and r3 left out
+    # gold says every row of the window is normal and flagged: feedback must win
+    features, flags = labelled_gold({"a": "0000", "b": "0000"}, {"a": "1111", "b": "1111"})
+    perf = window_performance(feedback=rows, gold=gold_rows(features, flags))
+    assert perf["source"] == "feedback" and perf["flags_from"].startswith("prediction log")
+    assert (perf["labelled_rows"], perf["positives"], perf["true_positives"], perf["false_positives"]) == (3, 2, 1, 0)
+    assert perf["precision"] == 1.0 and perf["recall"] == 0.5
+    assert (perf["events"], perf["events_caught"]) == (1, 1)  # records 0-1 of r1: one event, caught at 1
+    assert "gold labels on 8 rows" in perf["note"]
+    html = render_html(model_report(), title="t", performance=perf)
+    assert "Labels from <b>feedback</b>" in html and "event recall" in html
+    # feedback for other records only: the gold labels decide
+    assert feedback_rows(predictions, feedback.iloc[:0], version="2").empty
+    assert window_performance(feedback=feedback_rows(predictions, feedback, version="9"),
+                              gold=gold_rows(features, flags))["source"] == "gold labels"  # fmt: skip
