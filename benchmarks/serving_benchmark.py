@@ -255,6 +255,8 @@ def main() -> int:
             f"model {name}@champion, {len(cols)} features; wrk, one record a request, {args.seconds:g} s a run "
             f"after {args.warmup:g} s warm-up; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
+        import httpx
+
         header = (
             f"{'connections':>11}  {'platform serve':>34}  {'mlflow models serve (baseline)':>34}  {'p99 target':>10}"
         )
@@ -263,7 +265,9 @@ def main() -> int:
         results: dict[int, tuple[dict, dict]] = {}
         for c in connections:
             wrk(ours_url, ours_bodies, c, args.warmup, scripts)
+            gc_before = httpx.get(f"http://127.0.0.1:{ours_port}/status").json().get("gc", {})
             ours = wrk(ours_url, ours_bodies, c, args.seconds, scripts)
+            gc_after = httpx.get(f"http://127.0.0.1:{ours_port}/status").json().get("gc", {})
             wrk(mlflow_url, mlflow_bodies, c, args.warmup, scripts)
             base = wrk(mlflow_url, mlflow_bodies, c, args.seconds, scripts)
             results[c] = (ours, base)
@@ -277,6 +281,14 @@ def main() -> int:
                 f"{c:>11}  {fmt(ours):>34}  {fmt(base):>34}  {'< 25 ms':>10}  {'met' if ok else 'NOT MET'}"
                 + (f" ({ours['errors']} errors)" if ours["errors"] else "")
             )
+            if gc_after:  # the service's own collector pauses during this run (the event loop stops)
+                pauses = ", ".join(
+                    f"{g} {gc_after[g]['collections'] - gc_before[g]['collections']}x "
+                    f"{gc_after[g]['total_ms'] - gc_before[g]['total_ms']:.0f} ms (longest so far "
+                    f"{gc_after[g]['longest_ms']:.1f})"
+                    for g in ("gen0", "gen1", "gen2")
+                )
+                print(f"{'':>13}garbage collection in the service: {pauses}")
         if 8 in results:
             ours, base = results[8]
             ratio = ours["rps"] / base["rps"] if base["rps"] else float("inf")
@@ -304,7 +316,6 @@ def main() -> int:
 
             mover = threading.Thread(target=move_alias, daemon=True)
             mover.start()
-        import httpx
 
         before = httpx.get(f"http://127.0.0.1:{ours_port}/status").json()
         soak = wrk(ours_url, ours_bodies, 8, args.soak_seconds, scripts)
