@@ -15,6 +15,15 @@ one way. Stages read only params.yaml and their declared deps, and write only th
     train    -> models/model.skops, models/model.json, metrics/train.json   (+ an MLflow run)
     evaluate -> metrics/eval.json, plots/*.csv (PR curves, confusion pairs), plots/*.png
 
+The image stages do the same for one image dataset (params.yaml `images`) under data/images, with
+the images DAG's jobs (`pipelines.images.lake`) and its training's `train_and_log_images`:
+
+    images_land   -> data/images/landing/<dataset>/<delivery>/*.zip   images.source, or generated photos
+    images_bronze -> data/images/lake/bronze/...
+    images_silver -> data/images/lake/silver/..., data/images/lake/quarantine/...
+    images_gold   -> data/images/lake/gold/...
+    images_train  -> models/images/model.skops, models/images/model.json, metrics/images_train.json
+
 (The jobs also store their own gate results under data/lake/quality/; those hold run times and
 durations, so they are not DVC outputs: `validate` writes the deterministic summaries.)
 
@@ -97,15 +106,15 @@ def run_id(date: str) -> str:
     return f"dvc-{date}"
 
 
-def local_store(root: Path, dataset: str) -> LocalStore:
-    """The lake under <root>/data with fixed bucket names: dvc.yaml's outs name these folders,
-    whatever buckets the environment configures for the object store."""
+def local_store(root: Path, dataset: str, data: Path = DATA) -> LocalStore:
+    """The lake under <root>/data (the image stages': <root>/data/images) with fixed bucket names:
+    dvc.yaml's outs name these folders, whatever buckets the environment configures for the object store."""
     from pipelines.settings import get_settings
 
     settings = get_settings().model_copy(
         update={"landing_bucket": LANDING_BUCKET, "lake_bucket": LAKE_BUCKET, "dataset": dataset}
     )
-    store = LocalStore(root / DATA, settings)
+    store = LocalStore(root / data, settings)
     store.ensure_buckets()
     return store
 
@@ -543,6 +552,170 @@ def evaluate(root: Path, progress: Progress = print) -> dict:
     return metrics
 
 
+# --------------------------------------------------------------------------- image stages
+#
+# One image dataset (params.yaml `images`) through the jobs of its Airflow DAG (dags/images.py:
+# pipelines.images.lake build_image_bronze/silver/gold) and its training DAG's fit
+# (pipelines.images.model.train_and_log_images), on a LocalStore rooted at data/images: landing
+# and lake/<layer> there are laid out as the object store's buckets, apart from the telemetry lake.
+
+IMAGES_DATA = DATA / "images"
+IMAGE_MODEL_FILE = Path("models/images/model.skops")
+IMAGE_MODEL_CARD = Path("models/images/model.json")
+IMAGE_TRAIN_METRICS = Path("metrics/images_train.json")
+IMAGE_DEFAULTS: dict[str, Any] = {
+    "dataset": "fruit_photos",
+    "delivery": "2026-03-02",
+    "source": "",
+    "generate": {"per_class": 24, "size": 32, "seed": 0},
+}
+
+
+def image_params(params: dict) -> dict:
+    """params.yaml `images`: the dataset, the delivery date and what is landed (a folder or zip, or
+    generated fruit photos)."""
+    given = params.get("images") or {}
+    return {
+        **IMAGE_DEFAULTS,
+        **given,
+        "generate": {**IMAGE_DEFAULTS["generate"], **(given.get("generate") or {})},
+    }
+
+
+def image_store(root: Path, dataset: str) -> LocalStore:
+    return local_store(root, dataset, IMAGES_DATA)
+
+
+def image_data_digest(snapshot: dict) -> str:
+    """One hash of the gold partitions a model read (each manifest's content_sha256, date order)."""
+    import hashlib
+
+    parts = snapshot["manifests"]
+    return hashlib.sha256("".join(parts[p]["content_sha256"] for p in sorted(parts)).encode()).hexdigest()
+
+
+def images_land(root: Path, progress: Progress = print) -> list[str]:
+    """`land_images` (what `platform land --images` runs) of images.source, or of generated fruit
+    photos (images.generate) when no source is named, under the delivery date images.delivery."""
+    from pipelines.images.generator import write_fruit_folder
+    from pipelines.images.lake import land_images
+
+    p = image_params(stage_params(root))
+    dataset, delivery = p["dataset"], dt.date.fromisoformat(str(p["delivery"])).isoformat()
+    store = image_store(root, dataset)
+    _fresh_dir(store.root / LANDING_BUCKET)
+    if p["source"]:
+        source = root / p["source"]
+        if not source.exists():
+            raise StageError(f"images.source={p['source']!r}: no such folder or zip under {root}")
+        return land_images(source, dataset, delivery, store=store, progress=progress)
+    g = p["generate"]
+    with tempfile.TemporaryDirectory(prefix="dvc-images-") as tmp:
+        # the folder's name is the landed shard's name: fixed, whatever the temporary directory
+        folder = write_fruit_folder(Path(tmp) / dataset, int(g["per_class"]), size=int(g["size"]), seed=int(g["seed"]))
+        return land_images(folder, dataset, delivery, store=store, progress=progress)
+
+
+def _image_layer(root: Path, layer: str, source: str, build: Callable[..., Any], progress: Progress) -> list[str]:
+    """`build` (the DAG task's job) for every `source` partition, oldest first, as of its date."""
+    dataset = image_params(stage_params(root))["dataset"]
+    store = image_store(root, dataset)
+    if source == "landing":
+        dates = deliveries(store, dataset)
+        if not dates:
+            raise StageError(
+                f"nothing landed under {store.root / LANDING_BUCKET / dataset}: run `dvc repro images_land`"
+            )
+    else:
+        dates = _partitions(store, source, dataset, f"images_{source}")
+    for out in (layer, "quarantine") if layer == "silver" else (layer,):
+        _clear(store, LAKE_BUCKET, out)
+    for date in dates:
+        with job_context(store, root, date):
+            build(date, run_id(date), dataset=dataset, store=store, progress=progress)
+    if layer == "silver":  # a DVC out even when nothing was quarantined
+        (store.root / LAKE_BUCKET / "quarantine").mkdir(parents=True, exist_ok=True)
+    return dates
+
+
+def images_bronze(root: Path, progress: Progress = print) -> list[str]:
+    """`build_image_bronze` for every delivery, oldest first: one row per distinct image, duplicates
+    of an earlier delivery counted, not stored (as when the DAG runs delivery by delivery)."""
+    from pipelines.images.lake import build_image_bronze
+
+    return _image_layer(root, "bronze", "landing", build_image_bronze, progress)
+
+
+def images_silver(root: Path, progress: Progress = print) -> list[str]:
+    """`build_image_silver` for every bronze partition: decoded at the contract's size, bad files
+    quarantined with their rule, the GX gate."""
+    from pipelines.images.lake import build_image_silver
+
+    return _image_layer(root, "silver", "bronze", build_image_silver, progress)
+
+
+def images_gold(root: Path, progress: Progress = print) -> list[str]:
+    """`build_image_gold` for every silver partition: pixels, colour histograms, the split, the GX gate."""
+    from pipelines.images.lake import build_image_gold
+
+    return _image_layer(root, "gold", "silver", build_image_gold, progress)
+
+
+def images_train(root: Path, progress: Progress = print) -> dict:
+    """`train_and_log_images` (the training DAG's fit and MLflow run) on the local gold; the model,
+    its card and the run's metrics as DVC outputs."""
+    import mlflow.sklearn
+    import skops.io
+
+    import mlflow
+    from pipelines import lineage
+    from pipelines.images.model import EXPERIMENT, MODEL_FAMILY, train_and_log_images
+
+    dataset = image_params(stage_params(root))["dataset"]
+    store = image_store(root, dataset)
+    _partitions(store, "gold", dataset, "images_gold")
+    uri, experiment, tmp = _tracking(root)
+    try:
+        result = train_and_log_images(
+            store,
+            dataset,
+            tracking_uri=uri,
+            experiment=EXPERIMENT if tmp is None else experiment,  # where the training DAG logs
+            lineage={
+                "git_commit": lineage.git_commit() or "",
+                "dvc_lock_digest": lineage.dvc_lock_digest() or "",
+                "dvc_stage": "images_train",
+                "git_dirty": str(source_dirty(root)).lower(),
+            },
+            progress=progress,
+        )
+        digest = image_data_digest(result.snapshot)
+        client = mlflow.MlflowClient(uri)
+        client.set_tag(result.run_id, DATA_DIGEST_TAG, digest)
+        metrics = {k: v for k, v in client.get_run(result.run_id).data.metrics.items() if not volatile(k)}
+        mlflow.set_tracking_uri(uri)
+        model = mlflow.sklearn.load_model(result.model_uri)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    (root / IMAGE_MODEL_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (root / IMAGE_MODEL_FILE).write_bytes(stable_skops_bytes(skops.io.dumps(model)))
+    _write_json(
+        root / IMAGE_MODEL_CARD,
+        {
+            "dataset": dataset,
+            "model_family": MODEL_FAMILY,
+            "model_name": result.model_name,
+            "classes": [str(c) for c in model.classes_],
+            "training_partitions": result.partitions,
+            "data_digest": digest,
+        },
+    )
+    _write_json(root / IMAGE_TRAIN_METRICS, metrics)
+    progress(f"[images_train] MLflow run {result.run_id} ({uri if tmp is None else 'local, discarded'})")
+    return {"run_id": result.run_id if tmp is None else None, "metrics": metrics}
+
+
 STAGES: dict[str, Callable[..., Any]] = {
     "ingest": ingest,
     "bronze": bronze,
@@ -551,6 +724,11 @@ STAGES: dict[str, Callable[..., Any]] = {
     "validate": validate,
     "train": train,
     "evaluate": evaluate,
+    "images_land": images_land,
+    "images_bronze": images_bronze,
+    "images_silver": images_silver,
+    "images_gold": images_gold,
+    "images_train": images_train,
 }
 
 

@@ -711,3 +711,86 @@ def test_mlflow_and_airflow_ran_on_postgres(scaleout):
                 assert cur.fetchone()[0] > 0, (db, query)
         finally:
             conn.close()
+
+
+# -- the image workload: its layer tasks on the same workers ----------------------------------------
+IMAGE_DATASET = "fruit_photos"
+IMAGE_DELIVERY = "2026-02-05"
+IMAGE_PER_CLASS, IMAGE_SIZE, IMAGE_SEED = 20, 32, 8  # 12 fruits: 240 generated photos of 32 x 32
+IMAGE_DAG, IMAGE_TRAINING_DAG = f"{IMAGE_DATASET}_images", f"{IMAGE_DATASET}_image_training"
+
+
+@pytest.fixture(scope="module")
+def image_run(scaleout, settings, tmp_path_factory) -> list[dict]:
+    """One delivery of generated photos through the images DAG on the Celery stack above, and the
+    same photos through the embedded path (`airflow dags test` on the session's object store, the
+    module's buckets) side by side; the Celery run's task instances."""
+    from pipelines.images.generator import write_fruit_folder
+    from pipelines.images.lake import land_images
+    from pipelines.storage import ObjectStore
+
+    base = tmp_path_factory.mktemp("scaleout-images")
+    photos = write_fruit_folder(base / IMAGE_DATASET, IMAGE_PER_CLASS, size=IMAGE_SIZE, seed=IMAGE_SEED)
+    for target in (scaleout.embedded_settings, scaleout.celery_settings):
+        land_images(photos, IMAGE_DATASET, IMAGE_DELIVERY, store=ObjectStore(target), progress=lambda _: None)
+
+    embedded_log = base / "embedded-images-run.log"
+    run = (
+        "from pipelines.orchestration import run_dag; "
+        f"run_dag({IMAGE_DAG!r}, conf={{'delivery_date': {IMAGE_DELIVERY!r}}})"
+    )
+    with open(embedded_log, "w") as log:
+        embedded = subprocess.Popen(
+            [sys.executable, "-c", run],
+            env={**os.environ, **settings.client_env(), **BUCKETS},
+            cwd=str(base),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        celery = scaleout.celery_settings
+        api = AirflowApi(f"http://127.0.0.1:{celery.airflow_port}", celery.state_dir / "airflow")
+        for dag_id in (IMAGE_DAG, IMAGE_TRAINING_DAG):
+            api.wait_for_dag(dag_id)
+        # the layers only: the gold Asset must not start a training run on the workers meanwhile
+        api.call("PATCH", f"/dags/{IMAGE_TRAINING_DAG}", {"is_paused": True})
+        api.call("PATCH", f"/dags/{IMAGE_DAG}", {"is_paused": False})
+        t0 = time.monotonic()
+        body = {"logical_date": None, "conf": {"delivery_date": IMAGE_DELIVERY}}
+        run_id = api.call("POST", f"/dags/{IMAGE_DAG}/dagRuns", body)["dag_run_id"]
+        tis = api.wait_for_run(IMAGE_DAG, run_id)
+        scaleout.timings["celery_images"] = time.monotonic() - t0
+        try:
+            embedded_rc = embedded.wait(timeout=EMBEDDED_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            embedded_rc = None
+        if embedded_rc != 0:
+            pytest.fail(f"the embedded images run (`airflow dags test {IMAGE_DAG}`) failed:\n{_tail(embedded_log)}")
+        scaleout.timings["images_ready"] = time.monotonic() - t0
+        return tis
+    finally:
+        if embedded.poll() is None:
+            os.killpg(embedded.pid, signal.SIGKILL)
+            embedded.wait()
+
+
+def test_image_layer_tasks_ran_once_on_the_celery_workers(image_run, scaleout):
+    assert sorted(t["task_id"] for t in image_run) == ["bronze", "gold", "silver"]
+    for t in image_run:
+        assert t["state"] == "success", (t["task_id"], t["state"])
+        assert t["hostname"] in scaleout.worker_names, (t["task_id"], t["hostname"])
+        assert t["try_number"] == 1, (t["task_id"], "needed a retry")
+
+
+@pytest.mark.parametrize("layer", ["silver", "gold"])
+def test_image_layers_are_byte_identical_to_the_embedded_run(image_run, scaleout, layer):
+    """The same photos under the same bucket names: silver and gold files hash the same (a manifest's
+    content hash is the hash of its files' SHA-256s); bronze holds each run's ingestion time."""
+    embedded, celery = _stores(scaleout)
+    e = storage.read_manifest(embedded, layer, IMAGE_DATASET, IMAGE_DELIVERY)
+    c = storage.read_manifest(celery, layer, IMAGE_DATASET, IMAGE_DELIVERY)
+    assert c.run_id != e.run_id
+    assert (c.rows, c.schema) == (e.rows, e.schema) and c.rows == 12 * IMAGE_PER_CLASS
+    assert c.content_sha256 == e.content_sha256, layer
+    assert c.extra["report"] == e.extra["report"]
