@@ -88,17 +88,25 @@ def publish_fleet(
     sock = connect(host, port, f"bench-load-{time.time_ns() % 10**9}")
     acks = _Acks(sock)
     acks.start()
-    readings = stream_readings(start, days, devices=devices, freq_seconds=60, seed=11)
-    sent: dict[tuple[str, int], int] = {}
+    # Every message is built before the clock starts: the simulator computes a day of the fleet at a
+    # time, and a second spent on the next day mid-run would become a burst the platform is timed on.
     topics: dict[str, bytes] = {}
+    messages: list[tuple[tuple[str, int], bytes, bytes]] = []
+    for reading in stream_readings(start, days, devices=devices, freq_seconds=60, seed=11):
+        if len(messages) >= limit:
+            break
+        device = reading["device"]
+        topic = topics.get(device)
+        if topic is None:
+            topic = topics[device] = _string(sensor_topic(dataset, device))
+        messages.append(((device, reading["seq"]), topic, json.dumps(reading).encode()))
+    sent: dict[tuple[str, int], int] = {}
     keys: list[tuple[str, int]] = []
     chunk: list[bytes] = []
     mid = 0
     count = 0
     started = time.perf_counter()
-    for reading in readings:
-        if count >= limit:
-            break
+    for key, topic, payload in messages:
         due = started + count / rate
         if due - time.perf_counter() > 0.001:  # a tick's messages go in one write
             if chunk:
@@ -106,14 +114,9 @@ def publish_fleet(
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        device = reading["device"]
-        topic = topics.get(device)
-        if topic is None:
-            topic = topics[device] = _string(sensor_topic(dataset, device))
         mid = mid % 65535 + 1
-        payload = json.dumps(reading).encode()
         chunk.append(b"\x32" + _length(len(topic) + 2 + len(payload)) + topic + struct.pack(">H", mid) + payload)
-        keys.append((device, reading["seq"]))
+        keys.append(key)
         count += 1
         while count - acks.count > 60_000 and not acks.error:  # packet ids must not wrap onto unacked ones
             time.sleep(0.001)

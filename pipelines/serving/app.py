@@ -12,7 +12,6 @@ POST /admin/flush      write the buffered prediction log now                    
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import itertools
 import logging
@@ -31,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pipelines import metrics
+from pipelines.runtime import GC_PAUSES, settle_heap
 from pipelines.serving.batching import MicroBatcher
 from pipelines.serving.config import ServingSettings
 from pipelines.serving.models import ModelManager
@@ -49,45 +49,6 @@ MAX_REPORTED_ERRORS = 50
 # per feature its name, quotes, colon, a float at full precision (-1.2345678901234567e-308: 24) and
 # room for pretty-printing. A label: {"request_id": <64>, "record_index": n, "is_anomaly": 1}.
 RECORD_BYTES, FIELD_BYTES, LABEL_BYTES, DEFAULT_FEATURES = 1400, 48, 160, 32
-
-
-class GcPauses:
-    """The cyclic collector's pauses in this process, per generation: every request in flight waits
-    them out (the event loop stops), so a tail latency has to be read beside them."""
-
-    def __init__(self) -> None:
-        self.count = [0, 0, 0]
-        self.total = [0.0, 0.0, 0.0]
-        self.longest = [0.0, 0.0, 0.0]
-        self._started = 0.0
-
-    def install(self) -> None:
-        if self._callback not in gc.callbacks:
-            gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-            return
-        generation = info.get("generation", 2)
-        elapsed = time.perf_counter() - self._started
-        self.count[generation] += 1
-        self.total[generation] += elapsed
-        self.longest[generation] = max(self.longest[generation], elapsed)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            f"gen{g}": {
-                "collections": self.count[g],
-                "total_ms": round(1000 * self.total[g], 1),
-                "longest_ms": round(1000 * self.longest[g], 2),
-            }
-            for g in range(3)
-        }
-
-
-GC_PAUSES = GcPauses()
-GC_YOUNG_THRESHOLD = 50_000  # see ScoringService.startup
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -253,18 +214,7 @@ class ScoringService:
         await asyncio.get_running_loop().run_in_executor(None, self.manager.start)
         self.prediction_log.start()
         self.feedback_log.start()
-        # The libraries and models loaded by now are ~1M objects the cyclic collector would walk at
-        # every full collection: 0.7-0.9 s with the event loop stopped, every few seconds under load
-        # (the p99 of issue 18). Frozen, a full collection walks only what was allocated since.
-        gc.collect()
-        gc.freeze()
-        # A young collection runs once 700 more container objects were allocated than freed. Each
-        # request in flight holds some 50 (scope, headers, coroutine, future, records), so at 64
-        # connections the working set alone crossed that ~4 times a batch: 4,248 young collections
-        # and 387 older ones in 10 s (up to 8 ms each, every request in flight waiting), against 202
-        # at 8 connections. Above the in-flight working set, a collection runs only for real garbage.
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        GC_PAUSES.install()
+        settle_heap()  # the loaded libraries frozen out of the collector's walks (pipelines.runtime)
 
     async def shutdown(self) -> None:
         if self._background:

@@ -19,7 +19,6 @@ twice in the windows).
 from __future__ import annotations
 
 import collections
-import gc
 import json
 import logging
 import pickle
@@ -29,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from pipelines.runtime import settle_heap
 from pipelines.streaming.messages import Reading, bronze_table
 
 log = logging.getLogger("pipelines.streaming")
@@ -350,11 +350,7 @@ class ScorerProcess:
                     log.info("scorer warmed up from %d committed bronze readings", len(silver))
             except Exception:  # noqa: BLE001 - a cold start only makes the first windows shorter
                 log.exception("warm-up from bronze failed; starting with empty device tails")
-        # The libraries, models and warmed windows are ~1M long-lived objects a full collection would
-        # walk with every thread stopped (0.7-0.9 s in the scoring service): frozen, it walks only
-        # what is allocated from here on.
-        gc.collect()
-        gc.freeze()
+        settle_heap()  # the libraries, models and warmed windows frozen out of the collector's walks
         self.worker.start()
         self._intake.start()
         return self

@@ -1,4 +1,4 @@
-"""The scoring service's collector accounting (`/status` "gc"): pauses counted per generation."""
+"""The collector accounting of the scoring service's `/status` ("gc"): pauses counted per generation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 
 def test_collector_pauses_are_counted_per_generation():
-    from pipelines.serving.app import GcPauses
+    from pipelines.runtime import GcPauses
 
     pauses = GcPauses()
     pauses.install()
