@@ -80,8 +80,8 @@ class _Acks(threading.Thread):
 def publish_fleet(
     host: str, port: int, dataset: str, start: dt.date, days: int, devices: int, rate: float, limit: int
 ) -> dict:
-    """Publish the simulated fleet (`stream_readings`, seed 11) at `rate`/s; returns
-    {"sent": {(device, seq): ns}, "seconds": publishing time, "acked": PUBACKs received}."""
+    """Publish the simulated fleet (`stream_readings`, seed 11) at `rate`/s; returns {"sent":
+    {(device, seq): ns}, "seconds": publishing time, "started_ns": its first write, "acked": PUBACKs}."""
     from pipelines.simulator import stream_readings
     from pipelines.streaming.messages import sensor_topic
 
@@ -105,7 +105,7 @@ def publish_fleet(
     chunk: list[bytes] = []
     mid = 0
     count = 0
-    started = time.perf_counter()
+    started, started_ns = time.perf_counter(), time.time_ns()
     for key, topic, payload in messages:
         due = started + count / rate
         if due - time.perf_counter() > 0.001:  # a tick's messages go in one write
@@ -128,7 +128,7 @@ def publish_fleet(
         time.sleep(0.01)
     sock.sendall(b"\xe0\x00")  # DISCONNECT
     sock.close()
-    return {"sent": sent, "seconds": seconds, "acked": acks.count, "error": acks.error}
+    return {"sent": sent, "seconds": seconds, "started_ns": started_ns, "acked": acks.count, "error": acks.error}
 
 
 def _flush(sock: socket.socket, chunk: list[bytes], keys: list[tuple[str, int]], sent: dict) -> None:

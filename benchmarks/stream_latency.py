@@ -3,11 +3,14 @@ and to its bronze commit, at the given rates.
 
 Starts its own Mosquitto (and Redis, when `redis-server` is installed) on free ports, runs
 `platform stream` as its own process (as deployed: the ingester does not share an interpreter with
-the load), publishes the simulated fleet at each rate for `--seconds`, and reads back what the
-ingester announces: alerts on `alerts/<dataset>/+` and one event per bronze commit on
-`ingest/<dataset>/commits` naming the (device, seq) runs it committed. Latency is receipt time minus
-the publish time of that reading, on one clock (this process). Afterwards the ingester's own
-counters (`/status`: time in features, model, commits) say where its time went.
+the load), publishes the simulated fleet at each rate for `--seconds` from a load generator in a
+process of its own (`mqtt_load.py`: QoS 1 over a plain socket; paho in this process fell seconds
+behind its own schedule at 5,000/s), and reads back what the ingester announces: alerts on
+`alerts/<dataset>/+` and one event per bronze commit on `ingest/<dataset>/commits` naming the
+(device, seq) runs it committed. Latency is receipt time minus the publish time of that reading, on
+the machine's one clock. Sustained readings/s = readings committed / (first publish -> last commit
+seen). Afterwards the commit events (phases) and the scorer's counters (`/status`: time in silver,
+features, model) say where the time went; `--timeline` shows the alert latency per 3 s.
 
     .venv/bin/python benchmarks/stream_latency.py --ephemeral                  # throwaway stack + model
     .venv/bin/python benchmarks/stream_latency.py --rates 1000,5000 --seconds 30
@@ -200,7 +203,6 @@ def run_rate(
     total = int(rate * seconds)
     start = dt.date.today() - dt.timedelta(days=max(2, total // (devices * 1440) + 2))
     before = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
-    t0_ns = time.time_ns()
     # The load comes from a process of its own (its own interpreter and core time), as a fleet's
     # would: sharing this one with the collector, paho fell seconds behind at 5,000 readings/s.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -214,14 +216,14 @@ def run_rate(
     deadline = time.monotonic() + 120
     while collector.committed < len(sent) and time.monotonic() < deadline:
         time.sleep(0.1)
-    drain_seconds = (collector.last_commit_ns - t0_ns) / 1e9  # about the first publish to the last commit seen
+    drain_seconds = (collector.last_commit_ns - load["started_ns"]) / 1e9  # first publish to the last commit seen
     time.sleep(1.0)
     after = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
     collector.close()
     alert_ms, commit_ms, commits = collector.latencies(sent)
     if timeline:  # alert latency by when the reading was published: warm-up and steady state apart
         t_alert = [
-            ((now - sent[(d, q)]) / 1e6, (sent[(d, q)] - t0_ns) / 1e9)
+            ((now - sent[(d, q)]) / 1e6, (sent[(d, q)] - load["started_ns"]) / 1e9)
             for d, q, now in collector.alerts
             if (d, q) in sent
         ]
