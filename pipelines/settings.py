@@ -47,6 +47,10 @@ class StreamSettings(BaseModel):
     # -- micro-batches to bronze -----------------------------------------------------------------
     batch_max_readings: int = 10_000  # a batch closes at this many messages ...
     batch_max_seconds: float = 1.0  # ... or this long after its first one, whichever comes first
+    # CPU priority follows the latency budgets: a reading has 5 s to reach bronze but 250 ms to its
+    # alert, so the ingester's threads yield to the scorer process when both want a core (nice +N;
+    # any core the scorer leaves idle the ingester still gets). 0: equal.
+    ingest_nice: int = Field(5, ge=0, le=19)
     # Devices allowed to report (comma-separated); empty: any device the broker lets publish.
     known_devices: str = ""
 

@@ -131,6 +131,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     if scoring:
         child = start_scorer()  # it serves the device state (it writes it)
+        _yield_to_scorer(cfg.ingest_nice)
     elif cfg.http_port:
         server = serve_in_thread(state_app(_NoState(), ingester.status), cfg.http_host, cfg.http_port)
     print(
@@ -171,6 +172,19 @@ def _share_metrics_between_processes() -> None:
     path = tempfile.mkdtemp(prefix="platform-stream-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     atexit.register(shutil.rmtree, path, True)
+
+
+def _yield_to_scorer(nice: int) -> None:
+    """The ingester's threads (and those they start) at nice +`nice`: Linux keeps a priority per
+    thread, and raising one's own never needs privileges. The scorer child started before keeps 0."""
+    if not nice or not hasattr(os, "setpriority"):
+        return
+    for task in Path("/proc/self/task").iterdir() if Path("/proc/self/task").exists() else ():
+        try:
+            tid = int(task.name)
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+        except (OSError, ValueError):
+            pass
 
 
 def _die_with_parent() -> None:
