@@ -9,6 +9,8 @@ name `{{"window_end": "YYYY-MM-DDTHH:MM:SSZ"}}` in its conf):
   errors, latency; where no prediction log covers the window, the version's own scores of the rows)
   against the reference profile logged with the model version that served them: per-feature effect
   sizes (normed Wasserstein, Jensen-Shannon), the score and the alert rate. Rule: {rule}.
+  Where labels have arrived (`/feedback` on served records, else the gold rows' own labels), the
+  window's precision, recall, F1, event recall and false alarms per 1,000 rows beside the drift.
   The report (JSON, HTML, figure) goes to `s3://lake/monitoring/{dataset}/window=<start>/` and to a
   run of the MLflow experiment `monitoring-{dataset}`.
 * **raise_alarm** — only when a persistent drift raises a new alarm (skipped otherwise): updates the

@@ -417,11 +417,31 @@ def logged_metrics(result) -> dict[str, float]:
     }
 
 
-def train(root: Path, progress: Progress = print) -> dict:
-    """train_and_log on the local lake's gold; the model, its card and the run's metrics as DVC outputs."""
+def _finish_run(uri: str, run_id: str, model_uri: str, tags: dict[str, str]) -> tuple[dict[str, float], Any]:
+    """Tag a stage's MLflow run; its metrics as DVC records them (exactly what the run holds, minus
+    timings) and its model."""
     import mlflow.sklearn
 
     import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    metrics = {k: v for k, v in client.get_run(run_id).data.metrics.items() if not volatile(k)}
+    mlflow.set_tracking_uri(uri)
+    return metrics, mlflow.sklearn.load_model(model_uri)
+
+
+def _write_skops(path: Path, model: Any) -> None:
+    import skops.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(stable_skops_bytes(skops.io.dumps(model)))
+
+
+def train(root: Path, progress: Progress = print) -> dict:
+    """train_and_log on the local lake's gold; the model, its card and the run's metrics as DVC outputs."""
+
     from pipelines import lineage
     from pipelines.training import TrainingContext, train_and_log
 
@@ -441,24 +461,16 @@ def train(root: Path, progress: Progress = print) -> dict:
             gx_summary={"statistics": _gx_totals(quality)} if quality else None,
         )
         result = train_and_log(frame, params, context, tracking_uri=uri, experiment=experiment, progress=progress)
-        client = mlflow.MlflowClient(uri)
-        for key, value in {
+        tags = {
             DATA_DIGEST_TAG: snapshot["content_sha256"],
             "dvc_stage": "train",
             "git_dirty": str(source_dirty(root)).lower(),
-        }.items():
-            client.set_tag(result.run_id, key, value)
-        # Exactly what the run holds (train_and_log's metric set evolves), minus timings.
-        metrics = {k: v for k, v in client.get_run(result.run_id).data.metrics.items() if not volatile(k)}
-        mlflow.set_tracking_uri(uri)
-        model = mlflow.sklearn.load_model(result.model_uri)
+        }
+        metrics, model = _finish_run(uri, result.run_id, result.model_uri, tags)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    import skops.io
-
-    (root / MODEL_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (root / MODEL_FILE).write_bytes(stable_skops_bytes(skops.io.dumps(model)))
+    _write_skops(root / MODEL_FILE, model)
     _write_json(
         root / MODEL_CARD,
         {
@@ -664,10 +676,7 @@ def images_gold(root: Path, progress: Progress = print) -> list[str]:
 def images_train(root: Path, progress: Progress = print) -> dict:
     """`train_and_log_images` (the training DAG's fit and MLflow run) on the local gold; the model,
     its card and the run's metrics as DVC outputs."""
-    import mlflow.sklearn
-    import skops.io
 
-    import mlflow
     from pipelines import lineage
     from pipelines.images.model import EXPERIMENT, MODEL_FAMILY, train_and_log_images
 
@@ -690,16 +699,11 @@ def images_train(root: Path, progress: Progress = print) -> dict:
             progress=progress,
         )
         digest = image_data_digest(result.snapshot)
-        client = mlflow.MlflowClient(uri)
-        client.set_tag(result.run_id, DATA_DIGEST_TAG, digest)
-        metrics = {k: v for k, v in client.get_run(result.run_id).data.metrics.items() if not volatile(k)}
-        mlflow.set_tracking_uri(uri)
-        model = mlflow.sklearn.load_model(result.model_uri)
+        metrics, model = _finish_run(uri, result.run_id, result.model_uri, {DATA_DIGEST_TAG: digest})
     finally:
         if tmp is not None:
             tmp.cleanup()
-    (root / IMAGE_MODEL_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (root / IMAGE_MODEL_FILE).write_bytes(stable_skops_bytes(skops.io.dumps(model)))
+    _write_skops(root / IMAGE_MODEL_FILE, model)
     _write_json(
         root / IMAGE_MODEL_CARD,
         {

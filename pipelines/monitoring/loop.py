@@ -768,15 +768,24 @@ def loop_records(dataset: str, *, store=None, client=None) -> list[dict[str, Any
     return records
 
 
+def _f1_cell(perf: Mapping[str, Any] | None) -> str:
+    """`0.86 (gold, 5,760)`: the window's F1 against labels, their source and count; `-` without labels."""
+    if not perf or not perf.get("labelled_rows"):
+        return "-"
+    f1 = perf.get("f1")
+    source = str(perf.get("source", "")).split()[0]
+    return f"{'n/a' if f1 is None else f'{f1:.2f}'} ({source}, {int(perf['labelled_rows']):,d})"
+
+
 def format_monitor(windows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> str:
     """``platform monitor``: the recent windows' verdicts, then each alarm's loop."""
-    lines = ["window end (UTC)        model  rows    share  status        why"]
+    lines = ["window end (UTC)        model  rows    share  status        F1 (labels)        why"]
     for w in windows:
         share = w.get("drifted_share")
         lines.append(
             f"{str(w.get('window_end', ''))[:16]:23s} v{str(w.get('model_version', '?')):5s} "
             f"{int(w.get('rows', 0)):7,d} {(share if share is not None else 0):5.0%}  {w.get('status', '?'):13s} "
-            f"{'; '.join(w.get('reasons', []))[:110] or '-'}"
+            f"{_f1_cell(w.get('performance')):18s} {'; '.join(w.get('reasons', []))[:110] or '-'}"
         )
     if not windows:
         lines.append("(no window judged yet: the monitoring DAG writes one report per run)")

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.checkout import copy_checkout, sh
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SKIP_TOP = {".venv", ".platform", "data", "models", "metrics", "plots", "dvc.lock"}
 SMALL = {"devices": 2, "days": 2, "freq_seconds": 300}
 MODEL = "dvc-reproduce-test"
 
@@ -35,27 +34,13 @@ def _env(settings) -> dict[str, str]:
     return env
 
 
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
-
-
 def dvc(*args: str, cwd: Path, env: dict[str, str]) -> str:
     return sh([str(BIN / "dvc"), *args], cwd, env)
 
 
 def copy_working_tree(dest: Path) -> None:
-    """Tracked + untracked (not ignored) files of this checkout: works before the lead commits."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for raw in files:
-        rel = raw.decode()
-        if not rel or rel.split("/", 1)[0] in SKIP_TOP or not (REPO / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest / rel)
+    """This checkout (`tests.checkout.copy_checkout`), with the small simulated history of SMALL."""
+    copy_checkout(dest)
     cli = dest / "pipelines" / "cli.py"
     text = cli.read_text()
     if "pipelines.reproduce_cli" not in text:  # until pipelines/cli.py is wired: the one line it will get

@@ -17,33 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkout import copy_checkout, sh
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SKIP_TOP = {".venv", ".platform", "data", "models", "metrics", "plots", "dvc.lock", "dvc_plots"}
 IMAGE_STAGES = ["images_land", "images_bronze", "images_silver", "images_gold", "images_train"]
 # the DAG path's lake: buckets of its own, so the session's fruit_photos lake (test_images) is untouched
 BUCKETS = {"PLATFORM_LANDING_BUCKET": "dvc-images-landing", "PLATFORM_LAKE_BUCKET": "dvc-images-lake"}
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
-
-
-def copy_checkout(dest: Path) -> None:
-    """Tracked + untracked (not ignored) files of this checkout, without generated state."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for raw in files:
-        rel = raw.decode()
-        if not rel or rel.split("/", 1)[0] in SKIP_TOP or not (REPO / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest / rel)
 
 
 @pytest.fixture(scope="module")

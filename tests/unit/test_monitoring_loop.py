@@ -351,3 +351,28 @@ def test_feedback_on_served_records_is_preferred_over_gold_labels():
     assert feedback_rows(predictions, feedback.iloc[:0], version="2").empty
     assert window_performance(feedback=feedback_rows(predictions, feedback, version="9"),
                               gold=gold_rows(features, flags))["source"] == "gold labels"  # fmt: skip
+
+
+def test_platform_monitor_shows_each_windows_f1_against_its_labels():
+    from pipelines.monitoring.loop import format_monitor
+    from pipelines.monitoring.performance import FEEDBACK_SOURCE, NO_LABELS
+
+    base = {"model_version": "3", "rows": 5760, "drifted_share": 0.0, "status": "ok", "reasons": []}
+    text = format_monitor(
+        [
+            {
+                **base,
+                "window_end": "2026-03-06T00:00",
+                "performance": {"source": FEEDBACK_SOURCE, "labelled_rows": 600, "f1": 0.857},
+            },
+            {
+                **base,
+                "window_end": "2026-03-07T00:00",
+                "performance": {"source": NO_LABELS, "labelled_rows": 0, "f1": None},
+            },
+        ],
+        [],
+    ).splitlines()
+    assert "F1 (labels)" in text[0]
+    assert f"0.86 ({FEEDBACK_SOURCE.split()[0]}, 600)" in text[1]
+    assert text[2].split()[5] == "-", "no labels: no F1, never 0"
