@@ -43,6 +43,29 @@ step configured without a shadow.
 
 Sample size: a step needs ``min_requests`` scored records from each model and ``bake_seconds`` of
 time; F1 needs ``min_labels`` labelled records per model (blocking only with ``require_labels``).
+
+Classifiers (``StepSample.kind == "classifier"``: an image model's rollout, read from /classify's log
+by ``pipelines.canary.images``; one record = one photo, one model call) are judged by the same entry
+point, state machine and error-rate and latency tests, with three metrics in place of the score ones:
+
+* agreement       - the two models' classes on the same photos (the shadow pairs). Tested as Cohen's
+                    kappa, not as raw agreement against ``min_agreement``: two equally good retrains of
+                    the fruit classifier (~63% accuracy, 12 classes) agree on only 49-58% of unseen
+                    photos (kappa 0.44-0.53), so a fixed floor on raw agreement rolls good models back,
+                    while a model that always answers one class agrees exactly as often as chance
+                    (kappa 0) whatever the champion's class mix. Fails when the upper (1 - alpha/k)
+                    bound of kappa (large-sample standard error) is below ``min_class_kappa``; raw
+                    agreement and the chance agreement are reported.
+* confidence_shift - the top-1 confidence: paired, Wilcoxon signed-rank test of the per-photo
+                    differences (two-sided); unpaired, two-sample KS; fails if significant and the mean
+                    confidence moved by more than ``max_confidence_shift``. Overruled, as the score
+                    rank check is, where labels on the same photos show the challenger at least as
+                    accurate and its classes agree.
+* accuracy        - on labelled photos: paired, the mean per-photo difference of correctness (both
+                    models on the same photos), else two proportions; fails when the upper (1 - alpha/k)
+                    bound of (challenger - champion) is below ``-accuracy_margin``. /classify records no
+                    feedback labels yet, so for image rollouts this is unmeasured (non-blocking unless
+                    ``require_labels``).
 """
 
 from __future__ import annotations
@@ -56,20 +79,25 @@ import numpy as np
 from pipelines.canary.stages import AnalysisConfig, Step
 
 PASS, INCONCLUSIVE, FAIL, SKIPPED = "pass", "inconclusive", "fail", "skipped"
+# what a rollout's models predict, which decides the metrics: an anomaly score and flag per record, or
+# a class and its top-1 confidence per photo
+ANOMALY, CLASSIFIER = "anomaly", "classifier"
 
 
 @dataclass
 class RoleSample:
     """What one model did during the step: one entry per scored record, but for the latencies (one per
-    model call)."""
+    model call). A classifier's record is a photo: ``score`` is its top-1 confidence, ``flagged`` is
+    unused, ``labels`` are class codes and ``labelled_classes`` the model's classes of those photos."""
 
     latency_ms: np.ndarray  # wall time per call, from the request's start (a shadow: from its own start)
     error: np.ndarray  # bool per record
     score: np.ndarray  # scores of the records without error
     flagged: np.ndarray  # bool, score >= the version's decision threshold (records without error)
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # ground truth 0/1
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # ground truth 0/1 (or class)
     labelled_flags: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     compute_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # predict CPU time per call
+    labelled_classes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # classifier
 
     @property
     def n(self) -> int:
@@ -83,13 +111,17 @@ class RoleSample:
 
 @dataclass
 class PairedSample:
-    """The records both models scored (a shadow copy), aligned: element i is the same record."""
+    """The records both models scored (a shadow copy), aligned: element i is the same record. For a
+    classifier: scores are top-1 confidences, ``*_class`` the class codes, ``labels`` the true class
+    code (-1 = no label); the flags are unused."""
 
     champion_score: np.ndarray
     challenger_score: np.ndarray
-    champion_flagged: np.ndarray  # bool
-    challenger_flagged: np.ndarray  # bool
+    champion_flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    challenger_flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # 0/1, -1 = no label
+    champion_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    challenger_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
 
     @property
     def n(self) -> int:
@@ -97,6 +129,8 @@ class PairedSample:
 
     @property
     def agreement(self) -> np.ndarray:
+        if len(self.champion_class) == self.n and self.n:
+            return np.asarray(self.champion_class) == np.asarray(self.challenger_class)
         return np.asarray(self.champion_flagged, bool) == np.asarray(self.challenger_flagged, bool)
 
     def labelled(self) -> np.ndarray:
@@ -111,6 +145,7 @@ class StepSample:
     paired_agreement: np.ndarray | None = None  # bool per record scored by both models
     elapsed_seconds: float = 0.0
     paired: PairedSample | None = None  # scores and flags of the records both models scored
+    kind: str = ANOMALY  # or CLASSIFIER: which metrics judge the step
 
     def __post_init__(self) -> None:
         if self.paired is not None and self.paired.n and self.paired_agreement is None:
@@ -140,6 +175,7 @@ class StepVerdict:
     reasons: list[str]
     metrics: dict[str, MetricResult]
     alpha_per_test: float
+    kind: str = ANOMALY
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -501,22 +537,200 @@ def _labels_decide_over_ranks(sample: StepSample, cfg: AnalysisConfig, min_n: in
     )
 
 
-def analyze_step(sample: StepSample, step: Step, cfg: AnalysisConfig) -> StepVerdict:
-    """The step's verdict from what both models did (pure: no I/O, deterministic for a given seed)."""
-    paired = sample.paired_agreement is not None and len(sample.paired_agreement) > 0
-    k = 5 + int(paired)  # error, latency, psi (no p-value but counted conservatively), flags, f1, agreement
-    alpha = cfg.alpha / k
-    min_n = step.min_requests
+# --------------------------------------------------------------------------- classifiers
+
+
+def cohen_kappa(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(observed agreement, agreement expected by chance from each model's class shares, kappa) of two
+    models' classes on the same photos. Two models that answer one and the same class throughout agree
+    fully: kappa 1 (undefined by the formula: no disagreement is possible by chance either)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if not len(a):
+        return 0.0, 0.0, 0.0
+    observed = float(np.mean(a == b))
+    classes, codes = np.unique(np.concatenate([a, b]), return_inverse=True)
+    share_a = np.bincount(codes[: len(a)], minlength=len(classes)) / len(a)
+    share_b = np.bincount(codes[len(a) :], minlength=len(classes)) / len(b)
+    chance = float(np.sum(share_a * share_b))
+    if chance >= 1.0:
+        return observed, chance, 1.0
+    return observed, chance, (observed - chance) / (1.0 - chance)
+
+
+def _class_agreement(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> MetricResult:
+    from scipy.stats import norm
+
+    pair = s.paired
+    res = MetricResult(
+        "agreement",
+        SKIPPED,
+        "Cohen's kappa of both models' classes on the photos both classified (normal bound, one-sided)",
+        threshold=f"fail if upper {1 - alpha:.4g} bound of kappa < {cfg.min_class_kappa}",
+        blocking=False,
+    )
+    if pair is None or pair.n == 0:
+        res.detail = "no photos classified by both models in this step"
+        return res
+    res.blocking = True
+    n = pair.n
+    res.n_champion = res.n_challenger = n
+    observed, chance, kappa = cohen_kappa(pair.champion_class, pair.challenger_class)
+    res.champion, res.challenger = 1.0, observed  # as the anomaly agreement: the champion agrees with itself
+    res.statistic = kappa
+    if n < min_n:
+        res.verdict = INCONCLUSIVE
+        res.detail = f"needs {min_n} paired photos (has {n})"
+        return res
+    # large-sample standard error of kappa (Cohen 1960); 0/1 agreement gives it a floor of 1/n
+    se = max(math.sqrt(observed * (1 - observed) / n), 1.0 / n) / max(1.0 - chance, 1e-9)
+    upper = kappa + float(norm.isf(alpha)) * se
+    res.p_value = float(norm.cdf((kappa - cfg.min_class_kappa) / se))  # H0: kappa >= the minimum
+    res.verdict = FAIL if upper < cfg.min_class_kappa else PASS
+    res.detail = (
+        f"kappa={kappa:.4f}, upper bound {upper:.4f}; classes agree on {observed:.1%} of {n} photos, "
+        f"{chance:.1%} expected by chance from each model's class shares"
+    )
+    return res
+
+
+def _confidence_shift(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> MetricResult:
+    from scipy.stats import ks_2samp, wilcoxon
+
+    pair = _paired(s, min_n)
+    if pair is not None:
+        a, b = np.asarray(pair.champion_score, float), np.asarray(pair.challenger_score, float)
+    else:
+        a, b = np.asarray(s.champion.score, float), np.asarray(s.challenger.score, float)
+    res = MetricResult(
+        "confidence_shift",
+        INCONCLUSIVE,
+        "Wilcoxon signed-rank test of top-1 confidence on the photos both classified, two-sided"
+        if pair is not None
+        else "two-sample KS test of top-1 confidence, unpaired",
+        float(a.mean()) if len(a) else None,
+        float(b.mean()) if len(b) else None,
+        threshold=f"fail if p < {alpha:.4g} and |mean shift| > {cfg.max_confidence_shift}",
+        n_champion=len(a),
+        n_challenger=len(b),
+    )
+    if min(len(a), len(b)) < min_n:
+        res.detail = f"needs {min_n} classified photos from each model"
+        return res
+    shift = float(b.mean() - a.mean())
+    if pair is not None:
+        diff = b - a
+        if np.all(diff == 0):
+            res.statistic, res.p_value = 0.0, 1.0
+        else:
+            test = wilcoxon(b, a, alternative="two-sided")
+            res.statistic, res.p_value = float(test.statistic), float(test.pvalue)
+        res.detail = f"mean shift {shift:+.4f}, median per-photo difference {np.median(diff):+.4f}; values are means"
+    else:
+        ks = ks_2samp(a, b)
+        res.statistic, res.p_value = float(ks.statistic), float(ks.pvalue)
+        res.detail = f"mean shift {shift:+.4f}; KS D={ks.statistic:.4f}; values are means"
+    res.verdict = FAIL if (res.p_value < alpha and abs(shift) > cfg.max_confidence_shift) else PASS
+    return res
+
+
+def _accuracy(s: StepSample, cfg: AnalysisConfig, alpha: float) -> MetricResult:
+    from scipy.stats import norm
+
+    ch, cl = s.champion, s.challenger
+    pair = s.paired if s.paired is not None and int(s.paired.labelled().sum()) >= cfg.min_labels else None
+    res = MetricResult(
+        "accuracy",
+        INCONCLUSIVE,
+        "difference of accuracy (challenger - champion), normal bound, one-sided"
+        + (", both models on the same labelled photos" if pair is not None else ""),
+        threshold=f"fail if upper {1 - alpha:.4g} bound of (challenger - champion) < -{cfg.accuracy_margin}",
+        n_champion=len(ch.labels),
+        n_challenger=len(cl.labels),
+        blocking=cfg.require_labels,
+    )
+    if pair is not None:
+        labelled = pair.labelled()
+        y = np.asarray(pair.labels)[labelled]
+        right_a = np.asarray(pair.champion_class)[labelled] == y
+        right_b = np.asarray(pair.challenger_class)[labelled] == y
+        n = len(y)
+        res.n_champion = res.n_challenger = n
+        res.champion, res.challenger = float(right_a.mean()), float(right_b.mean())
+        d = right_b.astype(float) - right_a.astype(float)
+        se = max(float(np.std(d, ddof=1)) if n > 1 else 0.0, 1.0 / n) / math.sqrt(n)
+    else:
+        if min(len(ch.labels), len(cl.labels)) < cfg.min_labels:
+            res.detail = (
+                f"needs {cfg.min_labels} labelled photos per model (has {len(ch.labels)} and {len(cl.labels)}); "
+                "unmeasured without feedback labels"
+            )
+            return res
+        pa = float(np.mean(np.asarray(ch.labelled_classes) == np.asarray(ch.labels)))
+        pb = float(np.mean(np.asarray(cl.labelled_classes) == np.asarray(cl.labels)))
+        res.champion, res.challenger = pa, pb
+        se = math.sqrt(pa * (1 - pa) / len(ch.labels) + pb * (1 - pb) / len(cl.labels)) or 1.0 / len(cl.labels)
+    diff = float(res.challenger - res.champion)
+    upper = diff + float(norm.isf(alpha)) * se
+    res.statistic = diff
+    res.p_value = float(norm.cdf((diff + cfg.accuracy_margin) / se))  # H0: diff >= -margin
+    res.detail = f"difference {diff:+.4f}, upper bound {upper:+.4f}"
+    res.blocking = True
+    res.verdict = FAIL if upper < -cfg.accuracy_margin else PASS
+    return res
+
+
+def _labels_decide_over_confidence(sample: StepSample, cfg: AnalysisConfig, by_name: dict) -> None:
+    """A confidence shift is a proxy for "the challenger is broken" while no labels say how its classes
+    compare; where labels on the same photos show it at least as accurate, with classes that agree, a
+    more (or less) confident challenger is not rolled back for its confidence alone."""
+    shift, acc, agreement = by_name["confidence_shift"], by_name["accuracy"], by_name["agreement"]
+    paired_labels = sample.paired is not None and int(sample.paired.labelled().sum()) >= cfg.min_labels
+    if shift.verdict == FAIL and paired_labels and acc.verdict == PASS and (acc.statistic or 0.0) >= 0.0:
+        if agreement.verdict == PASS:
+            shift.verdict = PASS
+            shift.detail = (
+                f"overruled by labels: on {acc.n_champion} labelled photos both classified, challenger accuracy "
+                f"{_fmt(acc.challenger)} >= champion's {_fmt(acc.champion)} and classes agree; " + shift.detail
+            )
+
+
+def _classifier_metrics(sample: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> list[MetricResult]:
     metrics = [
         _error_rate(sample, cfg, alpha, min_n),
         _latency(sample, cfg, alpha),
-        _score_shift(sample, cfg, alpha, min_n),
-        _flag_rate(sample, cfg, alpha, min_n),
-        _agreement(sample, cfg, alpha, min_n),
-        _f1(sample, cfg, alpha),
+        _confidence_shift(sample, cfg, alpha, min_n),
+        _class_agreement(sample, cfg, alpha, min_n),
+        _accuracy(sample, cfg, alpha),
     ]
+    _labels_decide_over_confidence(sample, cfg, {m.name: m for m in metrics})
+    return metrics
+
+
+def analyze_step(sample: StepSample, step: Step, cfg: AnalysisConfig) -> StepVerdict:
+    """The step's verdict from what both models did (pure: no I/O, deterministic for a given seed).
+    ``sample.kind`` chooses the metrics: anomaly scores and flags, or a classifier's classes."""
+    min_n = step.min_requests
+    if sample.kind == CLASSIFIER:
+        paired = sample.paired is not None and sample.paired.n > 0
+        k = 4 + int(paired)  # error, latency, confidence shift, accuracy, agreement
+        alpha = cfg.alpha / k
+        metrics = _classifier_metrics(sample, cfg, alpha, min_n)
+    elif sample.kind == ANOMALY:
+        paired = sample.paired_agreement is not None and len(sample.paired_agreement) > 0
+        k = 5 + int(paired)  # error, latency, psi (no p-value but counted conservatively), flags, f1, agreement
+        alpha = cfg.alpha / k
+        metrics = [
+            _error_rate(sample, cfg, alpha, min_n),
+            _latency(sample, cfg, alpha),
+            _score_shift(sample, cfg, alpha, min_n),
+            _flag_rate(sample, cfg, alpha, min_n),
+            _agreement(sample, cfg, alpha, min_n),
+            _f1(sample, cfg, alpha),
+        ]
+        _labels_decide_over_ranks(sample, cfg, min_n, {m.name: m for m in metrics})
+    else:
+        raise ValueError(f"step sample of kind {sample.kind!r}: the analysis knows {ANOMALY!r} and {CLASSIFIER!r}")
     by_name = {m.name: m for m in metrics}
-    _labels_decide_over_ranks(sample, cfg, min_n, by_name)
     failed = [m for m in metrics if m.verdict == FAIL]
     reasons: list[str] = []
     if failed:
@@ -525,11 +739,11 @@ def analyze_step(sample: StepSample, step: Step, cfg: AnalysisConfig) -> StepVer
             f"challenger={_fmt(m.challenger)} p={_fmt(m.p_value)}) {m.detail}".strip()
             for m in failed
         ]
-        return StepVerdict(FAIL, step.name, reasons, by_name, alpha)
+        return StepVerdict(FAIL, step.name, reasons, by_name, alpha, sample.kind)
     holding = [m for m in metrics if m.verdict == INCONCLUSIVE and m.blocking]
     if sample.elapsed_seconds < step.bake_seconds:
         reasons.append(f"baking: {sample.elapsed_seconds:.0f}s of {step.bake_seconds:.0f}s")
     reasons += [f"{m.name}: {m.detail}" for m in holding]
     if reasons:
-        return StepVerdict(INCONCLUSIVE, step.name, reasons, by_name, alpha)
-    return StepVerdict(PASS, step.name, ["every metric passed"], by_name, alpha)
+        return StepVerdict(INCONCLUSIVE, step.name, reasons, by_name, alpha, sample.kind)
+    return StepVerdict(PASS, step.name, ["every metric passed"], by_name, alpha, sample.kind)

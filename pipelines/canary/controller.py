@@ -2,7 +2,9 @@
 weights and aliases, record every transition (lake history, version tags, an MLflow run).
 
 DAG tasks and ``platform canary ...`` call these functions; the decision itself is
-``analysis.analyze_step`` + ``state.after_verdict`` (pure).
+``analysis.analyze_step`` + ``state.after_verdict`` (pure). A rollout of an image classifier (its
+versions tagged ``model_kind=classifier``) is read from /classify's log by ``pipelines.canary.images``
+and judged by the same analysis, state machine and records.
 """
 
 from __future__ import annotations
@@ -21,14 +23,24 @@ from pipelines.canary.stages import CanaryPlan, load_plan
 
 
 def _context(store=None, params: dict | None = None, dataset: str | None = None):
-    from pipelines.datasets import effective_params
+    from pipelines.canary.images import image_dataset_params
+    from pipelines.datasets import DatasetError, effective_params
     from pipelines.serving.predlog import lake_store
     from pipelines.settings import get_settings, load_params
 
     settings = get_settings()
     params = params if params is not None else load_params(settings.params_file)
     # The dataset's view of params: its own registered model unless canary.model_name names another.
-    params = effective_params(dataset or settings.dataset, params)
+    name = dataset or settings.dataset
+    try:
+        params = effective_params(name, params)
+    except DatasetError as exc:
+        image_params = image_dataset_params(name, params)  # an image dataset: its contract's classifier
+        if image_params is None:
+            from pipelines.images.contract import image_contract_files
+
+            raise DatasetError(f"{exc}; image datasets: {sorted(image_contract_files())}") from None
+        params = image_params
     return settings, load_plan(params), store or lake_store(settings, 30.0)
 
 
@@ -114,7 +126,8 @@ def start_rollout(
     if aliases["champion"] == aliases["challenger"]:
         raise ValueError(f"challenger v{aliases['challenger']} is already champion: nothing to roll out")
     state = st.start(plan, aliases["champion"], aliases["challenger"], actor, reason)
-    run_id = _mlflow_run(settings, plan, state)
+    kind = _rollout_kind(client, state)
+    run_id = _mlflow_run(settings, plan, state, kind)
     state = dataclasses.replace(state, mlflow_run_id=run_id) if run_id else state
     st.write_state(store, state)
     _tag(client, plan.model_name, state.challenger_version, _transition_tags(state, "start"))
@@ -127,12 +140,19 @@ def start_rollout(
         reason=state.reason,
         rollout_id=state.rollout_id,
         step=state.step_name,
-        details={"champion": state.champion_version, "steps": [s.__dict__ for s in plan.steps]},
+        details={"champion": state.champion_version, "kind": kind, "steps": [s.__dict__ for s in plan.steps]},
     )
     return state
 
 
-def _mlflow_run(settings, plan: CanaryPlan, state: st.RolloutState) -> str:
+def _rollout_kind(client, state: st.RolloutState) -> str:
+    """What the rollout's models predict (``analysis.ANOMALY`` or ``CLASSIFIER``), from their version tags."""
+    from pipelines.canary.images import rollout_kind
+
+    return rollout_kind(client, state)
+
+
+def _mlflow_run(settings, plan: CanaryPlan, state: st.RolloutState, kind: str = analysis.ANOMALY) -> str:
     client = _client(settings)
     exp = client.get_experiment_by_name(plan.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(plan.experiment)
@@ -144,6 +164,7 @@ def _mlflow_run(settings, plan: CanaryPlan, state: st.RolloutState) -> str:
             "model_name": state.model_name,
             "challenger_version": state.challenger_version,
             "champion_version": state.champion_version,
+            "model_kind": kind,
         },
     )
     for i, step in enumerate(plan.steps):
@@ -228,8 +249,14 @@ def evaluate_step(
         progress(f"[canary] nothing to evaluate: {note}")
         return {"action": "none", "status": state.status, "note": note}
     step = plan.steps[state.step_index]
-    predictions, feedback = read_step_traffic(store, state)
-    sample = build_sample(predictions, feedback, state)
+    if _rollout_kind(_client(settings), state) == analysis.CLASSIFIER:
+        from pipelines.canary import images
+
+        predictions, labels = images.read_image_step_traffic(store, state)
+        sample = images.build_image_sample(predictions, labels, state)
+    else:
+        predictions, feedback = read_step_traffic(store, state)
+        sample = build_sample(predictions, feedback, state)
     verdict = analysis.analyze_step(sample, step, plan.analysis)
     progress("[canary] " + verdict.summary())
     new_state, action = st.after_verdict(state, plan, verdict.to_dict(), actor)

@@ -50,6 +50,10 @@ class AnalysisConfig:
     min_labels: int = 200  # labelled records per model before F1 is compared
     f1_margin: float = 0.02  # challenger F1 may be at most this much lower
     require_labels: bool = False  # true: too few labels holds the step (Inconclusive)
+    # classifiers (an image model's rollout, ``pipelines.canary.images``)
+    min_class_kappa: float = 0.3  # Cohen's kappa of the two models' classes on the same photos
+    max_confidence_shift: float = 0.1  # absolute change of the mean top-1 confidence
+    accuracy_margin: float = 0.02  # challenger accuracy on labelled photos may be at most this much lower
     bootstrap: int = 1000
     seed: int = 0
 

@@ -32,6 +32,7 @@ Progress = Callable[[str], Any]
 EXPERIMENT = "image-classifiers"
 MODEL_FAMILY = "incremental_pca+logistic_regression"
 BASELINE = "colour_histogram+nearest_centroid"
+MODEL_KIND = "classifier"  # version tag model_kind: what the canary compares (classes, not anomaly scores)
 
 
 @dataclass
@@ -336,6 +337,7 @@ def register_image_version(result: ImageTrainResult, *, tracking_uri: str) -> st
         tags={
             "run_id": result.run_id,
             "model_family": MODEL_FAMILY,
+            "model_kind": MODEL_KIND,  # the canary judges it as a classifier (pipelines.canary.images)
             "dataset": result.dataset,
             "metrics": json.dumps(result.metrics, sort_keys=True),
             "baseline_metrics": json.dumps(result.baseline_metrics, sort_keys=True),

@@ -305,3 +305,26 @@ class ImageClassifyService:
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         return await asyncio.get_running_loop().run_in_executor(None, self.prediction_log.flush)
+
+
+def read_image_predictions(store, since, until=None):
+    """Rows of ``image_predictions`` written for the days from ``since`` to ``until`` (the canary's
+    reader; a part written by an older service reads its missing columns as nulls)."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from pipelines.serving.predlog import _conform, _days
+
+    until = until or datetime.now(UTC)
+    bucket = store.settings.lake_bucket
+    parts = [
+        _conform(store.get_parquet(bucket, key), IMAGE_PREDICTION_SCHEMA)
+        for day in _days(since, until)
+        for key in store.list_keys(bucket, f"{IMAGE_PREDICTIONS}/date={day}/")
+        if key.endswith(".parquet")
+    ]
+    if not parts:
+        return IMAGE_PREDICTION_SCHEMA.empty_table().to_pandas()
+    frame = pa.concat_tables(parts).to_pandas()
+    return frame[frame["ts"] >= pd.Timestamp(since).tz_convert("UTC")].reset_index(drop=True)
