@@ -235,6 +235,20 @@ def resolve(ref: str, tracking_uri: str) -> tuple[str, str, Any]:
     return mv.name, str(mv.version), mv
 
 
+IMAGE_STAGE_PREFIX = "images_"
+
+
+def stage_targets(repo: Path, dvc_stage: str) -> list[str]:
+    """The stages of `repo`'s dvc.yaml in the pipeline of `dvc_stage` (the `dvc_stage` tag of the run
+    being reproduced): the image pipeline's (`images_*`) or telemetry's. `dvc repro` of these rebuilds
+    that model and nothing of the other pipeline."""
+    import yaml
+
+    stages = list((yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    images = dvc_stage.startswith(IMAGE_STAGE_PREFIX)
+    return [name for name in stages if name.startswith(IMAGE_STAGE_PREFIX) == images]
+
+
 def reproduce(
     ref: str,
     *,
@@ -279,7 +293,8 @@ def reproduce(
         dvc = dvc_bin()
         tampered: list[Difference] = []
         if (worktree / "dvc.lock").exists():
-            pulled = run([dvc, "pull", "--allow-missing"], worktree, env, check=False)
+            targets = stage_targets(worktree, tags.get("dvc_stage") or "train")
+            pulled = run([dvc, "pull", "--allow-missing", *targets], worktree, env, check=False)
             progress(f"[reproduce] dvc pull: {(pulled.stdout + pulled.stderr).strip().splitlines()[-1:]}")
             if pulled.returncode != 0:
                 report.differences.append(
@@ -295,7 +310,8 @@ def reproduce(
                     (worktree / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).unlink(missing_ok=True)
         else:
             progress("[reproduce] no dvc.lock at that commit: rebuilding every stage from params.yaml")
-        cmd = [dvc, "repro"] + (["--force"] if force else []) + (["--no-run-cache"] if tampered else [])
+        cmd = [dvc, "repro", *stage_targets(worktree, tags.get("dvc_stage") or "train")]  # that model's pipeline
+        cmd += (["--force"] if force else []) + (["--no-run-cache"] if tampered else [])
         rep = run(cmd, worktree, env, check=False)
         report.stages_run = stages_run(rep.stdout)
         progress(f"[reproduce] dvc repro ran: {', '.join(report.stages_run) or 'nothing'}")
