@@ -1,7 +1,9 @@
 """
 ### Canary rollout of `{model_name}` (dataset `{dataset}`): its `challenger` against its `champion`
 
-Declared for every dataset of the catalogue: each dataset's model rolls out on its own. One run
+Declared for every dataset of the catalogue, and for every image contract (`<name>_image_canary`:
+the classifier served by `/classify`, judged on its log by class agreement, confidence shift, error
+rate, latency and accuracy on labels): each model rolls out on its own. One run
 evaluates **one step** of the rollout (steps as data in `params.yaml`, section `canary`:
 shadow → 10% → 50% → 100%):
 
@@ -27,7 +29,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from pipelines.datasets import Dataset, catalogue
+from pipelines.datasets import catalogue
+from pipelines.images.contract import image_catalogue
 
 default_args = {
     "owner": "ml-platform",
@@ -36,18 +39,16 @@ default_args = {
 }
 
 
-def canary_dag(ds: Dataset):
-    name = ds.name
-
+def canary_dag(name: str, model_name: str, dag_id: str):
     @dag(
-        dag_id=ds.canary_dag_id,
+        dag_id=dag_id,
         schedule=timedelta(minutes=10),
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,
         default_args=default_args,
         tags=["serving", "canary", "mlflow", f"dataset:{name}"],
-        doc_md=__doc__.format(model_name=ds.model_name, dataset=name),
+        doc_md=__doc__.format(model_name=model_name, dataset=name),
     )
     def canary():
         @task
@@ -76,5 +77,12 @@ def canary_dag(ds: Dataset):
     return canary()
 
 
+def image_canary_dag_id(name: str) -> str:
+    return f"{name}_image_canary"
+
+
 for _dataset in catalogue().values():
-    globals()[_dataset.canary_dag_id] = canary_dag(_dataset)
+    globals()[_dataset.canary_dag_id] = canary_dag(_dataset.name, _dataset.model_name, _dataset.canary_dag_id)
+for _contract in image_catalogue().values():
+    _dag_id = image_canary_dag_id(_contract.name)
+    globals()[_dag_id] = canary_dag(_contract.name, _contract.registered_model, _dag_id)

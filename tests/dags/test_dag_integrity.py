@@ -45,6 +45,17 @@ def test_every_dataset_has_its_own_dags_and_assets(dagbag):
         assert f"dataset:{ds.name}" in dagbag.dags[ds.lakehouse_dag_id].tags
 
 
+def test_every_image_contract_has_a_canary_dag_for_its_classifier(dagbag):
+    from pipelines.images.contract import image_catalogue
+
+    contracts = list(image_catalogue().values())
+    assert contracts
+    for contract in contracts:
+        canary = dagbag.dags[f"{contract.name}_image_canary"]
+        assert [t.task_id for t in canary.tasks] == ["start_if_ready", "evaluate"]
+        assert contract.registered_model in canary.doc_md and f"dataset:{contract.name}" in canary.tags
+
+
 def test_a_contract_in_a_user_folder_declares_its_dags_without_code(tmp_path):
     """A contract file in PLATFORM_CONTRACTS_DIR is a dataset: its DAGs appear, no code change."""
     import shutil
