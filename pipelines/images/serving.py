@@ -161,8 +161,12 @@ class ImageClassifyService:
             data = await upload.read()
             field = form.get("client")
             client = client or (field if isinstance(field, str) else None)
-        else:
-            data = await request.body()
+        else:  # refused as it arrives past the limit, never held in full first (/score's own reader)
+            from pipelines.serving.app import read_limited_body
+
+            data, refused = await read_limited_body(request, limit, self.cfg.body_timeout_seconds, what="upload")
+            if refused is not None:
+                return None, None, refused
         if not data:
             return None, None, _error(422, "empty upload: send an image as the body or as the form field 'image'")
         if len(data) > limit:

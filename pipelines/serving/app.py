@@ -62,6 +62,33 @@ def _error(status: int, message: str, close: bool = False, **extra: Any) -> Resp
     return response
 
 
+async def read_limited_body(
+    request: Request, limit: int, timeout_seconds: float, what: str = "body"
+) -> tuple[bytes, Response | None]:
+    """The body, refused with 413 as soon as it passes `limit` (a chunked body is never held in full
+    first) and with 408 when it is not complete within `timeout_seconds`; both close the connection,
+    so the rest of the upload is never read. /score's and /classify's one reader."""
+    length = request.headers.get("content-length")
+    if length and (not length.isdigit() or int(length) > limit):
+        return b"", _error(413, f"{what} of {length} bytes > the limit of {limit}; split the request", close=True)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return b"", _error(413, f"{what} passed the limit of {limit} bytes; split the request", close=True)
+                chunks.append(chunk)
+    except TimeoutError:
+        return b"", _error(
+            408,
+            f"{what} not complete after {timeout_seconds:g} s (serving.body_timeout_seconds); connection closed",
+            close=True,
+        )
+    return b"".join(chunks), None
+
+
 def _validation_error(errors: list[dict]) -> Response:
     return _json({"detail": errors[:MAX_REPORTED_ERRORS], "error_count": len(errors)}, 422)
 
@@ -252,32 +279,7 @@ class ScoringService:
         return self._body_limit[1]
 
     async def _read_body(self, request: Request) -> tuple[bytes, Response | None]:
-        """The body, refused with 413 as soon as it passes the limit (a chunked body is never held
-        in full first) and with 408 when it is not complete within ``body_timeout_seconds``; both
-        close the connection, so the rest of the upload is never read."""
-        limit = self.body_limit()
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > limit):
-            return b"", _error(413, f"body of {length} bytes > the limit of {limit}; split the request", close=True)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self.cfg.body_timeout_seconds):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        return b"", _error(
-                            413, f"body passed the limit of {limit} bytes; split the request", close=True
-                        )
-                    chunks.append(chunk)
-        except TimeoutError:
-            return b"", _error(
-                408,
-                f"body not complete after {self.cfg.body_timeout_seconds:g} s "
-                "(serving.body_timeout_seconds); connection closed",
-                close=True,
-            )
-        return b"".join(chunks), None
+        return await read_limited_body(request, self.body_limit(), self.cfg.body_timeout_seconds)
 
     async def _read_json(self, request: Request) -> tuple[Any, Response | None]:
         if self.cfg.scoring_token is not None and not self._token_ok(request, self.cfg.scoring_token):

@@ -162,6 +162,12 @@ def test_classify_serves_uploads_through_aliases_and_the_canary_weight(registere
         assert form.status_code == 200 and form.json()["label"] == body["label"]
         bad = http.post("/classify", content=b"not a photo", headers={"content-type": "image/jpeg"})
         assert bad.status_code == 422 and bad.json()["rule"] == "not_an_image"
+        # a chunked upload past the 10 MB limit: refused with the connection closed, by /score's reader
+        # (test_serving_limits shows on a real socket that it stops reading as the bytes pass the limit)
+        chunks = (b"\xff" * (1 << 20) for _ in range(12))
+        big = http.post("/classify", content=chunks, headers={"content-type": "image/jpeg"})
+        assert big.status_code == 413 and "limit" in big.json()["detail"], big.text
+        assert big.headers["connection"] == "close"
 
         # a canary at 100%: the challenger answers, the champion scores a shadow copy
         write_state(
