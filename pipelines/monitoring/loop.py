@@ -447,6 +447,9 @@ def monitor_window(
 
     predictions = read_table(store, PREDICTIONS, start, end)
     predictions = predictions[predictions["ts"] < pd.Timestamp(end)]
+    # this dataset's model only: other scoring services may log to the same lake (rows of a service
+    # older than the model_name column are kept: they cannot be told apart)
+    predictions = predictions[predictions["model_name"].isna() | (predictions["model_name"] == ds.model_name)]
     version = served_version(predictions)
     if version is None:
         aliases = {k: str(v) for k, v in (_registered_aliases(client, ds.model_name)).items()}

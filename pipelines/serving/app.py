@@ -328,6 +328,7 @@ class ScoringService:
 
         log_rows: list[dict] = []
         answers: list[dict | None] = [None] * len(records)
+        model_name = self.manager.model_name
 
         def add_rows(role, idx, result, served, error, elapsed, into=log_rows):
             for j, i in enumerate(idx):
@@ -348,6 +349,7 @@ class ScoringService:
                         "error": error,
                         "rollout_id": rid,
                         "step": step,
+                        "model_name": model_name,
                     }
                 )
 

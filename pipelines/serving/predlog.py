@@ -41,6 +41,9 @@ PREDICTION_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("rollout_id", pa.string()),
         ("step", pa.string()),
+        # the registered model served: several scoring services (datasets) may share one lake, and a
+        # reader of one model's log (monitoring) must not count another's versions and labels
+        ("model_name", pa.string()),
     ]
 )
 FEEDBACK_SCHEMA = pa.schema(

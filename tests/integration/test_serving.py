@@ -370,6 +370,8 @@ def test_a_10s_soak_across_an_alias_change_and_log_flushes_has_no_errors(serving
     assert status["prediction_log"]["written"] - written_before >= len(ids)  # flushed during the soak too
     logged = read_table(store, PREDICTIONS, started - pd.Timedelta(seconds=5))
     assert set(ids) <= set(logged["request_id"])
+    # each row names the registered model it came from (monitoring reads only its own model's rows)
+    assert set(logged.loc[logged["request_id"].isin(ids), "model_name"]) == {name}
 
 
 def test_the_fast_scorer_equals_the_model_and_declines_what_it_does_not_know():
