@@ -181,12 +181,7 @@ def build_sample(
 ) -> analysis.StepSample:
     """The step's traffic from the prediction log (pure: frames in, arrays out)."""
     now = now or datetime.now(UTC)
-    started = pd.Timestamp(state.step_started_at).tz_convert("UTC")
-    p = predictions[
-        (predictions["rollout_id"] == state.rollout_id)
-        & (predictions["step"] == state.step_name)
-        & (predictions["ts"] >= started)
-    ]
+    p, started = st.rows_of_step(predictions, state)
     labels = pd.DataFrame(columns=["request_id", "record_index", "is_anomaly"])
     if len(feedback):
         labels = feedback.sort_values("ts").drop_duplicates(["request_id", "record_index"], keep="last")

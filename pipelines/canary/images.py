@@ -78,12 +78,7 @@ def build_image_sample(
     winning; empty when nobody labelled the photos (accuracy is then unmeasured). A shadow pair is the
     champion's and the challenger's answer to the same request with the same photo (content hash)."""
     now = now or datetime.now(UTC)
-    started = pd.Timestamp(state.step_started_at).tz_convert("UTC")
-    p = predictions[
-        (predictions["rollout_id"] == state.rollout_id)
-        & (predictions["step"] == state.step_name)
-        & (predictions["ts"] >= started)
-    ]
+    p, started = st.rows_of_step(predictions, state)
     p = p[~p["error"].fillna("").str.startswith(REJECTED)]
     truth = pd.DataFrame(columns=["request_id", "true_label"])
     if len(labels):

@@ -157,6 +157,16 @@ def with_weight(state: RolloutState, weight: int, shadow: str | None, actor: str
 # --------------------------------------------------------------------------- the lake object
 
 
+def rows_of_step(log, state: RolloutState):
+    """The rows of a prediction log (a DataFrame with ``rollout_id``, ``step``, ``ts``) that the
+    rollout's current step served, and when that step started (a UTC Timestamp)."""
+    import pandas as pd
+
+    started = pd.Timestamp(state.step_started_at).tz_convert("UTC")
+    mine = (log["rollout_id"] == state.rollout_id) & (log["step"] == state.step_name) & (log["ts"] >= started)
+    return log[mine], started
+
+
 def read_state(store, model_name: str) -> RolloutState:
     """The model's current state; ``idle`` when no rollout of it was ever started."""
     bucket, key = store.settings.lake_bucket, rollout_key(model_name)

@@ -106,6 +106,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     server = None
     if args.role == "scorer":  # the child of `platform stream`: readings arrive on stdin
         service = build_scorer_process(dataset, cfg, source=sys.stdin.buffer).start()
+        from pipelines.runtime import settle_heap
+
+        settle_heap()  # the libraries, model and warmed windows frozen out of the collector's walks
         if cfg.http_port:
             server = serve_in_thread(state_app(service.worker.state, service.status), cfg.http_host, cfg.http_port)
         print(f"[stream] {dataset}: scoring the ingester's readings -> alerts/{dataset}/<device>", flush=True)
@@ -120,7 +123,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     scoring = args.role == "all" and (cfg.scoring or cfg.http_port)
     pipe = ScoringPipe().start() if scoring else None
-    ingester = build_ingester(dataset, cfg, score_in_process=False, scoring=pipe).start()
+    ingester = build_ingester(dataset, cfg, score_in_process=False, scoring=pipe)
+    from pipelines.runtime import settle_heap
+
+    settle_heap()  # this process's heap: a second of readings in flight must not set off the collector
+    ingester.start()
     child: subprocess.Popen | None = None
 
     def start_scorer() -> subprocess.Popen:

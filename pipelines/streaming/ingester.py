@@ -178,9 +178,6 @@ class Ingester:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Ingester:
-        from pipelines.runtime import settle_heap
-
-        settle_heap()  # a second of readings in flight must not set off the collector every few ms
         if self.scoring is not None:
             self.scoring.start()
         for target, name in ((self._intake_loop, "stream-intake"), (self._commit_loop, "stream-committer")):

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from pipelines.runtime import settle_heap
 from pipelines.streaming.messages import Reading, bronze_table
 
 log = logging.getLogger("pipelines.streaming")
@@ -207,7 +206,6 @@ class ScoringPipe:
         self.dropped_backlog = 0
         self.dropped_no_scorer = 0
         self._sink: BinaryIO | None = None
-        self._status: Callable[[], dict[str, Any]] | None = None
         self._queue: collections.deque[list[Reading]] = collections.deque()
         self._queued = 0
         self._lock = threading.Lock()
@@ -215,10 +213,10 @@ class ScoringPipe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scoring-pipe", daemon=True)
 
-    def attach(self, sink: BinaryIO | None, status: Callable[[], dict[str, Any]] | None = None) -> None:
-        """Write to `sink` from now on (a restarted child's stdin); `status` reports the child's own."""
+    def attach(self, sink: BinaryIO | None) -> None:
+        """Write to `sink` from now on (a restarted child's stdin)."""
         with self._lock:
-            old, self._sink, self._status = self._sink, sink, status
+            old, self._sink = self._sink, sink
         if old is not None and old is not sink:
             try:
                 old.close()
@@ -274,18 +272,13 @@ class ScoringPipe:
                 return
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        """What the pipe passed on (the child reports its scoring on its own /status)."""
+        return {
             "forwarded": self.forwarded,
             "dropped_backlog": self.dropped_backlog,
             "dropped_no_scorer": self.dropped_no_scorer,
             "queued": self._queued,
         }
-        if self._status is not None:
-            try:
-                out |= self._status()
-            except Exception:  # noqa: BLE001 - the child's own report is optional
-                pass
-        return out
 
 
 class ScorerProcess:
@@ -350,7 +343,6 @@ class ScorerProcess:
                     log.info("scorer warmed up from %d committed bronze readings", len(silver))
             except Exception:  # noqa: BLE001 - a cold start only makes the first windows shorter
                 log.exception("warm-up from bronze failed; starting with empty device tails")
-        settle_heap()  # the libraries, models and warmed windows frozen out of the collector's walks
         self.worker.start()
         self._intake.start()
         return self

@@ -620,12 +620,7 @@ def test_kill_9_mid_batch_and_a_broker_restart_lose_and_duplicate_nothing(broker
         time.sleep(1.5)  # anything redelivered late would show up now
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            _terminate(proc)
         listener.close()
         pub.close()
     assert published == {f"device-{i:02d}": 1440 for i in range(1, 5)}
@@ -701,11 +696,7 @@ def test_platform_stream_scores_in_its_child_and_restarts_it_after_a_kill(broker
         wait_for(lambda: _bronze_count(store, dataset) >= len(data), 60, "bronze to hold every reading")
         time.sleep(0.5)  # the last alerts in flight
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _terminate(proc)
         listener.close()
         pub.close()
     log = log_path.read_text()
@@ -717,6 +708,17 @@ def test_platform_stream_scores_in_its_child_and_restarts_it_after_a_kill(broker
     assert f"the scorer exited ({-signal.SIGKILL}); restarting it" in log
     assert "Traceback" not in log, log[-3000:]
     assert_exactly_once(bronze_rows(store, dataset), {f"device-{i:02d}": 1440 for i in range(1, 5)})
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM (the CLI's graceful path: commit, acknowledge, disconnect), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def _bronze_count(store, dataset: str) -> int:
