@@ -1,4 +1,4 @@
-"""`platform stream` and `platform simulate --mqtt`: registered on the `platform` parser."""
+"""`platform stream`, `platform simulate --mqtt` and `platform publish`: registered on the `platform` parser."""
 
 from __future__ import annotations
 
@@ -48,6 +48,45 @@ def register_commands(subparsers) -> None:
     p.add_argument("--limit", type=int, help="stop after this many readings")
     _broker_arguments(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = subparsers.add_parser(
+        "publish",
+        help="publish your own file's rows to the MQTT broker, as `platform stream` expects them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Publish each row of a file (CSV or JSON lines, gzipped or not: what `platform land --file` takes) as
+one QoS 1 message on sensors/<dataset>/<device>: the file's own columns, values as delivered text,
+plus seq, the device's row counter. The device is the row's entity column (the contract's), or the
+contract's constant entity when the file has none.
+
+Event times are published as they are in the file, not shifted to now: history is fine (silver
+refuses only future times), and each reading is filed under its own event date.
+
+The whole file is checked before anything is sent: a row that cannot become a message (malformed,
+no device, too large) is reported with file, line and reason, and nothing is published unless
+--skip-bad-rows. The command returns when the broker has acknowledged every message. Publishing the
+same file again with the same --start-seq is harmless: the ingester drops (device, seq) pairs bronze
+already holds; a later file for the same devices needs --start-seq past the last one printed.
+Broker and credentials: PLATFORM_STREAM_MQTT_HOST/_PORT/_USERNAME/_PASSWORD(_FILE), or the flags.
+
+exit status: 0 every row published and acknowledged; 1 rows not publishable (nothing sent), the
+file unreadable, the broker unreachable or refusing messages; 2 a wrong argument.""",
+    )
+    p.add_argument("--dataset", help="the dataset whose contract the file follows (default: PLATFORM_DATASET)")
+    p.add_argument("--file", type=Path, required=True, help="the file: .csv, .jsonl/.ndjson, optionally .gz")
+    p.add_argument(
+        "--rate", type=float, help="rows per second (default: as fast as the broker acknowledges, see --window)"
+    )
+    p.add_argument("--limit", type=int, help="publish the first N rows only")
+    p.add_argument("--start-seq", type=int, default=0, help="each device's first seq (default 0)")
+    p.add_argument(
+        "--window", type=int, default=1000, help="messages awaiting the broker's acknowledgement at most (1000)"
+    )
+    p.add_argument("--skip-bad-rows", action="store_true", help="publish the other rows when some cannot be sent")
+    p.add_argument("--client-id", help="MQTT client id (default: platform-publish-<dataset>-<pid>)")
+    p.add_argument("--progress-seconds", type=float, default=5.0, help="a progress line this often (default 5)")
+    _broker_arguments(p)
+    p.set_defaults(func=cmd_publish)
 
 
 def _broker_arguments(p: argparse.ArgumentParser) -> None:
@@ -255,3 +294,133 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             publisher.close()
     print(f"[simulate] published {sent} readings", flush=True)
     return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """`platform publish`: check the file, then publish it row by row and wait for every PUBACK."""
+    import sys
+    import time
+
+    from pipelines.contracts import load_contract
+    from pipelines.datasets import DatasetError, get_dataset
+    from pipelines.settings import get_settings
+    from pipelines.streaming.publisher import FleetPublisher, check_file, file_messages, publish_file
+
+    def usage(problem: str) -> int:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    path: Path = args.file
+    if not path.is_file():
+        return usage(f"--file {path} does not exist or is not a file")
+    for flag, value, least in (("--rate", args.rate, 0), ("--limit", args.limit, 1), ("--window", args.window, 1)):
+        if value is not None and (value < least or (flag == "--rate" and value == 0)):
+            return usage(f"{flag} {value:g} must be {'> 0' if flag == '--rate' else f'>= {least}'}")
+    if args.start_seq < 0:
+        return usage(f"--start-seq {args.start_seq} must be >= 0")
+    try:
+        dataset = get_dataset(args.dataset or get_settings().dataset).name
+    except DatasetError as exc:
+        return usage(str(exc))
+    contract = load_contract(get_dataset(dataset).contract_path)
+    cfg = _stream_settings(args)
+
+    def messages():
+        return file_messages(path, dataset, contract, start_seq=args.start_seq)
+
+    # The whole file first: a bad row found after half the file was sent would leave the user a
+    # half-published file whose fix shifts every later seq.
+    check = check_file(messages(), str(path), limit=args.limit)
+    if check.skipped:
+        print(f"[publish] {check.skipped} row(s) of {path} cannot become messages:", file=sys.stderr)
+        for row in check.first_skipped:
+            print(f"  {row}", file=sys.stderr)
+        if check.skipped > len(check.first_skipped):
+            print(f"  ... and {check.skipped - len(check.first_skipped)} more", file=sys.stderr)
+        if not args.skip_bad_rows:
+            print(
+                "[publish] nothing was published: fix those rows, or pass --skip-bad-rows to publish the others",
+                file=sys.stderr,
+            )
+            return 1
+    if not check.messages:
+        print(f"error: {path} has no row to publish", file=sys.stderr)
+        return 1
+    print(
+        f"[publish] {path}: {check.messages} rows for {_devices_text(check.last_seq, args.start_seq)} -> "
+        f"mqtt://{cfg.mqtt_host}:{cfg.mqtt_port} sensors/{dataset}/<device>"
+        + (f" at {args.rate:g} rows/s" if args.rate else f" (at most {args.window} unacknowledged)"),
+        flush=True,
+    )
+    publisher = FleetPublisher(
+        cfg.mqtt_host,
+        cfg.mqtt_port,
+        client_id=args.client_id or f"platform-publish-{dataset}-{os.getpid()}",
+        username=cfg.mqtt_username,
+        password=cfg.secret("mqtt_password"),
+        max_inflight=args.window,
+        mqtt_v5=True,  # a PUBACK that says whether the broker's ACL let the message through
+    )
+    total = check.messages
+
+    def progress(r) -> None:
+        print(
+            f"[publish] {r.published}/{total} published, {r.acknowledged} acknowledged, "
+            f"{r.rate:,.0f} rows/s" + ("" if publisher.client.is_connected() else " (broker not connected)"),
+            flush=True,
+        )
+
+    started = time.perf_counter()
+    try:
+        publisher.wait_connected(30)
+        report = publish_file(
+            publisher,
+            messages(),
+            rate=args.rate,
+            window=args.window,
+            limit=args.limit,
+            progress=progress,
+            progress_seconds=args.progress_seconds,
+        )
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if publisher.published:
+            print(f"[publish] {_rerun_hint(publisher)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"[publish] interrupted: {_rerun_hint(publisher)}", file=sys.stderr)
+        raise
+    finally:
+        publisher.close()
+    if report.refused:
+        print(f"[publish] the broker refused {report.refused} of {report.published} messages:", file=sys.stderr)
+        for topic, reason in list(publisher.refusals.items())[:10]:
+            print(f"  {topic}: {reason}", file=sys.stderr)
+        print(
+            "  check the broker's ACL for this user (a device's own user may publish only to its own topic)",
+            file=sys.stderr,
+        )
+        return 1
+    seconds = time.perf_counter() - started
+    print(
+        f"[publish] done: {report.published} rows of {path} for {_devices_text(report.last_seq, args.start_seq)}, "
+        f"every one acknowledged by the broker, in {seconds:.1f}s ({report.published / seconds:,.0f} rows/s)"
+        + (f"; {check.skipped} row(s) skipped" if check.skipped else "")
+        + f"; a next file for these devices: --start-seq {max(report.last_seq.values()) + 1}",
+        flush=True,
+    )
+    return 0
+
+
+def _devices_text(last_seq: dict[str, int], start_seq: int) -> str:
+    """'device-01 (seq 0..99)' for a few devices; a count and the widest range for a fleet."""
+    if len(last_seq) <= 3:
+        return ", ".join(f"{d} (seq {start_seq}..{s})" for d, s in last_seq.items())
+    return f"{len(last_seq)} devices (seq {start_seq}..{max(last_seq.values())} at most)"
+
+
+def _rerun_hint(publisher) -> str:
+    return (
+        f"{publisher.published} published, {publisher.acknowledged} acknowledged; the same command again sends "
+        "the whole file, and the ingester drops the (device, seq) pairs bronze already holds"
+    )
