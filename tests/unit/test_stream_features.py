@@ -1,5 +1,5 @@
-"""Streamed features equal gold's: `StreamFeatures` (per-device running state, one reading at a time)
-replayed against `to_gold` on the same rows, on simulated fleets and the NAB series, with irregular
+"""Streamed features equal gold's: `StreamFeatures` (per-device running state, a pass of readings at a
+time) replayed against `to_gold` on the same rows, on simulated fleets and the NAB series, with irregular
 gaps, missing readings, stuck sensors, count and duration windows, micro-batches of any size, a
 warm start, late and re-sent readings. Equal means equal as gold stores them (float32): at most one
 float32 step apart (two float64 computations of a std may round to neighbouring float32 values).
@@ -139,6 +139,50 @@ def test_streamed_features_equal_gold_on_the_nab_series(nab_csv, window, long_wi
     features = StreamFeatures(NAB, window, long_window)
     streamed = replay(features, silver, max_batch=50)
     assert_features_equal(streamed, to_gold(silver, NAB, window, long_window=long_window), features.names)
+
+
+@pytest.mark.parametrize(("window", "long_window"), [(15, 240), ("15min", "4h")])
+def test_passes_of_hundreds_of_readings_per_device_equal_gold_and_the_state_stays_bounded(window, long_window):
+    """Each device's readings of a pass go through its windows together: a pass may hold hours of one
+    device. What a device holds stays bounded: its windows twice over (for late readings) and a pass;
+    at the stream's pass sizes the pool never widens."""
+    silver = simulated_silver()
+    features = StreamFeatures(IOT, window, long_window)
+    streamed = replay(features, silver, seed=1, max_batch=3000)
+    assert features.late == 0
+    assert_features_equal(streamed, to_gold(silver, IOT, window, long_window=long_window), features.names)
+    per_device = silver.groupby("device").size().min()  # ~2,600 readings each
+    assert features._held[: len(features.devices)].max() <= 2 * 240 + 64 + 3000 // 2 < per_device
+    assert all(len(ranked) <= 240 for dev in features.devices.values() for ranked in dev.ranked)
+    small = StreamFeatures(IOT, window, long_window)
+    cap = small._cap
+    replay(small, silver, seed=2, max_batch=100)
+    assert small._cap == cap and small._held[: len(small.devices)].max() <= cap
+
+
+def test_one_pass_mixing_a_new_device_long_running_ones_and_a_late_reading():
+    """device-03 starts at the cut (its first readings, missing values among them, in a pass with
+    devices that have a day of history); device-01's reading from before the cut arrives in the same
+    pass, after its later ones: that device takes the per-reading path, the others the vectorised one."""
+    silver = simulated_silver()
+    cut = pd.Timestamp("2026-01-06 00:00", tz="UTC")
+    silver = silver[~((silver["device"] == "device-03") & (silver["ts"] < cut))].reset_index(drop=True)
+    first = silver.index[(silver["device"] == "device-03")][:3]
+    silver.loc[first[1:], "temp"] = np.nan  # forward-filled from its first reading
+    held_back = silver.index[(silver["device"] == "device-01") & (silver["ts"] < cut)][-20]
+    before, after = silver[silver["ts"] < cut].drop(index=[held_back]), silver[silver["ts"] >= cut]
+    features = StreamFeatures(IOT, 15, 240)
+    replay(features, before)
+    big = after[after["ts"] < cut + pd.Timedelta(hours=2)]
+    streamed = [features.features(pd.concat([big, silver.loc[[held_back]]]).sample(frac=1, random_state=2))]
+    assert features.late == 1
+    streamed.append(replay(features, after[after["ts"] >= cut + pd.Timedelta(hours=2)]))
+    streamed = pd.concat(streamed, ignore_index=True)
+    gold = to_gold(silver, IOT, 15, long_window=240)
+    keys = pd.concat([big, silver.loc[[held_back]], after]).drop_duplicates(["device", "ts"])
+    wanted = gold.set_index(["device", "ts"]).index.isin(keys.set_index(["device", "ts"]).index)
+    assert len(streamed) == wanted.sum() == len(after) + 1
+    assert_features_equal(streamed, gold[wanted], features.names)
 
 
 def test_a_warm_start_from_earlier_rows_continues_as_gold_does():
