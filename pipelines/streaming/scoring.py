@@ -79,30 +79,54 @@ class SilverGate:
         self.keys = list(contract.keys)
         self.columns = [*contract.silver_columns, *SILVER_LINEAGE]
         self.full_batches = 0  # batches that needed to_silver's full path
+        self._no_quarantine: dict[tuple[str, ...], pd.DataFrame] = {}
 
     def split(self, bronze: pa.Table | pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        raw = bronze.to_pandas() if isinstance(bronze, pa.Table) else bronze.reset_index(drop=True)
-        clean = self._clean(raw)
+        if not isinstance(bronze, pa.Table):
+            bronze = bronze.reset_index(drop=True)
+        clean = self._clean(bronze)
         if clean is None:
             self.full_batches += 1
-            return to_silver(raw, self.contract)
-        return clean, raw.iloc[0:0].assign(rule=pd.Series(dtype="str"), reason=pd.Series(dtype="str"))
+            return to_silver(bronze, self.contract)
+        return clean, self._empty_quarantine(bronze)
 
-    def _clean(self, raw: pd.DataFrame) -> pd.DataFrame | None:
-        if not len(raw) or (PARSE_ERROR_COLUMN in raw and raw[PARSE_ERROR_COLUMN].notna().any()):
+    def _clean(self, bronze: pa.Table | pd.DataFrame) -> pd.DataFrame | None:
+        rows = bronze.num_rows if isinstance(bronze, pa.Table) else len(bronze)
+        names = bronze.column_names if isinstance(bronze, pa.Table) else list(bronze.columns)
+        if not rows:
             return None
-        typed, type_errors = type_bronze(raw, self.contract)
+        if PARSE_ERROR_COLUMN in names:
+            errors = bronze.column(PARSE_ERROR_COLUMN) if isinstance(bronze, pa.Table) else bronze[PARSE_ERROR_COLUMN]
+            if (errors.null_count != rows) if isinstance(bronze, pa.Table) else errors.notna().any():
+                return None
+        typed, type_errors = type_bronze(bronze, self.contract)
         if type_errors:
             return None
         for rule in silver_rules(self.contract):
-            if rule.violations(typed).fillna(False).to_numpy(dtype=bool).any():
+            if rule.test(typed).any():
                 return None
-        if typed.duplicated(self.keys).any():
+        # Sorted by key, and no key twice (a repeated key is to_silver's to settle).
+        device, ts = self.keys
+        codes, _ = pd.factorize(typed[device], sort=True)
+        stamps = typed[ts].to_numpy(dtype="datetime64[us]").view("int64")
+        order = np.lexsort((stamps, codes))
+        if (
+            len(order) > 1
+            and ((codes[order][1:] == codes[order][:-1]) & (stamps[order][1:] == stamps[order][:-1])).any()
+        ):
             return None
-        silver = typed.sort_values(self.keys, kind="stable")[self.columns].reset_index(drop=True)
-        silver["ts"] = silver["ts"].astype("datetime64[us, UTC]")
+        silver = typed[self.columns].take(order).reset_index(drop=True)
         silver.attrs["collapsed_duplicates"] = 0
         return silver
+
+    def _empty_quarantine(self, bronze: pa.Table | pd.DataFrame) -> pd.DataFrame:
+        """The quarantine of a batch with nothing to quarantine: its columns, no rows (one per schema)."""
+        names = tuple(bronze.column_names if isinstance(bronze, pa.Table) else bronze.columns)
+        empty = self._no_quarantine.get(names)
+        if empty is None:
+            head = bronze.slice(0, 0).to_pandas() if isinstance(bronze, pa.Table) else bronze.iloc[0:0]
+            empty = self._no_quarantine[names] = head.assign(rule=pd.Series(dtype="str"), reason=pd.Series(dtype="str"))
+        return empty.copy()
 
 
 class ModelLike(Protocol):
