@@ -12,7 +12,7 @@ from pipelines.contracts import load_contract
 from pipelines.layers.bronze import LINEAGE_COLUMNS, BronzeError, bronze_row_count, parse_landing_csv
 from pipelines.layers.gold import META_COLUMNS, feature_columns, to_gold
 from pipelines.layers.partitioning import plan_device_buckets
-from pipelines.layers.silver import silver_rules, to_silver
+from pipelines.layers.silver import silver_rules, to_silver, type_bronze
 from pipelines.simulator import simulate_day_csv
 
 IOT = load_contract("iot_telemetry")
@@ -337,3 +337,43 @@ def test_device_buckets_keep_devices_whole_sorted_and_bounded():
     assert plan_device_buckets({"a": 1}, max_rows=10) == [["a"]]
     with pytest.raises(ValueError):
         plan_device_buckets(rows, max_rows=0)
+
+
+def test_silver_gives_the_same_rows_from_a_bronze_table_and_from_its_frame():
+    """type_bronze takes bronze as Arrow (the stream's micro-batch, the lake's files) or as a frame
+    (hand-built, tests): messy values of every kind must type, quarantine and collapse alike."""
+    messy = HEADER + b"".join(
+        [
+            row(),
+            row(ts="1767571260", co=" 0.025 ", light=" YES ", fault=" Spike "),
+            row(ts="1767571320", co="-nan", humidity="n/a", light="maybe"),
+            row(ts="1767571380", co="abc", temp="1e400", light=""),
+            row(ts="1767571440000", device="dev\x01ice"),
+            row(ts="", device="NA", co="inf"),
+            row(ts="1767571500", device="device-02", humidity="150"),
+            row(ts="1767571500", device="device-02", humidity="55"),
+            row(),
+            b"1767571560,device-03,not,enough\n",
+        ]
+    )
+    table = bronze(messy, key="s3://landing/iot/2026-01-05/a.2.csv")
+    typed_arrow, errors_arrow = type_bronze(table, IOT)
+    typed_frame, errors_frame = type_bronze(table.to_pandas(), IOT)
+    pd.testing.assert_frame_equal(typed_arrow, typed_frame)
+    assert sorted(errors_arrow) == sorted(errors_frame) == ["co", "light"]  # 1e400 is inf: the finite rule
+    for column, mask in errors_arrow.items():
+        assert mask.tolist() == errors_frame[column].tolist(), column
+    silver_arrow, quarantine_arrow = to_silver(table, IOT, now=INGESTED)
+    silver_frame, quarantine_frame = to_silver(table.to_pandas(), IOT, now=INGESTED)
+    pd.testing.assert_frame_equal(silver_arrow, silver_frame)
+    pd.testing.assert_frame_equal(quarantine_arrow, quarantine_frame)
+    assert len(silver_arrow) + len(quarantine_arrow) + silver_arrow.attrs["collapsed_duplicates"] == table.num_rows
+    assert silver_arrow["label"].tolist() == ["normal", "spike", "normal"]
+    assert silver_arrow["co"].tolist() == [0.005, 0.025, 0.005] and silver_arrow["light"].all()
+    assert set(quarantine_arrow["rule"]) == {
+        "type:co",
+        "plausible_time:ts",
+        "not_null:device",
+        "range:humidity",
+        "parse_error",
+    }
