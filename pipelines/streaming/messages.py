@@ -97,6 +97,21 @@ class MessageReader:
             self.columns.append(contract.label.source)
 
     def read(self, topic: str, payload: bytes) -> Reading | Refusal:
+        return self.read_many([(topic, payload)])[0]
+
+    def read_many(self, messages: list[tuple[str, bytes]]) -> list[Reading | Refusal]:
+        """Each (topic, payload) as a Reading or a Refusal. The event dates of the readings are
+        parsed together, by the lake's own parser: per message, a format like NAB's
+        "%Y-%m-%d %H:%M:%S" cost 4.4 ms of Arrow and pandas setup (some 230 readings/s)."""
+        items = [self._read(topic, payload) for topic, payload in messages]
+        readings = [item for item in items if isinstance(item, Reading)]
+        if readings:
+            dates = self.partitions_of([r.values.get(self.time_field) for r in readings])
+            for reading, date in zip(readings, dates, strict=True):
+                reading.partition = date
+        return items
+
+    def _read(self, topic: str, payload: bytes) -> Reading | Refusal:
         raw = payload[:_RAW_KEPT].decode("utf-8", "replace")
         parts = topic.split("/")
         if len(parts) != 3 or parts[0] != SENSORS or parts[1] != self.dataset or not parts[2]:
@@ -128,22 +143,35 @@ class MessageReader:
         if self.device_field:
             record[self.device_field] = device
         values = {k: _text(v) for k, v in record.items()}
-        return Reading(device, seq, values, topic, self.partition_of(values.get(self.time_field)))
+        return Reading(device, seq, values, topic, "")  # the partition: read_many, with the others
 
     def partition_of(self, ts: str | None) -> str:
         """The event date the lake files this reading under (parsed as silver parses it)."""
-        if self.epoch and ts is not None:
-            try:
-                seconds = float(ts)
-                if seconds == seconds and abs(seconds) < 9.2e12:  # not NaN, in range
-                    return time.strftime("%Y-%m-%d", time.gmtime(seconds // 86400 * 86400))
-            except (ValueError, OverflowError):
-                pass
-        from pipelines.layers.partitioning import event_dates
+        return self.partitions_of([ts])[0]
 
-        table = pa.table({self.time_field: pa.array([ts], pa.string())})
-        date = event_dates(table, self.contract).iloc[0]
-        return date if isinstance(date, str) else time.strftime("%Y-%m-%d", time.gmtime())
+    def partitions_of(self, stamps: list[str | None]) -> list[str]:
+        """The event date of each time, parsed as silver parses it (epoch seconds: per value, in
+        Python; anything else: all at once by `event_dates`). The receipt date when unreadable."""
+        out: list[str | None] = [None] * len(stamps)
+        rest = []
+        for i, ts in enumerate(stamps):
+            if self.epoch and ts is not None:
+                try:
+                    seconds = float(ts)
+                    if seconds == seconds and abs(seconds) < 9.2e12:  # not NaN, in range
+                        out[i] = time.strftime("%Y-%m-%d", time.gmtime(seconds // 86400 * 86400))
+                        continue
+                except (ValueError, OverflowError):
+                    pass
+            rest.append(i)
+        if rest:
+            from pipelines.layers.partitioning import event_dates
+
+            table = pa.table({self.time_field: pa.array([stamps[i] for i in rest], pa.string())})
+            today = time.strftime("%Y-%m-%d", time.gmtime())
+            for i, date in zip(rest, event_dates(table, self.contract).tolist(), strict=True):
+                out[i] = date if isinstance(date, str) else today
+        return out  # type: ignore[return-value]
 
 
 def bronze_table(readings: list[Reading], columns: list[str], *, batch_key: str, run_id: str, ingested_at) -> pa.Table:

@@ -1,8 +1,8 @@
 """Online scoring: each reading's features by gold's definitions, scored by the champion.
 
 Features come from `pipelines.streaming.features.StreamFeatures`: per device, the readings its
-windows hold and the running state of those windows (a sorted list for the long window's median),
-so a reading costs O(window) small steps instead of a `to_gold` pass over every device's 4 h tail.
+windows hold and the running state of those windows, computed for a whole pass in numpy (a sorted
+list for the long window's median), instead of a `to_gold` pass over every device's 4 h tail.
 It computes what `to_gold` computes (tests/unit/test_stream_features.py replays simulator and NAB
 data through both); the features are then rounded through float32, as gold stores them, so the
 champion sees the values it would see reading gold.
