@@ -288,6 +288,37 @@ def test_a_message_is_a_reading_or_a_refusal_with_its_rule():
         assert refused.reason and refused.payload == payload.decode()
 
 
+def test_a_pass_of_messages_is_filed_under_the_dates_the_lake_gives_each_one():
+    """`read_many` parses a pass's event times together (NAB's strptime format included): each reading
+    gets the date `event_dates` gives it alone, an unreadable time the receipt date, refusals stay."""
+    import time as _time
+
+    import pyarrow as pa
+
+    from pipelines.contracts import load_contract
+    from pipelines.layers.partitioning import event_dates
+    from pipelines.streaming.messages import MessageReader, Reading, Refusal
+
+    contract = load_contract("nab_machine_temperature")
+    reader = MessageReader("nab_machine_temperature", contract)
+    device = contract.entity.constant
+    stamps = ["2013-12-02 21:15:00", " 2014-02-28 23:55:00 ", "2013-12-02 24:00:00", "", "1999-01-01 00:00:00"]
+    messages = [
+        (f"sensors/nab_machine_temperature/{device}", json.dumps({"seq": i, "timestamp": ts, "value": "1"}).encode())
+        for i, ts in enumerate(stamps)
+    ]
+    messages.insert(2, (f"sensors/nab_machine_temperature/{device}", b"{not json"))
+    items = reader.read_many(messages)
+    assert isinstance(items[2], Refusal) and items[2].rule == "parse_error"
+    readings = [item for item in items if isinstance(item, Reading)]
+    today = _time.strftime("%Y-%m-%d", _time.gmtime())
+    alone = [event_dates(pa.table({"timestamp": pa.array([ts], pa.string())}), contract).iloc[0] for ts in stamps]
+    assert [r.partition for r in readings] == [d if isinstance(d, str) else today for d in alone]
+    assert [r.partition for r in readings][:2] == ["2013-12-02", "2014-02-28"]
+    assert [r.partition for r in readings][2:] == [today] * 3  # not a time, missing, implausibly early
+    assert [reader.read(*m).partition for m in messages if m[1] != b"{not json"] == [r.partition for r in readings]
+
+
 def test_the_canary_routes_devices_and_the_shadow_scores_the_same_readings():
     """During a rollout each device is scored by the model `route` gives it (sticky per device), and the
     shadow scores the same readings beside the served score; no rollout: the champion serves all."""
