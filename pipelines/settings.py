@@ -56,6 +56,11 @@ class StreamSettings(BaseModel):
 
     # -- online scoring and alerts ---------------------------------------------------------------
     scoring: bool = True  # off: ingest only (no model needed)
+    # A scoring pass starts at most this often. A pass has a fixed cost (silver's and the model's
+    # calls, ~10-20 ms) besides its per-reading one, so a scorer that started a pass whenever a
+    # reading waited would keep a core busy at any rate and starve the ingester on a small machine;
+    # waiting collects the readings of the interval into one pass. 0: a pass whenever readings wait.
+    score_interval_seconds: float = Field(0.03, ge=0, le=5)
     model_poll_seconds: float = 30.0
     alerts_topic: str = "alerts"  # alerts/<dataset>/<device>
     commits_topic: str = "ingest"  # ingest/<dataset>/commits: one event per bronze commit

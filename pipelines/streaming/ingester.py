@@ -23,6 +23,7 @@ only on it; those of a lost connection are redelivered and recognised as duplica
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import queue
@@ -123,6 +124,7 @@ class Ingester:
                 columns=self.reader.columns,
                 alerts_topic=cfg.alerts_topic,
                 run_id=self.run_id,
+                interval=cfg.score_interval_seconds,
             )
         self._closed: queue.Queue[MicroBatch | None] = queue.Queue(maxsize=2)  # backpressure on intake
         self._batch = MicroBatch()
@@ -138,7 +140,7 @@ class Ingester:
     def _mqtt_client(self):
         import paho.mqtt.client as mqtt
 
-        client = mqtt.Client(
+        client = buffered_client_class()(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.cfg.session_id(self.dataset),
             clean_session=False,  # the broker keeps our subscription and queues QoS 1 while we are away
@@ -342,6 +344,49 @@ class Ingester:
         if self.notifier is not None:
             out["airflow"] = {"sent_events": self.notifier.sent_events, "last_error": self.notifier.last_error}
         return out
+
+
+_READ_CHUNK = 256 * 1024
+
+
+@functools.cache
+def buffered_client_class():
+    """paho's `Client` reading the socket in large chunks.
+
+    paho reads a packet in three or four `recv` calls (one byte of type, one per length byte, then
+    the rest) and one packet per wake-up of its select loop. Each call gives up the interpreter lock,
+    and in the ingester getting it back means waiting behind the intake and commit threads: at
+    5,000 messages/s the receive thread fell seconds behind the broker with a core to spare. This
+    client takes what the socket holds in one `recv`, serves paho's small reads from that buffer and
+    keeps reading packets while it holds any. paho's own parser, state and callbacks are unchanged."""
+    import paho.mqtt.client as mqtt
+
+    class BufferedClient(mqtt.Client):
+        def __init__(self, *args, **kwargs):
+            self._read_buffer = bytearray()
+            super().__init__(*args, **kwargs)
+
+        def _sock_recv(self, bufsize: int) -> bytes:
+            if not self._read_buffer:
+                data = super()._sock_recv(_READ_CHUNK)  # BlockingIOError when the socket is empty
+                if not data:
+                    return data  # the broker closed the connection
+                self._read_buffer += data
+            out = bytes(self._read_buffer[:bufsize])
+            del self._read_buffer[:bufsize]
+            return out
+
+        def loop_read(self, max_packets: int = 1):
+            rc = super().loop_read(max_packets)
+            while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._read_buffer and self._sock is not None:
+                rc = super().loop_read(max_packets)  # the socket will not wake select() for these
+            return rc
+
+        def reconnect(self):
+            self._read_buffer.clear()  # what the old connection left is not the new one's
+            return super().reconnect()
+
+    return BufferedClient
 
 
 def build_scorer(dataset: str, cfg: StreamSettings, settings, store, models=None):

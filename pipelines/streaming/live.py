@@ -44,9 +44,11 @@ class ScoringWorker:
         columns: list[str],
         alerts_topic: str = "alerts",
         run_id: str = "online",
+        interval: float = 0.0,
     ):
         self.dataset, self.scorer, self.state, self.publish = dataset, scorer, state, publish
         self.columns, self.alerts_topic, self.run_id = columns, alerts_topic, run_id
+        self.interval = interval  # a pass starts at most this often (StreamSettings.score_interval_seconds)
         self.scored = 0
         self.alerts = 0
         self.failures = 0
@@ -83,7 +85,11 @@ class ScoringWorker:
             self._ready.clear()
             pending = [self._queue.popleft() for _ in range(len(self._queue))]
             if pending:
+                started = time.monotonic()
                 self.score(pending)
+                rest = self.interval - (time.monotonic() - started)
+                if rest > 0:
+                    self._stop.wait(rest)  # the readings of the interval gather into the next pass
             elif self._stop.is_set():
                 return
 
@@ -316,6 +322,7 @@ class ScorerProcess:
             lambda t, p: self.client.publish(t, p, qos=1),
             columns=MessageReader(dataset, contract).columns,
             alerts_topic=cfg.alerts_topic,
+            interval=cfg.score_interval_seconds,
         )
         self.ended = threading.Event()  # the ingester closed the pipe
         self._inbox: collections.deque[list[Reading]] = collections.deque()
