@@ -75,6 +75,8 @@ def _text(value) -> str | None:
         return value
     if kind is float and math.isfinite(value) or kind is int:
         return repr(value)
+    if kind is bool:
+        return "true" if value else "false"
     return json.dumps(value)
 
 

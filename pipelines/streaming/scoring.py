@@ -102,8 +102,9 @@ class SilverGate:
         typed, type_errors = type_bronze(bronze, self.contract)
         if type_errors:
             return None
+        columns = _Columns(typed)  # each column taken out of the frame once, not once per rule
         for rule in silver_rules(self.contract):
-            if rule.test(typed).any():
+            if rule.test(columns).any():
                 return None
         # Sorted by key, and no key twice (a repeated key is to_silver's to settle).
         device, ts = self.keys
@@ -127,6 +128,18 @@ class SilverGate:
             head = bronze.slice(0, 0).to_pandas() if isinstance(bronze, pa.Table) else bronze.iloc[0:0]
             empty = self._no_quarantine[names] = head.assign(rule=pd.Series(dtype="str"), reason=pd.Series(dtype="str"))
         return empty.copy()
+
+
+class _Columns(dict):
+    """A frame's columns, each taken out of it on first use (what a rule reads of its frame)."""
+
+    def __init__(self, frame: pd.DataFrame):
+        super().__init__()
+        self.frame = frame
+
+    def __missing__(self, column: str) -> pd.Series:
+        series = self[column] = self.frame[column]
+        return series
 
 
 class ModelLike(Protocol):
