@@ -130,18 +130,6 @@ log_type notice
 
 
 @pytest.fixture(scope="module")
-def broker():
-    if not PASSWD or not Path(MOSQUITTO).exists():
-        pytest.fail("mosquitto and mosquitto_passwd are needed: `apt-get install mosquitto` (it ships both)")
-    b = Broker()
-    try:
-        yield b.start()
-    finally:
-        b.stop()
-        shutil.rmtree(b.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def redis_url():
     server = shutil.which("redis-server")
     if not server:

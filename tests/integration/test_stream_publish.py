@@ -18,8 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.integration.test_stream import (
     REPO,
     START,
@@ -30,22 +28,6 @@ from tests.integration.test_stream import (
     _terminate,
     wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def broker():
-    import shutil
-
-    from tests.integration.test_stream import MOSQUITTO, PASSWD
-
-    if not PASSWD or not Path(MOSQUITTO).exists():
-        pytest.fail("mosquitto and mosquitto_passwd are needed: `apt-get install mosquitto` (it ships both)")
-    b = Broker()
-    try:
-        yield b.start()
-    finally:
-        b.stop()
-        shutil.rmtree(b.dir, ignore_errors=True)
 
 
 class Subscriber:
