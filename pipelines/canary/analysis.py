@@ -464,10 +464,15 @@ def _agreement(s: StepSample, cfg: AnalysisConfig, alpha: float, min_n: int) -> 
     return res
 
 
+def _labelled_pair(s: StepSample, cfg: AnalysisConfig):
+    """The records both models scored, when enough of them have labels to compare the models on the
+    same records; None: each model is judged on its own labelled records."""
+    return s.paired if s.paired is not None and int(s.paired.labelled().sum()) >= cfg.min_labels else None
+
+
 def _f1(s: StepSample, cfg: AnalysisConfig, alpha: float) -> MetricResult:
     ch, cl = s.champion, s.challenger
-    # paired when enough of the records both models scored have labels, else each model's own
-    pair = s.paired if s.paired is not None and int(s.paired.labelled().sum()) >= cfg.min_labels else None
+    pair = _labelled_pair(s, cfg)
     res = MetricResult(
         "f1",
         INCONCLUSIVE,
@@ -637,7 +642,7 @@ def _accuracy(s: StepSample, cfg: AnalysisConfig, alpha: float) -> MetricResult:
     from scipy.stats import norm
 
     ch, cl = s.champion, s.challenger
-    pair = s.paired if s.paired is not None and int(s.paired.labelled().sum()) >= cfg.min_labels else None
+    pair = _labelled_pair(s, cfg)
     res = MetricResult(
         "accuracy",
         INCONCLUSIVE,

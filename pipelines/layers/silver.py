@@ -550,11 +550,6 @@ def _missing(text: pa.Array) -> np.ndarray:
     return np.asarray(pc.or_(token, pc.is_null(text)).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _is_missing(text: pd.Series) -> pd.Series:
-    """`_missing` of a pandas text column."""
-    return pd.Series(_missing(_arrow_text(text.to_frame("v"), "v", len(text))), index=text.index)
-
-
 def _bool_spellings(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(true, false) masks of the spellings in _TRUE/_FALSE (any case, blanks around); neither: null."""
     lowered = _lowered(text)
@@ -563,14 +558,13 @@ def _bool_spellings(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(truth, dtype=bool), np.asarray(falsity, dtype=bool)
 
 
-def _parse_float(text: pa.Array | pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _parse_float(arrow: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float64 values, mask of values that are not numbers, mask of missing values).
 
     Missing values become null, not errors. Arrow's parser takes the common case (clean numbers,
     usual spellings of missing) in one pass; it accepts a subset of what pandas accepts, so a
     column it rejects (blanks around numbers, an odd spelling of missing, a bad value) is parsed
     again by pandas, which reports the bad values one by one."""
-    arrow = text if isinstance(text, pa.Array) else _arrow_text(text.to_frame("v"), "v", len(text))
     quick_missing = pc.or_(pc.is_in(arrow, value_set=_MISSING_SPELLINGS), pc.is_null(arrow))
     try:
         parsed = pc.cast(pc.if_else(quick_missing, pa.scalar(None, arrow.type), arrow), pa.float64())

@@ -147,10 +147,6 @@ class MessageReader:
         values = {k: _text(v) for k, v in record.items()}
         return Reading(device, seq, values, topic, "")  # the partition: read_many, with the others
 
-    def partition_of(self, ts: str | None) -> str:
-        """The event date the lake files this reading under (parsed as silver parses it)."""
-        return self.partitions_of([ts])[0]
-
     def partitions_of(self, stamps: list[str | None]) -> list[str]:
         """The event date of each time, parsed as silver parses it (epoch seconds: per value, in
         Python; anything else: all at once by `event_dates`). The receipt date when unreadable."""
