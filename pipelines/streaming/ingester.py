@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -154,7 +155,8 @@ class Ingester:
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_message = self._on_message  # what the fast path leaves to paho
+        client.on_publishes = self._on_publishes
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -176,6 +178,11 @@ class Ingester:
 
     def _on_message(self, client, userdata, msg) -> None:
         self._inbox.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, self._connection, time.time_ns()))
+        self._arrived.set()
+
+    def _on_publishes(self, messages: list[tuple[str, bytes, int, int]]) -> None:
+        connection, now = self._connection, time.time_ns()
+        self._inbox.extend(Inbound(topic, payload, mid, qos, connection, now) for topic, payload, mid, qos in messages)
         self._arrived.set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -303,14 +310,16 @@ class Ingester:
     def _ack(self, batch: MicroBatch) -> None:
         with self._ack_lock:
             current = self._connection
+            mids = []
             for connection, mid, qos in batch.acks:
                 if qos == 0:
                     continue
                 if connection != current:
                     self.stats.ack_skipped_reconnected += 1
                     continue
-                self.client.ack(mid, qos)
-                self.stats.acked += 1
+                mids.append(mid)
+            self.client.ack_many(mids)  # in arrival order, one write
+            self.stats.acked += len(mids)
 
     def _announce(self, batch: MicroBatch, result: CommitResult) -> None:
         self.stats.commits += 1
@@ -347,23 +356,34 @@ class Ingester:
 
 
 _READ_CHUNK = 256 * 1024
+_PUBACK = 0x40
 
 
 @functools.cache
 def buffered_client_class():
-    """paho's `Client` reading the socket in large chunks.
+    """paho's `Client` reading the socket in large chunks, with a fast path for PUBLISH packets.
 
     paho reads a packet in three or four `recv` calls (one byte of type, one per length byte, then
     the rest) and one packet per wake-up of its select loop. Each call gives up the interpreter lock,
     and in the ingester getting it back means waiting behind the intake and commit threads: at
     5,000 messages/s the receive thread fell seconds behind the broker with a core to spare. This
     client takes what the socket holds in one `recv`, serves paho's small reads from that buffer and
-    keeps reading packets while it holds any. paho's own parser, state and callbacks are unchanged."""
+    keeps reading packets while it holds any.
+
+    With `on_publishes` set (a callable taking a list of (topic, payload, mid, qos)), the complete
+    QoS 0 and 1 PUBLISH packets of an MQTT 3.1.1 connection are cut out of that buffer here, in one
+    loop, and handed over together: paho's per-packet path (a message object, a debug-log call, the
+    topic matcher and its callback lock for each) cost a fifth of the ingester's process at 5,000
+    readings/s. Everything else (CONNACK, SUBACK, PUBACK, PINGRESP, QoS 2, a packet not yet whole,
+    a topic that is not UTF-8, MQTT 5 properties) goes through paho's own parser, state and
+    callbacks. `ack_many` acknowledges many QoS 1 messages with one write (one queued blob of
+    PUBACKs instead of a queue entry, a wake-up and a send per message)."""
     import paho.mqtt.client as mqtt
 
     class BufferedClient(mqtt.Client):
         def __init__(self, *args, **kwargs):
             self._read_buffer = bytearray()
+            self.on_publishes = None
             super().__init__(*args, **kwargs)
 
         def _sock_recv(self, bufsize: int) -> bytes:
@@ -377,10 +397,63 @@ def buffered_client_class():
             return out
 
         def loop_read(self, max_packets: int = 1):
-            rc = super().loop_read(max_packets)
+            rc = super().loop_read(max_packets)  # the first packet of a wake-up fills the buffer
             while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._read_buffer and self._sock is not None:
+                if self._drain_publishes() and not self._read_buffer:
+                    break
                 rc = super().loop_read(max_packets)  # the socket will not wake select() for these
             return rc
+
+        def _drain_publishes(self) -> int:
+            """Cut the whole QoS 0/1 PUBLISH packets at the head of the buffer out and hand them to
+            `on_publishes`; stop at the first packet paho must see. Returns how many were cut."""
+            handler = self.on_publishes
+            if handler is None or self._in_packet["command"] != 0 or self._protocol != mqtt.MQTTv311:
+                return 0
+            buf = self._read_buffer
+            size, pos = len(buf), 0
+            out = []
+            while pos < size:
+                header = buf[pos]
+                qos = (header >> 1) & 3
+                if header & 0xF0 != 0x30 or qos == 2:
+                    break
+                length, mult, i = 0, 1, pos + 1
+                while i < size and i - pos <= 4:
+                    byte = buf[i]
+                    length += (byte & 127) * mult
+                    mult *= 128
+                    i += 1
+                    if not byte & 128:
+                        break
+                else:
+                    break  # the length is not all here yet (or is malformed: paho says so)
+                end = i + length
+                if end > size or length < 2:
+                    break
+                topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+                body = topic_end + (2 if qos else 0)
+                if body > end:
+                    break
+                try:
+                    topic = buf[i + 2 : topic_end].decode("utf-8")
+                except UnicodeDecodeError:
+                    break
+                mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
+                out.append((topic, bytes(buf[body:end]), mid, qos))
+                pos = end
+            if pos:
+                del buf[:pos]
+                with self._msgtime_mutex:
+                    self._last_bytes_received = mqtt.time_func()
+                handler(out)
+            return len(out)
+
+        def ack_many(self, mids: list[int]) -> None:
+            """Acknowledge these QoS 1 messages (manual_ack) in one queued write."""
+            if mids:
+                packet = b"".join(struct.pack("!BBH", _PUBACK, 2, mid) for mid in mids)
+                self._packet_queue(_PUBACK, packet, 0, 0)
 
         def reconnect(self):
             self._read_buffer.clear()  # what the old connection left is not the new one's
