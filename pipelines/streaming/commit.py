@@ -123,7 +123,5 @@ class BronzeCommitter:
 
 def batch_key(rows: list[Reading]) -> str:
     """`stream=<digest of the (device, seq) pairs>`: the same readings always get the same batch id."""
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(f"{r.device}\0{r.seq}\n".encode())
+    h = hashlib.sha256("".join([f"{r.device}\0{r.seq}\n" for r in rows]).encode())
     return f"{STREAM_BATCH_PREFIX}{h.hexdigest()[:20]}"

@@ -178,9 +178,12 @@ def bronze_table(readings: list[Reading], columns: list[str], *, batch_key: str,
     Lineage of a streamed reading: `_source_key` is the MQTT topic (mqtt://sensors/<ds>/<device>),
     `_source_line` the device's seq (the line number of a landed file plays the same role: where
     in its source the record came from), `_source_etag` the micro-batch key."""
-    extra = sorted({k for r in readings for k in r.values} - set(columns))
+    values = [r.values for r in readings]
+    extra = sorted(set().union(*values) - set(columns))
     names = [*columns, *extra]
-    data: dict[str, pa.Array] = {c: pa.array([r.values.get(c) for r in readings], pa.string()) for c in names}
+    # one conversion of the rows' dicts in Arrow (a missing key is a null), not a Python pass per column
+    delivered = pa.Table.from_pylist(values, schema=pa.schema([(c, pa.string()) for c in names]))
+    data: dict[str, pa.Array] = dict(zip(names, delivered.columns, strict=True))
     n = len(readings)
     data[PARSE_ERROR_COLUMN] = pa.nulls(n, pa.string())
     data["_source_key"] = pa.array([f"mqtt://{r.topic}" for r in readings], pa.string())

@@ -57,8 +57,7 @@ class RedisStateStore:
         if not states:
             return
         pipe = self.client.pipeline(transaction=False)
-        for state in states:
-            pipe.set(self._key(state["device"]), json.dumps(state, default=str))
+        pipe.mset({self._key(state["device"]): json.dumps(state, default=str) for state in states})  # one command
         pipe.sadd(f"{self.prefix}:devices", *{s["device"] for s in states})
         pipe.execute()
 
