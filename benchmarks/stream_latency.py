@@ -139,6 +139,7 @@ class Collector:
         import paho.mqtt.client as mqtt
 
         self.alerts: list[tuple[str, int, int]] = []  # (device, seq, received ns)
+        self.legs: list[tuple[str, int, float, float, int]] = []  # (device, seq, ingested s, scored s, received ns)
         self.commits: list[tuple[dict, int]] = []  # (the ingester's commit event, received ns)
         self.committed = 0
         self.last_commit_ns = 0
@@ -161,6 +162,8 @@ class Collector:
             self.committed += sum(hi - lo + 1 for runs in event["runs"].values() for lo, hi in runs)
         else:
             self.alerts.append((event["device"], event["seq"], now))
+            if event.get("received_at"):
+                self.legs.append((event["device"], event["seq"], event["received_at"], event["scored_at"], now))
 
     def latencies(self, sent: dict[tuple[str, int], int]) -> tuple[list[float], list[float], list[dict]]:
         """ms from publish to alert, and to commit, per reading; the commit events, each with the lag
@@ -181,6 +184,19 @@ class Collector:
                 event["receipt_lag"] = event["first_received_at"] - first / 1e9
             events.append(event)
         return alert_ms, commit_ms, events
+
+    def alert_legs(self, sent: dict[tuple[str, int], int]) -> dict[str, list[float]]:
+        """ms of each leg of an alerted reading's way: publish -> the ingester's receipt, receipt ->
+        scored (the pipe, the wait for a pass and the pass), scored -> the alert's receipt here."""
+        legs: dict[str, list[float]] = {"receipt": [], "scoring": [], "alert": []}
+        for d, q, received, scored, now in self.legs:
+            at = sent.get((d, q))
+            if at is None:
+                continue
+            legs["receipt"].append(received * 1e3 - at / 1e6)
+            legs["scoring"].append((scored - received) * 1e3)
+            legs["alert"].append(now / 1e6 - scored * 1e3)
+        return legs
 
     def close(self) -> None:
         self.client.disconnect()
@@ -221,6 +237,7 @@ def run_rate(
     after = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
     collector.close()
     alert_ms, commit_ms, commits = collector.latencies(sent)
+    legs = collector.alert_legs(sent)
     if timeline:  # alert latency by when the reading was published: warm-up and steady state apart
         t_alert = [
             ((now - sent[(d, q)]) / 1e6, (sent[(d, q)] - load["started_ns"]) / 1e9)
@@ -255,6 +272,7 @@ def run_rate(
         "model_ms_per_batch": 1000 * (sc1.get("model_seconds", 0) - sc0.get("model_seconds", 0)) / batches,
         "output_ms_per_batch": 1000 * (sc1.get("output_seconds", 0) - sc0.get("output_seconds", 0)) / batches,
         "commits": commits,
+        "legs": {name: (pct(v, 50), pct(v, 99)) for name, v in legs.items()},
         "silver_full_batches": sc1.get("silver_full_batches", 0) - sc0.get("silver_full_batches", 0),
     }
 
@@ -356,6 +374,16 @@ def main() -> int:
                     "publish -> ingester's receipt of a batch's earliest reading p50 "
                     f"{1000 * pct([c['receipt_lag'] for c in commits if 'receipt_lag' in c], 50):.0f} ms, p99 "
                     f"{1000 * pct([c['receipt_lag'] for c in commits if 'receipt_lag' in c], 99):.0f} ms",
+                    flush=True,
+                )
+            if r["legs"]["receipt"]:
+                print(
+                    "        an alert's way, p50 / p99: publish -> ingester's receipt "
+                    + "; receipt -> scored (pipe, wait for a pass, the pass) ".join(
+                        f"{lo:.0f} / {hi:.0f} ms" for lo, hi in (r["legs"]["receipt"], r["legs"]["scoring"])
+                    )
+                    + "; scored -> alert received "
+                    + "{:.0f} / {:.0f} ms".format(*r["legs"]["alert"]),
                     flush=True,
                 )
             if r["committed"] < r["published"]:

@@ -121,6 +121,7 @@ class ScoringWorker:
                     "model_version": s.model_version,
                     "role": s.role,
                     "reading": reading.values if reading else None,
+                    "received_at": reading.received_ns / 1e9 if reading else None,  # by the ingester
                     "scored_at": now,
                 }
                 if s.shadow:
@@ -325,11 +326,10 @@ class ScorerProcess:
             interval=cfg.score_interval_seconds,
         )
         self.ended = threading.Event()  # the ingester closed the pipe
-        self._inbox: collections.deque[list[Reading]] = collections.deque()
-        self._arrived = threading.Event()
-        self._stop = threading.Event()
+        self._backlog: list[list[Reading]] = []  # frames that came while the tails were read back
+        self._warm = False
+        self._warm_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read_loop, name="scorer-pipe", daemon=True)
-        self._intake = threading.Thread(target=self._intake_loop, name="scorer-intake", daemon=True)
 
     def start(self) -> ScorerProcess:
         # Read the pipe first, then bronze: a reading is either in the tail read back or among the
@@ -351,40 +351,40 @@ class ScorerProcess:
             except Exception:  # noqa: BLE001 - a cold start only makes the first windows shorter
                 log.exception("warm-up from bronze failed; starting with empty device tails")
         self.worker.start()
-        self._intake.start()
+        with self._warm_lock:  # the frames that came meanwhile first, in order; then the pipe's own
+            for readings in self._backlog:
+                self._take(readings)
+            self._backlog.clear()
+            self._warm = True
         return self
 
     def _read_loop(self) -> None:
+        """Each frame's new readings straight to the scoring worker (one thread between the pipe and
+        the pass: each hand-over is a wait for the interpreter lock)."""
         try:
             for readings in read_frames(self.source):
-                self._inbox.append(readings)
-                self._arrived.set()
+                if not self._warm:
+                    with self._warm_lock:
+                        if not self._warm:
+                            self._backlog.append(readings)
+                            continue
+                self._take(readings)
         except (OSError, ValueError, pickle.UnpicklingError):
             log.exception("the ingester's pipe broke")
         self.ended.set()
 
-    def _intake_loop(self) -> None:
-        while True:
-            stopping = self._stop.is_set()
-            self._arrived.wait(0.05)
-            self._arrived.clear()
-            fresh = []
-            while self._inbox:
-                for item in self._inbox.popleft():
-                    seen = self.seen[item.device]
-                    if item.seq in seen:
-                        continue
-                    seen.add(item.seq)
-                    fresh.append(item)
-            if fresh:
-                self.worker.submit(fresh)
-            if stopping:
-                return
+    def _take(self, readings: list[Reading]) -> None:
+        fresh = []
+        for item in readings:
+            seen = self.seen[item.device]
+            if item.seq in seen:
+                continue
+            seen.add(item.seq)
+            fresh.append(item)
+        if fresh:
+            self.worker.submit(fresh)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._arrived.set()
-        self._intake.join(10)
         self.worker.stop()
         self.client.disconnect()
         self.client.loop_stop()
