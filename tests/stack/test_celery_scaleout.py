@@ -10,10 +10,16 @@ partitions. The same deliveries go through the embedded path (`platform run`: `a
 sqlite, LocalExecutor, the session's object store and MLflow), and the two lakes and training
 runs are compared.
 
+Last, the UIs of this stack are checked as users see them, in headless Chromium: Airflow's (log in,
+every DAG and its docs, a lakehouse run triggered from the Trigger form for yesterday's delivery,
+which succeeds and publishes gold) and MLflow's (the training run, its metrics, a plot, the
+registered version and its aliases). Screenshots go to test-artifacts/ui/ (git-ignored). This is
+the suite's only Airflow UI stack.
+
 Needs PostgreSQL (trust auth for `postgres`) and Redis on 127.0.0.1, as on this project's
-machines; without them the module fails with what is missing rather than skip. About 3 to 3.5
-minutes on 2 cores, the session's stack included: the embedded run and the Celery stack's start-up
-overlap.
+machines, and Debian's Chromium (tests/browser.py); without them the module fails with what is
+missing rather than skip. About 3 to 5 minutes on 2 cores, the session's stack included: the
+embedded run and the Celery stack's start-up overlap.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -40,6 +47,7 @@ import pytest
 import yaml
 
 from pipelines import storage
+from tests.browser import chromium, screenshot
 
 REPO = Path(__file__).resolve().parents[2]
 PG = "postgres@127.0.0.1:5432"
@@ -72,10 +80,13 @@ MODEL_NAME = "iot-anomaly-detector-scaleout"  # not the session's model: other m
 # Bronze and quarantine rows carry the ingesting run's id and time: different per run by design.
 INGEST_LINEAGE = ["_ingest_run_id", "_ingested_at"]
 # Wall-clock measurements, not properties of the model: the offline gate's scoring latency. Its
-# guardrail (registry.max_score_ms_per_1k) is wall-clock too, so whether version 1 became champion
-# depends on how busy the machine was (seen: 301 ms > 200 ms on 2 loaded cores): the gate's verdict
-# and aliases are not compared, only what the data determines.
+# guardrail (registry.max_score_ms_per_1k) is wall-clock too: at the dataset's 200 ms, whether
+# version 1 became champion depended on how busy the machine was (seen: 301 and 331 ms on 2 loaded
+# cores; a version that loses the gate gets no alias at all). This module's params lift that limit
+# (GATE_MAX_SCORE_MS_PER_1K) so the MLflow UI check has an alias to show; the guardrail itself is
+# tested in tests/unit/test_registry.py. The gate's verdict and aliases are still not compared.
 TIMING_METRICS = {"gate_score_ms_per_1k"}
+GATE_MAX_SCORE_MS_PER_1K = 5000  # as tests/unit/test_registry.py: 5 ms a row, far above any load seen
 
 UP_TIMEOUT = 300
 RUN_TIMEOUT = 300
@@ -110,13 +121,14 @@ def build_deliveries() -> dict[str, dict[str, bytes]]:
         fields[temp] = f"{float(fields[temp]) + 0.5:.3f}"
         corrected.append(",".join(fields))
 
-    def csv(lines: list[str]) -> bytes:
-        return ("\n".join([header, *lines]) + "\n").encode()
-
     return {
-        D1: {f"telemetry-{D1}.csv": csv(on_time)},
-        D3: {f"telemetry-{D3}.csv": csv(d3), f"backlog-{D1}-{D2}.csv": csv(late + d2 + corrected)},
+        D1: {f"telemetry-{D1}.csv": _csv(header, on_time)},
+        D3: {f"telemetry-{D3}.csv": _csv(header, d3), f"backlog-{D1}-{D2}.csv": _csv(header, late + d2 + corrected)},
     }
+
+
+def _csv(header: str, lines: list[str]) -> bytes:
+    return ("\n".join([header, *lines]) + "\n").encode()
 
 
 def land(store, deliveries: dict[str, dict[str, bytes]]) -> None:
@@ -281,9 +293,11 @@ def _settings_of(state_dir: Path):
 
 
 def _params_file(path: Path) -> Path:
-    """params.yaml with this module's registered model name, for both runs: training identical."""
+    """params.yaml with this module's registered model name and latency guardrail (see TIMING_METRICS),
+    for both runs: training identical."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"]["iot_telemetry"]["model_name"] = MODEL_NAME
+    params["datasets"]["iot_telemetry"].setdefault("registry", {})["max_score_ms_per_1k"] = GATE_MAX_SCORE_MS_PER_1K
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -794,3 +808,174 @@ def test_image_layers_are_byte_identical_to_the_embedded_run(image_run, scaleout
     assert (c.rows, c.schema) == (e.rows, e.schema) and c.rows == 12 * IMAGE_PER_CLASS
     assert c.content_sha256 == e.content_sha256, layer
     assert c.extra["report"] == e.extra["report"]
+
+
+# -- the UIs, as users see them on this stack: Airflow's and MLflow's, in headless Chromium ----------
+# Last in the module: the UI-triggered run adds yesterday's partition to this stack's lake, which the
+# comparisons above would not expect. Screenshots go to test-artifacts/ui/ (git-ignored).
+UI_ARTIFACTS = REPO / "test-artifacts" / "ui"
+UI_DAGS = ("iot_canary", "iot_lakehouse", "iot_training")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium(timeout_ms=30_000) as context:
+        yield context
+
+
+def shot(page, name: str) -> None:
+    screenshot(page, UI_ARTIFACTS, name)
+
+
+@pytest.fixture(scope="module")
+def airflow_ui(scaleout, browser) -> dict:
+    """In the Celery stack's Airflow UI: log in, every DAG and its docs, then trigger iot_lakehouse from
+    the Trigger form for yesterday's delivery of this module's small fleet and wait for the run."""
+    from pipelines.storage import ObjectStore
+
+    started = time.monotonic()
+    celery = scaleout.celery_settings
+    url = f"http://127.0.0.1:{celery.airflow_port}"
+    home = celery.state_dir / "airflow"
+    password = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    # A manual run's data interval is the last complete day, yesterday (UTC): land that day's delivery.
+    day = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
+    header, lines = _day_lines(day)
+    land(ObjectStore(celery), {day: {f"telemetry-{day}.csv": _csv(header, lines)}})
+    page = browser.new_page()
+
+    # -- log in as a user does
+    page.goto(url)
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(password)
+    shot(page, "01-airflow-login")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda u: "/auth/login" not in u)
+
+    # -- every DAG listed, with its docs
+    page.goto(url + "/dags")
+    for dag_id in UI_DAGS:
+        page.get_by_role("link", name=dag_id, exact=True).first.wait_for()
+    shot(page, "02-airflow-dags")
+    docs = {}
+    for dag_id in UI_DAGS:
+        page.goto(f"{url}/dags/{dag_id}")
+        page.get_by_role("button", name="Dag Docs").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Dag Documentation").wait_for()
+        docs[dag_id] = dialog.inner_text()
+        shot(page, f"03-airflow-docs-{dag_id}")
+        page.keyboard.press("Escape")
+        dialog.wait_for(state="hidden")
+
+    # -- trigger the lakehouse DAG from its Trigger form (unpaused by this module already, so the form
+    # offers no "Unpause on trigger"; no scheduled run appears beside it: USE_JOB_SCHEDULE is off)
+    page.goto(f"{url}/dags/iot_lakehouse")
+    page.get_by_role("button", name="Trigger Dag").click()
+    dialog = page.get_by_role("dialog")
+    trigger = dialog.get_by_role("button", name="Trigger", exact=True)
+    trigger.wait_for()
+    shot(page, "04-airflow-trigger-form")
+    trigger.click()
+    page.wait_for_url(lambda u: "/runs/manual__" in u)
+    run_id = urllib.parse.unquote(page.url.rsplit("/runs/", 1)[1])
+    api = AirflowApi(url, home)
+    t0 = time.monotonic()
+    tis = api.wait_for_run("iot_lakehouse", run_id)  # fails at once, with the task logs, on a failure
+    scaleout.timings["ui_lakehouse_run"] = time.monotonic() - t0
+    run = api.call("GET", f"/dags/iot_lakehouse/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+    page.reload()
+    page.get_by_text(run_id).first.wait_for()
+    page.get_by_text("success", exact=False).first.wait_for()
+    shot(page, "05-airflow-run")
+    page.close()
+    scaleout.timings["ui_airflow"] = time.monotonic() - started
+    return {"docs": docs, "run": run, "task_instances": tis, "day": day}
+
+
+def test_airflow_ui_shows_every_dag_with_its_docs(airflow_ui):
+    docs = airflow_ui["docs"]
+    for dag_id in UI_DAGS:
+        assert "###" not in docs[dag_id], "docs should render as Markdown, not raw text"
+    assert "landing → bronze → silver → gold" in docs["iot_lakehouse"]
+    assert "train (and evaluate) → register → offline gate" in docs["iot_training"]
+    assert len(docs["iot_canary"].strip()) > len("Dag Documentation") + 50
+
+
+def test_a_run_triggered_in_the_airflow_ui_succeeds_and_publishes_gold(airflow_ui, scaleout):
+    run, day = airflow_ui["run"], airflow_ui["day"]
+    assert run["state"] == "success"
+    assert run["run_type"] == "manual"
+    assert run["data_interval_start"].startswith(day)
+    for t in airflow_ui["task_instances"]:
+        assert t["hostname"] in scaleout.worker_names, (t["task_id"], t["hostname"])
+    from pipelines.storage import ObjectStore
+
+    celery = ObjectStore(scaleout.celery_settings)
+    assert storage.read_manifest(celery, "gold", celery.settings.dataset, day) is not None
+
+
+def test_mlflow_ui_shows_the_training_run_metrics_plot_and_model_aliases(scaleout, browser):
+    """The Celery stack's MLflow (basic auth, its operator's login): the training run behind the
+    registered version 1, its metrics, a plot rendered as an image, the version and its alias chips."""
+    import base64
+
+    from mlflow import MlflowClient
+
+    started = time.monotonic()
+    celery = scaleout.celery_settings
+    assert celery.mlflow_username and celery.mlflow_password, "the Celery stack's MLflow should ask for a login"
+    run = _training_run(celery)
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", celery.mlflow_username)
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", celery.mlflow_password.get_secret_value())
+        client = MlflowClient(celery.mlflow_tracking_uri)
+        plots = [a.path for a in client.list_artifacts(run_id, "plots") if a.path.endswith(".png")]
+        version = client.get_model_version(MODEL_NAME, "1")
+        aliases = client.get_registered_model(MODEL_NAME).aliases or {}
+    base = celery.mlflow_tracking_uri
+    login = f"{celery.mlflow_username}:{celery.mlflow_password.get_secret_value()}".encode()
+    page = browser.new_page()
+    page.set_extra_http_headers({"Authorization": "Basic " + base64.b64encode(login).decode()})
+
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+    page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
+    shot(page, "10-mlflow-runs")
+
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}")
+    page.get_by_text("Metrics (", exact=False).first.wait_for(timeout=60_000)
+    for metric in ("pr_auc", "f1", "precision", "recall"):
+        assert metric in run.data.metrics
+        page.get_by_text(metric, exact=True).first.wait_for()
+    shot(page, "11-mlflow-run")
+
+    assert plots, "the training run logged no plots"
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts")
+    page.get_by_text("plots", exact=True).first.click()
+    name = plots[0].rsplit("/", 1)[1]
+    page.get_by_text(name, exact=True).first.click()
+    # the preview is an <img> of the artifact (MLflow serves it as a blob URL): rendered, not broken
+    page.wait_for_function(
+        "() => Array.from(document.images).some(i => i.complete && i.naturalWidth > 200"
+        " && (i.src.startsWith('blob:') || i.src.includes('" + name + "')))",
+        timeout=30_000,
+    )
+    shot(page, "12-mlflow-plot")
+
+    # Which alias version 1 holds is the offline gate's verdict, not assumed here to be champion (its
+    # latency guardrail is wall-clock, lifted for this module: see TIMING_METRICS). Every alias the
+    # registry reports must show as a chip, and there must be one: a version that loses the gate gets
+    # none (pipelines.registry), and then this UI check has nothing to show.
+    assert aliases, (
+        f"{MODEL_NAME} has no alias: gate.passed={version.tags.get('gate.passed')!r}, "
+        f"gate.reason={version.tags.get('gate.reason')!r}"
+    )
+    page.goto(f"{base}/#/models/{MODEL_NAME}")
+    page.get_by_text("Version 1").first.wait_for(timeout=60_000)
+    for alias in aliases:
+        # the alias chip reads "@ champion" (the description also mentions the word: match the chip)
+        page.get_by_text(re.compile(rf"^@?\s*{re.escape(alias)}$")).first.wait_for()
+    shot(page, "13-mlflow-model")
+    page.close()
+    scaleout.timings["ui_mlflow"] = time.monotonic() - started
