@@ -8,7 +8,7 @@ the champion's anomalies in red and normal points in blue, the versions with the
 stage, the alerts and the drift per feature; and it must follow the stream without a reload.
 
 Screenshots: test-artifacts/dashboard/ (git-ignored), paths printed. Uses Debian's Chromium as
-tests/stack/test_uis.py does (no Playwright browser download).
+the UI checks in tests/stack/test_celery_scaleout.py do (no Playwright browser download).
 """
 
 from __future__ import annotations
