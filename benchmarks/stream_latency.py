@@ -207,6 +207,25 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far (/proc/stat: user, nice, system, idle, iowait, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def cpu_share(before: list[int], after: list[int]) -> tuple[float, float]:
+    """Busy and stolen (taken by the hypervisor for other guests) share of the machine between two
+    readings: a run during which the host took cores away is slower for reasons outside the platform."""
+    if not before or not after:
+        return float("nan"), float("nan")
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta) or 1
+    return (total - delta[3] - delta[4] - delta[7]) / total, delta[7] / total
+
+
 def run_rate(
     rate: int, seconds: float, port: int, dataset: str, devices: int, http_port: int, timeline: bool = False
 ) -> dict:
@@ -219,6 +238,7 @@ def run_rate(
     total = int(rate * seconds)
     start = dt.date.today() - dt.timedelta(days=max(2, total // (devices * 1440) + 2))
     before = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
+    ticks = cpu_ticks()
     # The load comes from a process of its own (its own interpreter and core time), as a fleet's
     # would: sharing this one with the collector, paho fell seconds behind at 5,000 readings/s.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -233,6 +253,7 @@ def run_rate(
     while collector.committed < len(sent) and time.monotonic() < deadline:
         time.sleep(0.1)
     drain_seconds = (collector.last_commit_ns - load["started_ns"]) / 1e9  # first publish to the last commit seen
+    busy, stolen = cpu_share(ticks, cpu_ticks())
     time.sleep(1.0)
     after = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
     collector.close()
@@ -273,6 +294,8 @@ def run_rate(
         "output_ms_per_batch": 1000 * (sc1.get("output_seconds", 0) - sc0.get("output_seconds", 0)) / batches,
         "commits": commits,
         "legs": {name: (pct(v, 50), pct(v, 99)) for name, v in legs.items()},
+        "cpu_busy": busy,
+        "cpu_stolen": stolen,
         "silver_full_batches": sc1.get("silver_full_batches", 0) - sc0.get("silver_full_batches", 0),
     }
 
@@ -383,7 +406,8 @@ def main() -> int:
                         f"{lo:.0f} / {hi:.0f} ms" for lo, hi in (r["legs"]["receipt"], r["legs"]["scoring"])
                     )
                     + "; scored -> alert received "
-                    + "{:.0f} / {:.0f} ms".format(*r["legs"]["alert"]),
+                    + "{:.0f} / {:.0f} ms".format(*r["legs"]["alert"])
+                    + f"; the machine's CPU {100 * r['cpu_busy']:.0f}% busy, {100 * r['cpu_stolen']:.1f}% stolen",
                     flush=True,
                 )
             if r["committed"] < r["published"]:
