@@ -29,7 +29,8 @@ MIN_FAST_ROWS, MAX_FAST_ROWS = 16, 4096
 
 
 class _Forest:
-    """Trees as one node table: a leaf points to itself, so walking ``depth`` steps ends at every leaf."""
+    """A gradient-boosting model's trees as one node table: a leaf points to itself, so walking
+    ``depth`` steps ends at every leaf; a missing value goes where its node's ``nan_left`` says."""
 
     def __init__(self, lefts, rights, features, thresholds):
         sizes = [len(a) for a in lefts]
@@ -47,7 +48,7 @@ class _Forest:
         self.threshold = np.concatenate(threshold).astype(np.float64)
         self.leaf = self.left == np.arange(len(self.left))
 
-    def leaves(self, X: np.ndarray, nan_left: np.ndarray | None = None) -> np.ndarray:
+    def leaves(self, X: np.ndarray, nan_left: np.ndarray) -> np.ndarray:
         """Leaf node (global index) of every row in every tree: shape (rows, trees)."""
         n_rows, n_trees = X.shape[0], len(self.roots)
         nodes = np.tile(self.roots, n_rows)  # row-major: (row, tree) pairs
@@ -58,9 +59,7 @@ class _Forest:
         while len(active):  # only the (row, tree) pairs not at a leaf yet take the next step
             at = nodes[active]
             values = flat[row_of[active] * width + self.feature[at]]
-            go_left = values <= self.threshold[at]
-            if nan_left is not None:
-                go_left = np.where(np.isnan(values), nan_left[at], go_left)
+            go_left = np.where(np.isnan(values), nan_left[at], values <= self.threshold[at])
             at = np.where(go_left, self.left[at], self.right[at])
             nodes[active] = at
             active = active[~self.leaf[at]]

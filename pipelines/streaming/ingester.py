@@ -176,9 +176,8 @@ class Ingester:
             self.stats.connected = False
         log.warning("disconnected from the broker: %s", reason_code)
 
-    def _on_message(self, client, userdata, msg) -> None:
-        self._inbox.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, self._connection, time.time_ns()))
-        self._arrived.set()
+    def _on_message(self, client, userdata, msg) -> None:  # a PUBLISH the fast path left to paho
+        self._on_publishes([(msg.topic, msg.payload, msg.mid, msg.qos)])
 
     def _on_publishes(self, messages: list[tuple[str, bytes, int, int]]) -> None:
         connection, now = self._connection, time.time_ns()
