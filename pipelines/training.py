@@ -628,6 +628,12 @@ def context_units(context: TrainingContext) -> dict[str, str]:
     return {c.name: c.unit for c in contract.columns if c.unit}
 
 
+def _has_both_classes(df: pd.DataFrame) -> bool:
+    """Labelled anomalies and labelled normal rows are both among ``df``'s rows."""
+    y = labelled(df)["is_anomaly"].astype(int)
+    return 0 < int(y.sum()) < len(y)
+
+
 def fit_threshold_rule(train_df: pd.DataFrame) -> float:
     """The fairest fixed "temp above T" rule: T F1-best on the TRAINING range's labels (never the test)."""
     lab = labelled(train_df)
@@ -897,7 +903,17 @@ def train_and_log(
     all_test_alarm = all_test_scores >= threshold
     rule_cfg = tp.get("threshold_rule", {}) or {}
     temp_above: float | None = None
-    if "temp_above" in rule_cfg and "temp" in gold.columns:
+    field_rule = "temp_above" in rule_cfg and "temp" in gold.columns
+    if field_rule and rule_cfg["temp_above"] == "fit" and not _has_both_classes(train_df):
+        # "fit" picks the F1-best fixed threshold on the training range's labels: without labelled
+        # anomalies and normal rows there (a series with no labels, as a NAB file landed on its own)
+        # there is nothing to fit it to, and the baseline is the range rule, which needs no labels
+        progress(
+            "[train] baseline: threshold_rule.temp_above is 'fit', but the training range has no labelled "
+            "anomalies and normal rows to fit it on; using the range rule"
+        )
+        field_rule = False
+    if field_rule:
         # a field rule named in params ("fit": the best fixed threshold on the training range's labels)
         temp_above = fit_threshold_rule(train_df) if rule_cfg["temp_above"] == "fit" else float(rule_cfg["temp_above"])
         rule_name = f"temp > {temp_above:.4g}"

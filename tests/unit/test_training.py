@@ -377,3 +377,19 @@ def test_training_without_labels_and_another_reading_name_says_what_it_could_not
     run = MlflowClient(mlflow_uri).get_run(result.run_id)
     assert all(v == v for v in run.data.metrics.values())  # nothing logged as NaN
     assert "no labels" in run.data.tags["unmeasured"]
+
+
+def test_a_fitted_temperature_rule_without_labels_falls_back_to_the_range_rule_and_says_so(mlflow_uri):
+    """`threshold_rule: {temp_above: fit}` (the NAB dataset's params) on a series with no labels (a NAB
+    file landed on its own): nothing to fit the rule to, so the baseline is the range rule, said so,
+    and training goes on (it had stopped with numpy's IndexError on an empty quantile)."""
+    gold = make_gold(devices=2, days=1)
+    gold["label"] = pd.Series(pd.NA, index=gold.index, dtype="str")
+    gold["is_anomaly"] = pd.array([pd.NA] * len(gold), dtype="Int8")
+    params = {"train": {**PARAMS["train"], "families": ["streaming_detector"], "threshold_rule": {"temp_above": "fit"}}}
+    ctx = training.TrainingContext(dataset_name="unlabelled-fit-test", data_snapshot={"partitions": ["x"]})
+    lines: list[str] = []
+    result = training.train_and_log(gold, params, ctx, tracking_uri=mlflow_uri, experiment="t", progress=lines.append)
+    assert result.model_family == "streaming_detector"
+    assert "temp outside [" in result.baseline_rule
+    assert any("temp_above is 'fit'" in line and "range rule" in line for line in lines), lines
