@@ -158,13 +158,25 @@ class StreamingScorer(BaseEstimator):
         return self
 
     def predict(self, X):
+        return self.continue_streams(self.training_states(), X)
+
+    def training_states(self) -> dict:
+        """A fresh copy of each device's detector state at the end of its training rows."""
+        return decode_state(self.states) if self.states else {}
+
+    def continue_streams(self, states: dict, X) -> np.ndarray:
+        """The score of each row of ``X``, each device's stream continued from ``states`` (from
+        `training_states`), which it advances: the live path keeps them from one pass to the next, so
+        scoring rows pass by pass gives what one call on all of them gives."""
         detector = self._detector()
-        states = decode_state(self.states) if self.states else {}
         out = np.zeros(len(X), dtype=np.float64)
         for device, order, frame in self._ordered(X):
             best = np.zeros(len(order))
+            per_reading = states.setdefault(str(device), {})
             for col in self.readings or []:
-                state = states.get(str(device), {}).get(col) or detector.new_state()
+                state = per_reading.get(col)
+                if state is None:
+                    state = per_reading[col] = detector.new_state()
                 values = frame.loc[order, col].to_numpy(dtype=float, na_value=np.nan)
                 best = np.fmax(best, detector.score_series(None, values, state=state))
             out[order] = best

@@ -601,7 +601,6 @@ def create_app(settings=None, cfg: ServingSettings | None = None, store=None) ->
     # The registry client must fail fast when MLflow is down (its default retries take minutes).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log line, not a progress bar
     settings = settings or get_settings()
     cfg = cfg or serving_settings(load_params(settings.params_file))
     store = store or lake_store(settings, cfg.s3_timeout_seconds)

@@ -108,10 +108,14 @@ def fetch_skops_model(model_name: str, version: str, tracking_uri: str) -> tuple
     """(estimator, mlflow Model, size in MB) of ``models:/name/version``: downloaded to a temporary
     directory and loaded with skops only (see load_skops_model). The one loader of registered models:
     the scoring service, the offline gate and the image gate all call it."""
+    import os
     import tempfile
 
     import mlflow
 
+    # a download is a log line of ours, not MLflow's progress bar (in the live scorer's and the gates'
+    # output as in the scoring service's)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model_name}/{version}",

@@ -206,6 +206,8 @@ class OnlineScorer:
         self.models = models
         self.model_name = model_name
         self.stats = ScorerStats()
+        # a streaming detector's per-device states, carried from pass to pass (by its estimator's id)
+        self._streams: dict[int, tuple[Any, dict]] = {}
 
     def score_bronze(self, bronze) -> list[ScoredReading]:
         """Score a micro-batch given as a bronze table (`messages.bronze_table`)."""
@@ -248,7 +250,7 @@ class OnlineScorer:
             if model is None:
                 continue
             everyone = bool(mask.all())
-            scores[mask] = predict(model, gold if everyone else gold[mask])
+            scores[mask] = self._predict(model, gold if everyone else gold[mask])
             thresholds[mask] = model.threshold
             versions[mask] = str(model.version)
         shadow = self._shadow(gold, roles)
@@ -277,6 +279,20 @@ class OnlineScorer:
         ]
         self.stats.output_seconds += time.perf_counter() - started
         return out
+
+    def _predict(self, model: ModelLike, gold: pd.DataFrame) -> np.ndarray:
+        """`predict`, except for a streaming detector (the default family): its per-device state goes on
+        from the end of its training rows and from each pass to the next, as online scoring means;
+        `StreamingScorer.predict` alone would start every pass from the training state again."""
+        from pipelines.training import StreamingScorer
+
+        estimator = getattr(model, "estimator", None)
+        if not isinstance(estimator, StreamingScorer):
+            return predict(model, gold)
+        held = self._streams.get(id(estimator))
+        if held is None or held[0] is not estimator:  # a version loaded since: its own training state
+            held = self._streams[id(estimator)] = (estimator, estimator.training_states())
+        return estimator.continue_streams(held[1], gold[estimator.columns])
 
     def _rollout(self):
         rollout = getattr(self.models, "rollout", None)
@@ -307,6 +323,6 @@ class OnlineScorer:
         if model is None or not mask.any():
             return None
         out: list[dict | None] = [None] * len(gold)
-        for i, score in zip(np.flatnonzero(mask), predict(model, gold[mask]), strict=True):
+        for i, score in zip(np.flatnonzero(mask), self._predict(model, gold[mask]), strict=True):
             out[i] = {"role": rollout.shadow, "model_version": str(model.version), "score": float(score)}
         return out
