@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from pipelines import storage
 from pipelines.contracts import Contract
-from pipelines.layers.partitioning import split_by_event_date
+from pipelines.layers.partitioning import partition_of, split_by_event_date
 from pipelines.storage import LakeStore
 from pipelines.streaming.ledger import STREAM_BATCH_PREFIX, SeqLedger
 from pipelines.streaming.messages import Reading, Refusal, bronze_table, refusal_table
@@ -47,10 +47,14 @@ class BronzeCommitter:
     def __init__(self, store: LakeStore, dataset: str, contract: Contract, columns: list[str], grain: str, run_id: str):
         self.store, self.dataset, self.contract = store, dataset, contract
         self.columns, self.grain, self.run_id = columns, grain, run_id
-        self.ledger = SeqLedger(store, dataset, contract.entity.source or contract.entity.column)
+        entity = contract.entity
+        self.ledger = SeqLedger(
+            store, dataset, entity.source or entity.column, entity.constant if entity.source is None else None
+        )
 
     def already_committed(self, reading: Reading) -> bool:
-        return self.ledger.holds(reading.partition, reading.device, reading.seq)
+        # the ledger is kept per bronze partition (a month of a month-grain dataset), as its manifests are
+        return self.ledger.holds(partition_of(reading.partition, self.grain), reading.device, reading.seq)
 
     def commit(self, readings: list[Reading], refusals: Sequence[Refusal] = ()) -> CommitResult:
         """Commit one micro-batch; returns only once every partition's manifest names it."""
@@ -94,7 +98,7 @@ class BronzeCommitter:
                     writer.abort()
                     raise
                 result.partitions[event_partition] = result.partitions.get(event_partition, 0) + part.num_rows
-            self.ledger.record(partition, ((r.device, r.seq) for r in rows))
+            self.ledger.record(partition_of(partition, self.grain), ((r.device, r.seq) for r in rows))
             result.rows += len(rows)
         runs: dict[str, list[tuple[int, int]]] = {}
         for device, seq in sorted(fresh):

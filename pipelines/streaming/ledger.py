@@ -59,8 +59,11 @@ class SeqSet:
 class SeqLedger:
     """{partition: {device: SeqSet}} for one dataset's bronze, loaded lazily per partition."""
 
-    def __init__(self, store: LakeStore, dataset: str, device_column: str):
+    def __init__(self, store: LakeStore, dataset: str, device_column: str, constant_device: str | None = None):
+        """`constant_device`: the contract's one device when its rows name none (a NAB series): its
+        bronze rows have no device column."""
         self.store, self.dataset, self.device_column = store, dataset, device_column
+        self.constant_device = constant_device
         self._partitions: dict[str, dict[str, SeqSet]] = {}
         self._lock = threading.RLock()  # the intake thread reads while the committer records
 
@@ -96,10 +99,14 @@ class SeqLedger:
             if not str(entry.get("batch", "")).startswith(STREAM_BATCH_PREFIX):
                 continue  # landed deliveries carry line numbers, not seqs
             blob = self.store.get_bytes(bucket, entry["key"])
-            table = pq.read_table(io.BytesIO(blob), columns=[self.device_column, "_source_line"])
-            for device, seq in zip(
-                table.column(self.device_column).to_pylist(), table.column("_source_line").to_pylist(), strict=True
-            ):
+            if self.constant_device is not None:
+                seqs_read = pq.read_table(io.BytesIO(blob), columns=["_source_line"]).column("_source_line").to_pylist()
+                names = [self.constant_device] * len(seqs_read)
+            else:
+                table = pq.read_table(io.BytesIO(blob), columns=[self.device_column, "_source_line"])
+                names = table.column(self.device_column).to_pylist()
+                seqs_read = table.column("_source_line").to_pylist()
+            for device, seq in zip(names, seqs_read, strict=True):
                 seqs = devices.get(device)
                 if seqs is None:
                     seqs = devices[device] = SeqSet()

@@ -643,6 +643,39 @@ def _start_ingester_process(broker: Broker, dataset: str, log_path: Path) -> sub
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
 
 
+def test_a_restarted_ingester_knows_what_it_committed_for_a_one_device_contract(store, nab_csv):
+    """A NAB contract names its one device as a constant (its bronze rows have no device column) and
+    files a month per partition. A restarted ingester's ledger reads the committed seqs back all the
+    same: it had stopped its intake thread with "No match for FieldRef.Name(device)" on the first
+    reading after a restart, and looked seqs up under the day, not the month, so a redelivery after a
+    crash would have been committed twice."""
+    from pipelines.contracts import load_contract
+    from pipelines.datasets import get_dataset
+    from pipelines.streaming.commit import BronzeCommitter
+    from pipelines.streaming.messages import MessageReader
+
+    dataset = "nab_machine_temperature.ledger_restart"  # a lake of its own (a month-grain dataset)
+    ds = get_dataset(dataset)
+    assert ds.grain == "month"  # the ledger must look its seqs up by the month the manifest covers
+    contract = load_contract(ds.contract_path)
+    reader = MessageReader(dataset, contract)
+    device = contract.entity.constant
+    frame = pd.read_csv(nab_csv, nrows=40)
+    base = 500_000
+    items = reader.read_many(
+        [
+            (f"sensors/{dataset}/{device}", json.dumps({"timestamp": t, "value": v, "seq": base + i}).encode())
+            for i, (t, v) in enumerate(zip(frame["timestamp"], frame["value"], strict=True))
+        ]
+    )
+    first = BronzeCommitter(store, dataset, contract, reader.columns, ds.grain, "stream-test-1")
+    assert first.commit(items[:30]).rows == 30
+    restarted = BronzeCommitter(store, dataset, contract, reader.columns, ds.grain, "stream-test-2")
+    assert [restarted.already_committed(r) for r in items] == [True] * 30 + [False] * 10
+    result = restarted.commit(items)  # a redelivery of the 30 and 10 new ones
+    assert (result.rows, result.duplicates) == (10, 30)
+
+
 def test_kill_9_mid_batch_and_a_broker_restart_lose_and_duplicate_nothing(broker, store, tmp_path):
     """The ingester process is killed with SIGKILL while batches are open and being committed; it is
     restarted; then the broker is restarted under a steady stream. Afterwards bronze, and silver after
