@@ -186,7 +186,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         child = start_scorer()  # it serves the device state (it writes it)
         _yield_to_scorer(cfg.ingest_nice)
     elif cfg.http_port:
-        server = serve_in_thread(state_app(_NoState(), ingester.status), cfg.http_host, cfg.http_port)
+        server = serve_in_thread(state_app(_NoState(), ingester.status, ingester.failure), cfg.http_host, cfg.http_port)
     print(
         f"[stream] {dataset}: mqtt://{cfg.mqtt_host}:{cfg.mqtt_port} sensors/{dataset}/+ -> bronze "
         f"(batches of {cfg.batch_max_readings} readings or {cfg.batch_max_seconds}s)"
@@ -194,10 +194,19 @@ def cmd_stream(args: argparse.Namespace) -> int:
         + (f"; device state on http://{cfg.http_host}:{cfg.http_port}/devices" if cfg.http_port else ""),
         flush=True,
     )
-    while not stop.wait(2.0):
+    ingester.on_failure = stop.set  # a worker thread died: wake this loop now, stop as on SIGTERM, exit 1
+    while not stop.wait(2.0) and ingester.failure() is None:
         if child is not None and child.poll() is not None:
             print(f"[stream] the scorer exited ({child.returncode}); restarting it", flush=True)
             child = start_scorer()
+    failure = ingester.failure()
+    if failure is not None:
+        print(
+            f"[stream] failed: {failure}; stopping and exiting with status 1 (a supervisor restarts the "
+            "ingester; the broker redelivers what was not acknowledged)",
+            file=sys.stderr,
+            flush=True,
+        )
     print("[stream] stopping: committing and acknowledging what was received", flush=True)
     ingester.stop()  # the last readings go to the scorer, then its pipe closes: it scores them and ends
     if child is not None:
@@ -208,7 +217,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
             child.wait(10)
     if server is not None:
         server.should_exit = True
-    return 0
+    return 0 if failure is None else 1
 
 
 def _share_metrics_between_processes() -> None:

@@ -15,6 +15,12 @@ broker redelivers them to the next session. A crash after the commit and before 
 acknowledgements redelivers readings bronze already holds: the ledger leaves them out. Either way
 each reading is in bronze exactly once.
 
+A worker thread that raises (intake, committer, paho's network thread) is never silent: its
+exception is logged once with the thread's name and traceback, recorded (`failure()`: /health
+answers 503 naming it, /status shows it) and `on_failure` is called: `platform stream` then stops
+as on SIGTERM and exits non-zero, for its supervisor to restart it. What the dead thread held
+unacknowledged is redelivered by the broker to the next session.
+
 An acknowledgement names a packet id of one connection: after a reconnect the same id may belong to
 another, uncommitted message. Messages remember the connection they came on and are acknowledged
 only on it; those of a lost connection are redelivered and recognised as duplicates.
@@ -30,6 +36,7 @@ import queue
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +142,10 @@ class Ingester:
         self._ack_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.failures: list[str] = []  # "stream-intake died: ValueError: ...", one per dead thread
+        self._dead: set[str] = set()  # the names of the threads that died
+        self._failure_lock = threading.Lock()
+        self.on_failure: Callable[[], Any] | None = None  # called once a thread died (`platform stream`: exit)
         self.client = self._mqtt_client()
 
     # -- MQTT ---------------------------------------------------------------------------------
@@ -157,6 +168,7 @@ class Ingester:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message  # what the fast path leaves to paho
         client.on_publishes = self._on_publishes
+        client.on_thread_failure = self._thread_died  # the network thread raised: nothing more arrives
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -189,12 +201,43 @@ class Ingester:
         if self.scoring is not None:
             self.scoring.start()
         for target, name in ((self._intake_loop, "stream-intake"), (self._commit_loop, "stream-committer")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(target=self._guarded, args=(target,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         self.client.connect_async(self.cfg.mqtt_host, self.cfg.mqtt_port, keepalive=self.cfg.keepalive_seconds)
         self.client.loop_start()
         return self
+
+    def _guarded(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - a worker that dies must say so, not vanish
+            self._thread_died(exc)
+
+    def _thread_died(self, exc: BaseException) -> None:
+        """The current thread raised `exc` and ends: log it once, with its traceback; record it for
+        /health and /status; tell `on_failure`. The other threads see it: the intake stops taking
+        messages when the committer is gone, the committer ends once the intake's batches are in."""
+        name = threading.current_thread().name
+        text = f"{name} died: {type(exc).__name__}: {exc}"
+        with self._failure_lock:
+            self.failures.append(text)
+            self._dead.add(name)
+        log.error(
+            "ingester thread %s died; nothing more is ingested: stopping (unacknowledged readings are "
+            "redelivered to the next session)",
+            name,
+            exc_info=exc,
+        )
+        self._arrived.set()
+        callback = self.on_failure
+        if callback is not None:
+            callback()
+
+    def failure(self) -> str | None:
+        """Why the ingester no longer ingests (a worker thread died), or None while it does."""
+        with self._failure_lock:
+            return "; ".join(self.failures) or None
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -220,6 +263,8 @@ class Ingester:
         while True:
             self._arrived.wait(0.05)
             self._arrived.clear()
+            if "stream-committer" in self._dead:
+                return  # nothing taken now could be committed: the broker redelivers it after the restart
             stopping = self._stop.is_set()
             fresh: list[Reading] = []
             messages = [self._inbox.popleft() for _ in range(len(self._inbox))]
@@ -241,7 +286,7 @@ class Ingester:
             ):
                 self._close_batch()
             if stopping and not self._inbox:
-                self._closed.put(None)
+                self._hand_over(None)
                 return
 
     def _take(self, message: Inbound, item: Reading | Refusal) -> Reading | None:
@@ -277,7 +322,17 @@ class Ingester:
 
     def _close_batch(self) -> None:
         batch, self._batch = self._batch, MicroBatch()
-        self._closed.put(batch)  # blocks while two batches wait: the broker's in-flight window then fills
+        self._hand_over(batch)
+
+    def _hand_over(self, item: MicroBatch | None) -> None:
+        """To the committer. Blocks while two batches wait (the broker's in-flight window then fills),
+        unless the committer died: then the batch stays unacknowledged, for the broker to redeliver."""
+        while "stream-committer" not in self._dead:
+            try:
+                self._closed.put(item, timeout=0.25)
+                return
+            except queue.Full:
+                continue
 
     def _publish(self, topic: str, payload: str) -> None:
         self.client.publish(topic, payload, qos=1)
@@ -285,7 +340,12 @@ class Ingester:
     # -- commits -----------------------------------------------------------------------------------
     def _commit_loop(self) -> None:
         while True:
-            batch = self._closed.get()
+            try:
+                batch = self._closed.get(timeout=0.25)
+            except queue.Empty:
+                if "stream-intake" in self._dead:
+                    return  # the batches it closed are committed: no more will come
+                continue
             if batch is None:
                 return
             result = self._commit_with_retry(batch)
@@ -345,7 +405,7 @@ class Ingester:
             self.notifier.touched(result.partitions)
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dataset": self.dataset, "ingest": self.stats.__dict__.copy()}
+        out: dict[str, Any] = {"dataset": self.dataset, "failed": self.failure(), "ingest": self.stats.__dict__.copy()}
         out["ingest"]["inbox"] = len(self._inbox)
         if self.scoring is not None:
             out["scoring"] = self.scoring.status()
@@ -383,7 +443,16 @@ def buffered_client_class():
         def __init__(self, *args, **kwargs):
             self._read_buffer = bytearray()
             self.on_publishes = None
+            self.on_thread_failure = None  # called with the exception that ends the network thread
             super().__init__(*args, **kwargs)
+
+        def _thread_main(self) -> None:  # loop_start's thread: an exception would end it silently
+            try:
+                super()._thread_main()
+            except BaseException as exc:
+                if self.on_thread_failure is None:
+                    raise
+                self.on_thread_failure(exc)
 
         def _sock_recv(self, bufsize: int) -> bytes:
             if not self._read_buffer:
