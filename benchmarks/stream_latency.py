@@ -87,8 +87,11 @@ def start_redis() -> tuple[subprocess.Popen | None, str | None]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def register_model(uri: str, name: str) -> None:
-    """An IsolationForest (100 trees, the platform's pipeline for it) on gold features of a simulated day."""
+def register_model(uri: str, name: str, family: str = "isolation_forest", devices: int = 4) -> None:
+    """The champion to score with, fitted on a simulated day: an IsolationForest (100 trees, the
+    platform's pipeline for it) on gold features, or the default streaming detector (the platform's
+    default family: per-device state for every reading, learned from each device's day), whose
+    threshold is its own alarm threshold as training sets it."""
     import io
 
     import mlflow.sklearn
@@ -105,22 +108,33 @@ def register_model(uri: str, name: str) -> None:
     from pipelines.simulator import simulate_day_csv
 
     contract = load_contract(get_dataset("iot_telemetry").contract_path)
-    raw = pd.read_csv(io.BytesIO(simulate_day_csv(dt.date(2026, 1, 5), 4, 60, 7)), dtype=str)
+    raw = pd.read_csv(io.BytesIO(simulate_day_csv(dt.date(2026, 1, 5), devices, 60, 7)), dtype=str)
     raw["_parse_error"] = None
     silver, _ = to_silver(raw, contract)
     gold = to_gold(silver, contract, "15min", long_window="4h")
-    cols = feature_columns(gold)
-    # the platform's own pipeline for the family (imputer, scaler, 100 trees), as training builds it
-    model = training.AnomalyScorer(training._pipeline("isolation_forest", {"seed": 0})).fit(gold[cols])
-    scores = model.predict(gold[cols])
+    if family == "streaming_detector":
+        model = training.StreamingScorer(training.default_detector(), readings=training.reading_columns(gold))
+        started = time.monotonic()
+        model.fit(gold)
+        cols = model.columns
+        threshold = model.alarm_threshold()
+        scores = model.predict(gold[cols].head(200))
+        took = time.monotonic() - started
+        print(f"        {family}: fitted on {len(gold):,} rows of {devices} devices in {took:.0f}s")
+    else:
+        cols = feature_columns(gold)
+        # the platform's own pipeline for the family (imputer, scaler, 100 trees), as training builds it
+        model = training.AnomalyScorer(training._pipeline("isolation_forest", {"seed": 0})).fit(gold[cols])
+        scores = model.predict(gold[cols])
+        threshold = float(np.quantile(scores, 0.97))
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("stream-benchmark")
     with mlflow.start_run():
-        mlflow.log_metric("decision_threshold", float(np.quantile(scores, 0.97)))
+        mlflow.log_metric("decision_threshold", threshold)
         mlflow.sklearn.log_model(
             model,
             name="model",
-            signature=infer_signature(gold[cols], scores),
+            signature=infer_signature(gold[cols].head(len(scores)), scores),
             serialization_format="skops",
             skops_trusted_types=training.SKOPS_TRUSTED_TYPES,
             pip_requirements=["scikit-learn", "skops"],
@@ -312,6 +326,12 @@ def main() -> int:
     ap.add_argument("--batch-seconds", type=float, default=1.0)
     ap.add_argument("--no-scoring", action="store_true", help="ingest only: the commit path's own capacity")
     ap.add_argument("--ephemeral", action="store_true", help="start a throwaway stack and register a model")
+    ap.add_argument(
+        "--family",
+        choices=("isolation_forest", "streaming_detector"),
+        default="isolation_forest",
+        help="with --ephemeral: the champion's family (streaming_detector: the platform's default)",
+    )
     ap.add_argument("--timeline", action="store_true", help="alert latency per 3 s of publishing")
     ap.add_argument(
         "--repeat", type=int, default=1, help="runs per rate, each with a fresh ingester (the spread across runs)"
@@ -348,7 +368,9 @@ def main() -> int:
         settings = get_settings()
         os.environ.update(settings.client_env())
         if args.ephemeral:
-            register_model(settings.mlflow_tracking_uri, get_dataset("iot_telemetry").model_name)
+            register_model(
+                settings.mlflow_tracking_uri, get_dataset("iot_telemetry").model_name, args.family, args.devices
+            )
         broker, port = start_broker(workdir)
         procs.append(broker)
         redis, redis_url = start_redis()

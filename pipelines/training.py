@@ -139,21 +139,31 @@ class StreamingScorer(BaseEstimator):
     def columns(self) -> list[str]:
         return ["device", "ts", *(self.readings or [])]
 
-    @staticmethod
-    def _ordered(X: pd.DataFrame):
+    def _streams(self, X: pd.DataFrame):
+        """Each device's rows in time order: (device, positions in X, {reading: values}). One sort for
+        the whole frame (ties keep their order), then slices: no per-device pandas indexing, which cost
+        more than the detector itself when a live pass holds a few readings of each of 100 devices."""
         frame = X.reset_index(drop=True)
-        for device, rows in frame.groupby("device", sort=True):
-            yield device, rows.sort_values("ts", kind="stable").index.to_numpy(), frame
+        frame = frame[frame["device"].notna()]
+        if frame.empty:
+            return
+        ordered = frame.sort_values(["device", "ts"], kind="stable")
+        order = ordered.index.to_numpy()
+        devices = ordered["device"].astype(str).to_numpy()
+        values = {c: ordered[c].to_numpy(dtype=float, na_value=np.nan) for c in self.readings or []}
+        bounds = np.concatenate(([0], np.flatnonzero(devices[1:] != devices[:-1]) + 1, [len(devices)]))
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            yield devices[a], order[a:b], {c: v[a:b] for c, v in values.items()}
 
     def fit(self, X, y=None):
         detector = self._detector()
         states: dict = {}
-        for device, order, frame in self._ordered(X):
-            states[str(device)] = {}
-            for col in self.readings or []:
+        for device, _, values in self._streams(X):
+            states[device] = {}
+            for col, series in values.items():
                 state = detector.new_state()
-                detector.score_series(None, frame.loc[order, col].to_numpy(dtype=float, na_value=np.nan), state=state)
-                states[str(device)][col] = state
+                detector.score_series(None, series, state=state)
+                states[device][col] = state
         self.states = encode_state(states)
         return self
 
@@ -170,15 +180,14 @@ class StreamingScorer(BaseEstimator):
         scoring rows pass by pass gives what one call on all of them gives."""
         detector = self._detector()
         out = np.zeros(len(X), dtype=np.float64)
-        for device, order, frame in self._ordered(X):
+        for device, order, values in self._streams(X):
             best = np.zeros(len(order))
-            per_reading = states.setdefault(str(device), {})
-            for col in self.readings or []:
+            per_reading = states.setdefault(device, {})
+            for col, series in values.items():
                 state = per_reading.get(col)
                 if state is None:
                     state = per_reading[col] = detector.new_state()
-                values = frame.loc[order, col].to_numpy(dtype=float, na_value=np.nan)
-                best = np.fmax(best, detector.score_series(None, values, state=state))
+                best = np.fmax(best, detector.score_series(None, series, state=state))
             out[order] = best
         return out
 
@@ -195,6 +204,8 @@ def encode_state(value: Any) -> str:
         import dataclasses as dc
 
         if dc.is_dataclass(v) and not isinstance(v, type):
+            if callable(getattr(v, "sync", None)):
+                v.sync()  # a detector state advanced by compiled code: its fields brought up to date
             return {
                 "__state__": f"{type(v).__module__}.{type(v).__qualname__}",
                 "f": {f.name: enc(getattr(v, f.name)) for f in dc.fields(v)},

@@ -77,15 +77,65 @@ class ContextualState:
     left_facts: tuple = ()
     history: list = field(default_factory=lambda: [1.0])  # last rest_period raw scores
 
+    # The compiled detector (``_contextual_jit.Engine``) keeps its own copy of this state and advances
+    # that; the fields above are brought up to date from it only when they are read as data
+    # (``sync``: serialising, copying, pickling), since converting is as slow as a few hundred steps.
+    def sync(self) -> ContextualState:
+        engine = self.__dict__.get("_engine")
+        if engine is not None and self.__dict__.get("_stale"):
+            engine.to_state(self)
+            self.__dict__["_stale"] = False
+        return self
+
+    def detach(self) -> ContextualState:
+        """Up-to-date plain fields, with the compiled copy dropped (the reference code edits the fields)."""
+        self.sync()
+        self.__dict__.pop("_engine", None)
+        self.__dict__.pop("_stale", None)
+        return self
+
+    def __getstate__(self):
+        self.sync()
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, value):
+        self.__dict__.update(value)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return ContextualState(**copy.deepcopy(self.__getstate__(), memo))
+
+    def __eq__(self, other):
+        if not isinstance(other, ContextualState):
+            return NotImplemented
+        return self.__getstate__() == other.__getstate__()
+
 
 class ContextualDetector:
+    """``score_series`` and ``update`` run the compiled step (``_contextual_jit``, identical scores and
+    state) unless ``engine="python"``, which runs the readable reference code below."""
+
     name = "contextual"
     Config = ContextualConfig
 
-    def __init__(self, config: ContextualConfig | None = None, **overrides):
+    def __init__(self, config: ContextualConfig | None = None, engine: str = "compiled", **overrides):
         self.config = config or ContextualConfig(**overrides)
         if config is not None and overrides:
             raise TypeError("give a config or overrides, not both")
+        if engine not in ("compiled", "python"):
+            raise ValueError(f"engine must be 'compiled' or 'python', got {engine!r}")
+        cfg = self.config
+        # the compiled layout: up to 64 left facts, value facts in a 48-bit mask, a rest window and a top-k
+        self.compiled = (
+            engine == "compiled"
+            and cfg.num_value_bits + 1 + cfg.max_active_neurons <= 64
+            and cfg.num_value_bits <= 8
+            and cfg.max_octaves <= 15
+            and cfg.rest_period >= 1
+            and cfg.max_active_neurons >= 1
+            and cfg.warmup >= 1
+        )
 
     def new_state(self) -> ContextualState:
         return ContextualState()
@@ -222,6 +272,9 @@ class ContextualDetector:
     # --- public API -----------------------------------------------------------------------------
 
     def update(self, state: ContextualState, timestamp, value) -> float:
+        if self.compiled:
+            return float(self.score_series(None, [np.nan if value is None else value], state)[0])
+        state.detach()
         if value is None:
             return 0.0
         value = float(value)
@@ -249,14 +302,7 @@ class ContextualDetector:
         return self._step(st, value)
 
     def _start(self, st: ContextualState) -> None:
-        lo, hi = min(st.warm_values), max(st.warm_values)
-        span = hi - lo
-        max_bin = 2**self.config.num_value_bits - 1.0
-        if span <= 0:
-            span = max(abs(lo), 1.0) * 0.1
-        margin = span * self.config.range_margin
-        st.min_value = lo - margin
-        st.value_step = (span + 2 * margin) / max_bin
+        st.min_value, st.value_step = self._range(min(st.warm_values), max(st.warm_values))
         for v in st.warm_values:
             self._step(st, v)
         if not (self.config.refit_at > self.config.warmup and st.n_seen < self.config.refit_at):
@@ -265,7 +311,72 @@ class ContextualDetector:
     def score_series(self, timestamps, values, state: ContextualState | None = None) -> np.ndarray:
         st = state if state is not None else self.new_state()
         values = np.asarray(values, dtype=float)
+        if self.compiled:
+            return self._score_compiled(values, st)
+        st.detach()
         out = np.zeros(len(values))
         for i, v in enumerate(values.tolist()):
             out[i] = self.update(st, None, v)
         return out
+
+    # --- compiled path: the same phases as ``update``, a run of readings at a time --------------------
+
+    def _score_compiled(self, values: np.ndarray, st: ContextualState) -> np.ndarray:
+        from pipelines.detectors._contextual_jit import Engine
+
+        cfg = self.config
+        eng = st.__dict__.get("_engine")
+        if eng is None or eng.config is not cfg and eng.config != cfg:
+            eng = Engine.from_state(st.detach(), cfg)
+            st.__dict__["_engine"] = eng
+        st.__dict__["_stale"] = True
+        if eng.n_seen >= max(cfg.warmup, cfg.refit_at) and np.isfinite(values).all():
+            eng.n_seen += len(values)  # the common case live: past warm-up and refit, no gaps
+            return eng.steps(values)
+        finite = np.flatnonzero(np.isfinite(values))
+        vals = values[finite]
+        scores = np.zeros(len(vals))
+        refit = cfg.refit_at > cfg.warmup
+        i = 0
+        while i < len(vals):
+            if eng.n_seen < cfg.warmup:
+                k = min(len(vals) - i, cfg.warmup - eng.n_seen)
+                eng.warm_values.extend(vals[i : i + k].tolist())
+                eng.n_seen += k
+                if eng.n_seen == cfg.warmup:
+                    self._start_compiled(eng)
+            elif refit and eng.n_seen < cfg.refit_at:
+                k = min(len(vals) - i, cfg.refit_at - eng.n_seen)
+                eng.warm_values.extend(vals[i : i + k].tolist())
+                scores[i : i + k] = eng.steps(vals[i : i + k])
+                eng.n_seen += k
+                if eng.n_seen == cfg.refit_at:
+                    fresh = Engine(cfg)
+                    fresh.n_seen, fresh.warm_values = eng.n_seen, eng.warm_values
+                    self._start_compiled(fresh)
+                    eng = fresh
+            else:
+                k = len(vals) - i
+                scores[i:] = eng.steps(vals[i:])
+                eng.n_seen += k
+            i += k
+        st.__dict__["_engine"] = eng
+        out = np.zeros(len(values))
+        out[finite] = scores
+        return out
+
+    def _start_compiled(self, eng) -> None:
+        """``_start`` on the compiled state."""
+        lo, hi = min(eng.warm_values), max(eng.warm_values)
+        eng.min_value, eng.value_step = self._range(lo, hi)
+        eng.steps(np.asarray(eng.warm_values, dtype=np.float64))
+        if not (self.config.refit_at > self.config.warmup and eng.n_seen < self.config.refit_at):
+            eng.warm_values = []
+
+    def _range(self, lo: float, hi: float) -> tuple[float, float]:
+        span = hi - lo
+        max_bin = 2**self.config.num_value_bits - 1.0
+        if span <= 0:
+            span = max(abs(lo), 1.0) * 0.1
+        margin = span * self.config.range_margin
+        return lo - margin, (span + 2 * margin) / max_bin
