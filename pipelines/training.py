@@ -118,8 +118,10 @@ class StreamingScorer(BaseEstimator):
     so scoring the rows that follow training gives exactly what online scoring gives. A row's score
     is the highest over its readings. Input columns: device, ts and the readings.
 
-    The states are kept as JSON text (``pipelines.training.encode_state``): skops serialises a
-    string, and decoding builds only the detectors' own state classes."""
+    The states are kept as numpy arrays when the detector packs them (the compiled contextual
+    detector: ``_encode``), else as JSON text (``encode_state``; models saved before the compiled
+    detector too). skops serialises both as plain data, and decoding builds only the detectors' own
+    state classes."""
 
     def __init__(self, detector: str = "contextual", readings=None, config=None, states=None):
         self.detector = detector
@@ -164,15 +166,34 @@ class StreamingScorer(BaseEstimator):
                 state = detector.new_state()
                 detector.score_series(None, series, state=state)
                 states[device][col] = state
-        self.states = encode_state(states)
+        self.states = self._encode(detector, states)
         return self
+
+    @staticmethod
+    def _encode(detector, states: dict):
+        """A detector that packs its states into arrays (the compiled contextual detector) stores
+        them so: {"keys": [[device, reading], ...], <array name>: array, ...}, loaded in milliseconds.
+        Otherwise JSON text (``encode_state``). skops serialises both as plain data."""
+        keys = [[device, col] for device, per in states.items() for col in per]
+        packed = getattr(detector, "pack_states", lambda _: None)([states[d][c] for d, c in keys])
+        if packed is None:
+            return encode_state(states)
+        return {"keys": keys, **packed}
 
     def predict(self, X):
         return self.continue_streams(self.training_states(), X)
 
     def training_states(self) -> dict:
         """A fresh copy of each device's detector state at the end of its training rows."""
-        return decode_state(self.states) if self.states else {}
+        if not self.states:
+            return {}
+        if isinstance(self.states, str):
+            return decode_state(self.states)
+        unpacked = self._detector().unpack_states({k: v for k, v in self.states.items() if k != "keys"})
+        states: dict = {}
+        for (device, col), state in zip(self.states["keys"], unpacked, strict=True):
+            states.setdefault(device, {})[col] = state
+        return states
 
     def continue_streams(self, states: dict, X) -> np.ndarray:
         """The score of each row of ``X``, each device's stream continued from ``states`` (from

@@ -319,6 +319,34 @@ class ContextualDetector:
             out[i] = self.update(st, None, v)
         return out
 
+    # --- many states as a few arrays (a model's per-device states; see _contextual_jit.pack) ---------
+
+    def pack_states(self, states: list[ContextualState]) -> dict | None:
+        """The states as a dict of numpy arrays (None when this detector is not compiled)."""
+        if not self.compiled:
+            return None
+        from pipelines.detectors._contextual_jit import Engine, pack
+
+        engines = []
+        for st in states:
+            eng = st.__dict__.get("_engine")
+            if eng is None or eng.config != self.config:
+                eng = st.__dict__["_engine"] = Engine.from_state(st.detach(), self.config)
+            engines.append(eng)
+        return pack(engines)
+
+    def unpack_states(self, packed: dict) -> list[ContextualState]:
+        """Inverse of ``pack_states``: each state is held by the compiled code, its fields filled from
+        it only if they are read (``ContextualState.sync``)."""
+        from pipelines.detectors._contextual_jit import unpack
+
+        states = []
+        for eng in unpack(packed, self.config):
+            st = ContextualState()
+            st.__dict__["_engine"], st.__dict__["_stale"] = eng, True
+            states.append(st)
+        return states
+
     # --- compiled path: the same phases as ``update``, a run of readings at a time --------------------
 
     def _score_compiled(self, values: np.ndarray, st: ContextualState) -> np.ndarray:

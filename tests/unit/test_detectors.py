@@ -210,3 +210,29 @@ def test_cpython_hashes_are_reproduced():
     for facts in [(), (0,), (-1,), (-2, 1), (-104, -5, 1, 3, 5), (0, 2, 4, 2**31, 2**31 + 7001), (2**62,)]:
         assert jit.tuple_hash(np.array(facts, dtype=np.int64), 0, len(facts)) == hash(facts)
     assert jit.pair_hash(hash((1, 2)), hash((-1,))) == hash(((1, 2), (-1,)))
+
+
+@needs_nab
+def test_packed_states_continue_exactly_and_read_back_as_the_reference():
+    """A model stores its streams' states packed into arrays (loaded in milliseconds); unpacked, they
+    continue as the reference states do, and read back as the same plain fields."""
+    from pipelines.detectors import ContextualDetector
+
+    compiled, reference = ContextualDetector(), ContextualDetector(engine="python")
+    series = [
+        _nab_file("realAWSCloudwatch/ec2_cpu_utilization_825cc2.csv", 2000)[1],
+        _nab_file("realAdExchange/exchange-2_cpc_results.csv", 1200)[1],
+        np.arange(100.0),  # still in warm-up: its buffered readings are kept too
+    ]
+    cut = [1500, 900, 60]
+    ref_states = [reference.new_state() for _ in series]
+    expected = [reference.score_series(None, x, st) for x, st in zip(series, ref_states, strict=True)]
+    heads = [compiled.new_state() for _ in series]
+    for x, c, st in zip(series, cut, heads, strict=True):
+        compiled.score_series(None, x[:c], st)
+    packed = compiled.pack_states(heads)
+    assert all(isinstance(v, np.ndarray) for v in packed.values())
+    restored = compiled.unpack_states(packed)
+    for x, c, st, ref_st, exp in zip(series, cut, restored, ref_states, expected, strict=True):
+        np.testing.assert_array_equal(compiled.score_series(None, x[c:], st), exp[c:])
+        assert _states_text(st) == _states_text(ref_st)
