@@ -21,8 +21,9 @@ Two shortcuts that do not change any outcome:
 Layout (side 0 = left semi-contexts, 1 = right). All arrays, so a call unboxes in microseconds
 (numba's typed dicts cost ~2 us each per call, and the live path calls once per device and reading):
   ctx[cid]              count, zero_level, left hash, right hash, right id, next context of its left
-  semi[side, sid]       n facts, start in pool, n crossed, first context, last context, hash,
-                        value-fact mask, n value facts
+  semi[side, col, sid]  n facts, start in pool, n crossed, first context, last context, hash,
+                        value-fact mask, n value facts, two caches, first neuron's context (or -1);
+                        column-major: the per-step scans read one column of every semi-context
   pool[side]            each semi-context's facts, sorted (value facts first: they are < 2**31)
   ent[side, e]          fact -> semi-contexts as linked entries: next entry, semi id
   fhead[side, fact ix]  first entry of a fact's list (ix: value bit 0..47, or 64 + neuron's context)
@@ -40,10 +41,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-C_COUNT, C_ZERO, C_LH, C_RH, C_RIGHT, C_NEXT, C_MARK = range(7)
-N_CTX_COLS = 7
-S_LEN, S_START, S_NCROSS, S_HEAD, S_TAIL, S_HASH, S_VMASK, S_NVAL, S_CSTAMP, S_CSID = range(10)
-N_SEMI_COLS = 10
+C_COUNT, C_ZERO, C_LH, C_RH, C_RIGHT, C_NEXT, C_MARK, C_LMARK = range(8)
+N_CTX_COLS = 8
+S_LEN, S_START, S_NCROSS, S_HEAD, S_TAIL, S_HASH, S_VMASK, S_NVAL, S_CSTAMP, S_CSID, S_FIRSTN = range(11)
+N_SEMI_COLS = 11
 E_NEXT, E_SEMI = range(2)
 (
     M_NSEMI0,
@@ -66,8 +67,9 @@ E_NEXT, E_SEMI = range(2)
     M_PENDING,
     M_CROSS_N0,
     M_STAMP,
-) = range(20)
-N_META = 20
+    M_LSTAMP,
+) = range(21)
+N_META = 21
 MAX_FACTS_ROW = 64  # left facts: value facts (<= 1 + value bits) + active neurons; checked by the caller
 NEURON_BASE = 64  # fact index of neuron 0 (value facts use 0..47)
 
@@ -186,7 +188,7 @@ def rebuild_table(htab, semi, meta):
     htab[:, :, 1] = -1
     for side in range(2):
         for sid in range(meta[M_NSEMI0 + side]):
-            table_put(htab, side, semi[side, sid, S_HASH], sid)
+            table_put(htab, side, semi[side, S_HASH, sid], sid)
 
 
 @njit(cache=True)
@@ -225,11 +227,14 @@ def _semi(side, facts, nf, semi, pool, ent, fhead, forder, htab, meta):
     start = meta[M_POOL0 + side]
     mask = 0
     nval = 0
+    first = -1
     for i in range(nf):
         f = facts[i]
         if f < NEURON_OFFSET:
             mask |= 1 << value_bit(f)
             nval += 1
+        elif first < 0:
+            first = f - NEURON_OFFSET
         pool[side, start + i] = f
         ix = fact_index(f)
         if fhead[side, ix] < 0:
@@ -240,16 +245,17 @@ def _semi(side, facts, nf, semi, pool, ent, fhead, forder, htab, meta):
         ent[side, e, E_NEXT] = fhead[side, ix]
         ent[side, e, E_SEMI] = sid
         fhead[side, ix] = e
-    semi[side, sid, S_LEN] = nf
-    semi[side, sid, S_START] = start
-    semi[side, sid, S_NCROSS] = 0
-    semi[side, sid, S_HEAD] = -1
-    semi[side, sid, S_TAIL] = -1
-    semi[side, sid, S_HASH] = h
-    semi[side, sid, S_VMASK] = mask
-    semi[side, sid, S_NVAL] = nval
-    semi[side, sid, S_CSTAMP] = 0
-    semi[side, sid, S_CSID] = -1
+    semi[side, S_LEN, sid] = nf
+    semi[side, S_START, sid] = start
+    semi[side, S_NCROSS, sid] = 0
+    semi[side, S_HEAD, sid] = -1
+    semi[side, S_TAIL, sid] = -1
+    semi[side, S_HASH, sid] = h
+    semi[side, S_VMASK, sid] = mask
+    semi[side, S_NVAL, sid] = nval
+    semi[side, S_CSTAMP, sid] = 0
+    semi[side, S_CSID, sid] = -1
+    semi[side, S_FIRSTN, sid] = first
     meta[M_POOL0 + side] = start + nf
     return sid, h
 
@@ -258,7 +264,7 @@ def _semi(side, facts, nf, semi, pool, ent, fhead, forder, htab, meta):
 def _context(lid, rid, zero_level, ctx, semi, meta):
     """The (left, right) context: its id and whether it was created. A left semi-context's contexts
     are few (one per right semi-context seen after it), so its list is searched."""
-    cid = semi[0, lid, S_HEAD]
+    cid = semi[0, S_HEAD, lid]
     while cid >= 0:
         if ctx[cid, C_RIGHT] == rid:
             return cid, False
@@ -267,17 +273,17 @@ def _context(lid, rid, zero_level, ctx, semi, meta):
     meta[M_NCTX] = cid + 1
     ctx[cid, C_COUNT] = 0
     ctx[cid, C_ZERO] = 1 if zero_level else 0
-    ctx[cid, C_LH] = semi[0, lid, S_HASH]
-    ctx[cid, C_RH] = semi[1, rid, S_HASH]
+    ctx[cid, C_LH] = semi[0, S_HASH, lid]
+    ctx[cid, C_RH] = semi[1, S_HASH, rid]
     ctx[cid, C_RIGHT] = rid
     ctx[cid, C_NEXT] = -1
     ctx[cid, C_MARK] = 0
-    tail = semi[0, lid, S_TAIL]
+    tail = semi[0, S_TAIL, lid]
     if tail < 0:
-        semi[0, lid, S_HEAD] = cid
+        semi[0, S_HEAD, lid] = cid
     else:
         ctx[tail, C_NEXT] = cid
-    semi[0, lid, S_TAIL] = cid
+    semi[0, S_TAIL, lid] = cid
     return cid, True
 
 
@@ -292,21 +298,21 @@ def _cross(side, facts, nf, n, semi, ent, fhead, crossed, cross_facts, meta, bit
             bits[nb] = value_bit(facts[i])
             nb += 1
     for sid in range(n):
-        mask = semi[side, sid, S_VMASK]
+        mask = semi[side, S_VMASK, sid]
         c = 0
         for j in range(nb):
             c += (mask >> bits[j]) & 1
-        semi[side, sid, S_NCROSS] = c
+        semi[side, S_NCROSS, sid] = c
     for i in range(nf):
         if facts[i] < NEURON_OFFSET:
             continue
         e = fhead[side, fact_index(facts[i])]
         while e >= 0:
-            semi[side, ent[side, e, E_SEMI], S_NCROSS] += 1
+            semi[side, S_NCROSS, ent[side, e, E_SEMI]] += 1
             e = ent[side, e, E_NEXT]
     m = 0
     for sid in range(n):
-        if semi[side, sid, S_NCROSS] > 0:
+        if semi[side, S_NCROSS, sid] > 0:
             crossed[side, m] = sid
             m += 1
     meta[M_NCROSSED0 + side] = m
@@ -326,32 +332,35 @@ def resolve_left_crossing(semi, ent, fhead, crossed, cross_facts, meta):
 
 
 @njit(cache=True)
-def _full_left(semi, pool, n, left, nleft, out):
+def _full_left(semi, pool, ctx, n, left, nleft, lstamp, out):
     """The ids among the first ``n`` left semi-contexts whose facts are all in ``left[:nleft]``
-    (sorted: value facts, then neurons), ascending; most fail on their value mask or first neuron."""
+    (sorted: value facts, then neurons, which are marked ``lstamp`` in ctx[:, C_LMARK]), ascending.
+    Most fail on their value mask or their first neuron, read from two contiguous columns."""
     vmask = 0
     nv = 0
     while nv < nleft and left[nv] < NEURON_OFFSET:
         vmask |= 1 << value_bit(left[nv])
         nv += 1
+    masks = semi[0, S_VMASK]
+    firsts = semi[0, S_FIRSTN]
     m = 0
     for sid in range(n):
-        if semi[0, sid, S_VMASK] & ~vmask:
+        if masks[sid] & ~vmask:
             continue
-        start = semi[0, sid, S_START]
-        j = nv
-        ok = True
-        for i in range(start + semi[0, sid, S_NVAL], start + semi[0, sid, S_LEN]):
-            f = pool[0, i]
-            while j < nleft and left[j] < f:
-                j += 1
-            if j == nleft or left[j] != f:
-                ok = False
-                break
-            j += 1
-        if ok:
-            out[m] = sid
-            m += 1
+        first = firsts[sid]
+        if first >= 0:
+            if ctx[first, C_LMARK] != lstamp:
+                continue
+            start = semi[0, S_START, sid]
+            ok = True
+            for i in range(start + semi[0, S_NVAL, sid] + 1, start + semi[0, S_LEN, sid]):
+                if ctx[pool[0, i] - NEURON_OFFSET, C_LMARK] != lstamp:
+                    ok = False
+                    break
+            if not ok:
+                continue
+        out[m] = sid
+        m += 1
     return m
 
 
@@ -392,10 +401,10 @@ def capacity_ok(ctx, semi, pool, ent, fhead, crossed, htab, work, meta, max_fact
     n = meta[M_NCTX]
     if ctx.shape[0] < 2 * n + 2 or work.shape[0] < n + 2 or fhead.shape[1] < NEURON_BASE + ctx.shape[0]:
         return False
-    if crossed.shape[1] < semi.shape[1] or htab.shape[1] < 2 * semi.shape[1]:
+    if crossed.shape[1] < semi.shape[2] or htab.shape[1] < 2 * semi.shape[2]:
         return False
     for side in range(2):
-        if semi.shape[1] < meta[M_NSEMI0 + side] + n + 2:
+        if semi.shape[2] < meta[M_NSEMI0 + side] + n + 2:
             return False
         grow = (n + 2) * max_facts
         if pool.shape[1] < meta[M_POOL0 + side] + grow or ent.shape[1] < meta[M_NENT0 + side] + grow:
@@ -439,7 +448,7 @@ def run(
     rbuf = np.empty(num_value_bits + 1, dtype=np.int64)
     top = np.empty(max_active, dtype=np.int64)
     bits = np.empty(MAX_FACTS_ROW, dtype=np.int64)
-    full = np.empty(semi.shape[1], dtype=np.int64)
+    full = np.empty(semi.shape[2], dtype=np.int64)
     rest = hist.shape[0]
     for i in range(values.shape[0]):
         if not capacity_ok(ctx, semi, pool, ent, fhead, crossed, htab, work, meta, max_facts):
@@ -472,24 +481,24 @@ def run(
             resolve_left_crossing(semi, ent, fhead, crossed, cross_facts, meta)
             pending = False
         if pending:  # only the left semi-contexts covered in full can select a context
-            n_lefts = _full_left(semi, pool, meta[M_CROSS_N0], old_left, nleft, full)
+            n_lefts = _full_left(semi, pool, ctx, meta[M_CROSS_N0], old_left, nleft, meta[M_LSTAMP], full)
             lefts = full
         else:
             n_lefts = meta[M_NCROSSED0]
             lefts = crossed[0]
         for k in range(n_lefts):
             lid = lefts[k]
-            n_l = semi[0, lid, S_LEN] if pending else semi[0, lid, S_NCROSS]
-            full_left = semi[0, lid, S_LEN] == n_l
-            cid = semi[0, lid, S_HEAD]
+            n_l = semi[0, S_LEN, lid] if pending else semi[0, S_NCROSS, lid]
+            full_left = semi[0, S_LEN, lid] == n_l
+            cid = semi[0, S_HEAD, lid]
             while cid >= 0:
                 if cid != new_ctx:
                     rid = ctx[cid, C_RIGHT]
-                    n_r = semi[1, rid, S_NCROSS]
+                    n_r = semi[1, S_NCROSS, rid]
                     if full_left:
                         n_selected += 1
                         if n_r > 0:
-                            if semi[1, rid, S_LEN] == n_r:
+                            if semi[1, S_LEN, rid] == n_r:
                                 ctx[cid, C_COUNT] += 1
                                 work[n_active, 0] = cid
                                 n_active += 1
@@ -528,6 +537,10 @@ def run(
             left[ns + k] = NEURON_OFFSET + top[k]
         _sort_small(left[ns:], n_top)
         meta[M_NLEFT] = nl_new
+        lstamp = meta[M_LSTAMP] + 1  # the new left's neurons, for the next step's _full_left
+        meta[M_LSTAMP] = lstamp
+        for k in range(n_top):
+            ctx[top[k], C_LMARK] = lstamp
         # potential contexts: (left crossing, right crossing) of each, and how many distinct pairs
         # there are with the zero-level one (distinct pairs are distinct contexts). A left
         # semi-context's crossing is the same for all its potentials (they come in a run) and a right
@@ -546,16 +559,16 @@ def run(
                 lid = work[k, 3]
                 rid = ctx[cid, C_RIGHT]
                 if lid != prev_lid:
-                    nl = _intersect(pool[0], semi[0, lid, S_START], semi[0, lid, S_LEN], old_left, nleft, lbuf)
+                    nl = _intersect(pool[0], semi[0, S_START, lid], semi[0, S_LEN, lid], old_left, nleft, lbuf)
                     lsid, _ = _semi(0, lbuf, nl, semi, pool, ent, fhead, forder, htab, meta)
                     prev_lid = lid
-                if semi[1, rid, S_CSTAMP] == stamp:
-                    rsid = semi[1, rid, S_CSID]
+                if semi[1, S_CSTAMP, rid] == stamp:
+                    rsid = semi[1, S_CSID, rid]
                 else:
-                    nr = _intersect(pool[1], semi[1, rid, S_START], semi[1, rid, S_LEN], sens, ns, rbuf)
+                    nr = _intersect(pool[1], semi[1, S_START, rid], semi[1, S_LEN, rid], sens, ns, rbuf)
                     rsid, _ = _semi(1, rbuf, nr, semi, pool, ent, fhead, forder, htab, meta)
-                    semi[1, rid, S_CSTAMP] = stamp
-                    semi[1, rid, S_CSID] = rsid
+                    semi[1, S_CSTAMP, rid] = stamp
+                    semi[1, S_CSID, rid] = rsid
                 pc, created = _context(lsid, rsid, False, ctx, semi, meta)
                 if created:
                     n_new += 1
@@ -610,7 +623,7 @@ class Engine:
         )
         cap, grow = capacity, (capacity + 2) * self.max_facts
         self.ctx = np.zeros((cap, N_CTX_COLS), dtype=np.int64)
-        self.semi = np.zeros((2, cap, N_SEMI_COLS), dtype=np.int64)
+        self.semi = np.zeros((2, N_SEMI_COLS, cap), dtype=np.int64)
         self.pool = np.zeros((2, grow), dtype=np.int64)
         self.ent = np.zeros((2, grow, 2), dtype=np.int64)
         self.fhead = np.full((2, NEURON_BASE + cap), -1, dtype=np.int64)
@@ -633,13 +646,13 @@ class Engine:
         self.work = _bigger(self.work, 0, n + 2)
         self.fhead = _bigger(self.fhead, 1, NEURON_BASE + self.ctx.shape[0], fill=-1)
         self.forder = _bigger(self.forder, 1, self.fhead.shape[1])
-        self.semi = _bigger(self.semi, 1, int(max(m[M_NSEMI0], m[M_NSEMI1])) + n + 2)
-        self.crossed = _bigger(self.crossed, 1, self.semi.shape[1])
+        self.semi = _bigger(self.semi, 2, int(max(m[M_NSEMI0], m[M_NSEMI1])) + n + 2)
+        self.crossed = _bigger(self.crossed, 1, self.semi.shape[2])
         grow = (n + 2) * self.max_facts
         self.pool = _bigger(self.pool, 1, int(max(m[M_POOL0], m[M_POOL1])) + grow)
         self.ent = _bigger(self.ent, 1, int(max(m[M_NENT0], m[M_NENT1])) + grow)
-        if self.htab.shape[1] < 2 * self.semi.shape[1]:
-            self.htab = np.full((2, _pow2(2 * self.semi.shape[1]), 2), -1, dtype=np.int64)
+        if self.htab.shape[1] < 2 * self.semi.shape[2]:
+            self.htab = np.full((2, _pow2(2 * self.semi.shape[2]), 2), -1, dtype=np.int64)
             rebuild_table(self.htab, self.semi, m)
 
     def steps(self, values: np.ndarray) -> np.ndarray:
@@ -700,7 +713,10 @@ class Engine:
                 values = [f for f in facts if f < NEURON_OFFSET]
                 mask = sum(1 << int(value_bit(f)) for f in values)
                 crossings = len(st.semi_crossed[side][sid])
-                eng.semi[side, sid] = (len(facts), pos, crossings, -1, -1, hash_of[sid], mask, len(values), 0, -1)
+                neurons = [f - NEURON_OFFSET for f in facts if f >= NEURON_OFFSET]
+                first = neurons[0] if neurons else -1
+                row = (len(facts), pos, crossings, -1, -1, hash_of[sid], mask, len(values), 0, -1, first)
+                eng.semi[side, :, sid] = row
                 eng.pool[side, pos : pos + len(facts)] = facts
                 pos += len(facts)
             m[M_NSEMI0 + side], m[M_POOL0 + side] = len(facts_of), pos
@@ -722,21 +738,25 @@ class Engine:
             m[M_NCF0 + side] = len(seen)
         rebuild_table(eng.htab, eng.semi, m)
         for cid, (count, zero, lh, rh) in enumerate(st.contexts):
-            eng.ctx[cid] = (count, zero, lh, rh, -1, -1, 0)
+            eng.ctx[cid] = (count, zero, lh, rh, -1, -1, 0, 0)
         for lid, row in enumerate(st.left_contexts):
             prev = -1
             for rid, cid in row.items():
                 eng.ctx[cid, C_RIGHT] = rid
                 if prev < 0:
-                    eng.semi[0, lid, S_HEAD] = cid
+                    eng.semi[0, S_HEAD, lid] = cid
                 else:
                     eng.ctx[prev, C_NEXT] = cid
                 prev = cid
-            eng.semi[0, lid, S_TAIL] = prev
+            eng.semi[0, S_TAIL, lid] = prev
         m[M_NCTX] = n_ctx
         m[M_NEWCTX] = st.new_context_id
         m[M_NLEFT] = len(st.left_facts)
         eng.left[: len(st.left_facts)] = st.left_facts
+        m[M_LSTAMP] = 1
+        for f in st.left_facts:
+            if f >= NEURON_OFFSET:
+                eng.ctx[f - NEURON_OFFSET, C_LMARK] = 1
         hist = list(st.history)
         eng.hist[:] = 0.0
         eng.hist[: len(hist)] = hist
@@ -751,12 +771,12 @@ class Engine:
         st.min_value, st.value_step = self.min_value, self.value_step
         for side in range(2):
             n = int(m[M_NSEMI0 + side])
-            semi = self.semi[side, :n]
+            semi = self.semi[side, :, :n]
             pool = self.pool[side]
-            spans = zip(semi[:, S_LEN].tolist(), semi[:, S_START].tolist(), strict=True)
+            spans = zip(semi[S_LEN].tolist(), semi[S_START].tolist(), strict=True)
             facts_of = [pool[s : s + k].tolist() for k, s in spans]
-            st.semi_ids[side] = {h: sid for sid, h in enumerate(semi[:, S_HASH].tolist())}
-            st.semi_len[side] = semi[:, S_LEN].tolist()
+            st.semi_ids[side] = {h: sid for sid, h in enumerate(semi[S_HASH].tolist())}
+            st.semi_len[side] = semi[S_LEN].tolist()
             crossed = self.crossed[side, : m[M_NCROSSED0 + side]].tolist()
             ref = set(self.cross_facts[side, : m[M_NCF0 + side]].tolist())
             st.semi_crossed[side] = [[] for _ in range(n)]
@@ -776,7 +796,7 @@ class Engine:
         st.contexts = [list(row) for row in ctx[:, :4].tolist()]
         st.left_contexts = []
         for lid in range(int(m[M_NSEMI0])):
-            row, cid = {}, int(self.semi[0, lid, S_HEAD])
+            row, cid = {}, int(self.semi[0, S_HEAD, lid])
             while cid >= 0:
                 row[int(ctx[cid, C_RIGHT])] = cid
                 cid = int(ctx[cid, C_NEXT])
@@ -817,7 +837,7 @@ def _used(eng: Engine, name: str) -> np.ndarray:
         return eng.ctx[: m[M_NCTX]]
     if name.startswith("semi"):
         side = int(name[-1])
-        return eng.semi[side, : m[M_NSEMI0 + side]]
+        return eng.semi[side, :, : m[M_NSEMI0 + side]]
     if name.startswith("pool"):
         side = int(name[-1])
         return eng.pool[side, : m[M_POOL0 + side]]
@@ -835,8 +855,8 @@ def rebuild_fact_lists(semi, pool, ent, fhead, forder, meta):
         e = 0
         nfact = 0
         for sid in range(meta[M_NSEMI0 + side]):
-            start = semi[side, sid, S_START]
-            for i in range(start, start + semi[side, sid, S_LEN]):
+            start = semi[side, S_START, sid]
+            for i in range(start, start + semi[side, S_LEN, sid]):
                 ix = fact_index(pool[side, i])
                 if fhead[side, ix] < 0:
                     forder[side, nfact] = pool[side, i]
@@ -876,7 +896,7 @@ def unpack(packed: dict, config) -> list[Engine]:
     for i in range(n):
         part = {name: columns[name][i] for name in _PACKED}
         n_ctx = len(part["ctx"])
-        n_semi = max(len(part["semi0"]), len(part["semi1"]))
+        n_semi = max(part["semi0"].shape[1], part["semi1"].shape[1])
         eng = Engine(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_ctx + 2))
         m = eng.meta
         m[:] = part["meta"]
@@ -889,7 +909,7 @@ def unpack(packed: dict, config) -> list[Engine]:
         eng.ent = np.zeros((2, size, 2), dtype=np.int64)
         for side in range(2):
             semi, pool, crossed = part[f"semi{side}"], part[f"pool{side}"], part[f"crossed{side}"]
-            eng.semi[side, : len(semi)] = semi
+            eng.semi[side, :, : semi.shape[1]] = semi
             eng.pool[side, : len(pool)] = pool
             eng.crossed[side, : len(crossed)] = crossed
         rebuild_fact_lists(eng.semi, eng.pool, eng.ent, eng.fhead, eng.forder, m)
