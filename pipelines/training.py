@@ -111,6 +111,9 @@ class AnomalyScorer(BaseEstimator):
         return -np.asarray(self.pipeline.score_samples(X), dtype=np.float64)
 
 
+_DETECTORS: dict = {}
+
+
 class StreamingScorer(BaseEstimator):
     """A causal streaming detector (``pipelines.detectors``) as a model: one detector state per device
     and reading, learned from the training rows in time order; ``predict`` continues each device's
@@ -134,8 +137,10 @@ class StreamingScorer(BaseEstimator):
 
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown detector {self.detector!r}; use one of {sorted(DETECTORS)}")
-        cls = DETECTORS[self.detector]
-        return cls(**(self.config or {}))
+        key = (self.detector, json.dumps(self.config or {}, sort_keys=True))
+        if key not in _DETECTORS:  # one instance per configuration: live passes call this per pass
+            _DETECTORS[key] = DETECTORS[self.detector](**(self.config or {}))
+        return _DETECTORS[key]
 
     @property
     def columns(self) -> list[str]:

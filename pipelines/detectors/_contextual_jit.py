@@ -657,9 +657,12 @@ class Engine:
 
     def steps(self, values: np.ndarray) -> np.ndarray:
         """Scores of finite readings after warm-up, advancing the state (the reference's ``_step``)."""
-        values = np.ascontiguousarray(values, dtype=np.float64)
-        out = np.zeros(len(values))
-        fparams = np.array([self.min_value, self.value_step, self.config.base_threshold])
+        if values.dtype != np.float64 or not values.flags.c_contiguous:
+            values = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty(len(values))
+        fparams = self.__dict__.get("fparams")
+        if fparams is None or fparams[0] != self.min_value or fparams[1] != self.value_step:
+            fparams = self.fparams = np.array([self.min_value, self.value_step, self.config.base_threshold])
         done = 0
         while done < len(values):
             done += run(
