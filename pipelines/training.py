@@ -172,6 +172,9 @@ class StreamingScorer(BaseEstimator):
                 detector.score_series(None, series, state=state)
                 states[device][col] = state
         self.states = self._encode(detector, states)
+        # where the training rows end: a live scorer that restarts replays what came after (warm_streams)
+        ts = pd.to_datetime(X["ts"], utc=True) if len(X) else pd.Series([], dtype="datetime64[ns, UTC]")
+        self.trained_until_ = None if ts.isna().all() else ts.max().isoformat()
         return self
 
     @staticmethod

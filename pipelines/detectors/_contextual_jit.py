@@ -811,6 +811,19 @@ class Engine:
         st.history = hist[pos:] + hist[:pos] if hn == len(self.hist) else hist
 
 
+_PRIMED: list = []
+
+
+def prime(config) -> None:
+    """Load the compiled step (from numba's cache, else compile it) now, once per process: its first
+    call takes seconds, which a live scorer should spend when it loads a model, not on a reading."""
+    if not _PRIMED:
+        eng = Engine(config)
+        eng.min_value, eng.value_step = 0.0, 1.0
+        eng.steps(np.zeros(2))
+        _PRIMED.append(True)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(4, int(n - 1).bit_length())
 

@@ -338,8 +338,9 @@ class ContextualDetector:
     def unpack_states(self, packed: dict) -> list[ContextualState]:
         """Inverse of ``pack_states``: each state is held by the compiled code, its fields filled from
         it only if they are read (``ContextualState.sync``)."""
-        from pipelines.detectors._contextual_jit import unpack
+        from pipelines.detectors._contextual_jit import prime, unpack
 
+        prime(self.config)
         states = []
         for eng in unpack(packed, self.config):
             st = ContextualState()

@@ -165,9 +165,12 @@ def warm_tails(scorer, store, dataset: str, contract, days: int = 2):
         silver, _ = to_silver(storage.read_partition(store, "bronze", dataset, partition), contract)
         frames.append(silver)
     if not frames:
+        scorer.warm_streams(pd.DataFrame())  # nothing to replay; the model's states loaded before readings
         return None
     silver = pd.concat(frames, ignore_index=True)
     scorer.features.warm_up(silver)
+    for role, count in scorer.warm_streams(silver).items():
+        log.info("%s: %d committed readings after its training replayed into its device states", role, count)
     return silver
 
 

@@ -18,6 +18,7 @@ the same reading too, recorded beside the served score (not alerted on).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ from pipelines.layers.bronze import PARSE_ERROR_COLUMN
 from pipelines.layers.gold import Window
 from pipelines.layers.silver import SILVER_LINEAGE, silver_rules, to_silver, type_bronze
 from pipelines.streaming.features import StreamFeatures
+
+log = logging.getLogger("pipelines.streaming")
 
 
 @dataclass
@@ -293,6 +296,46 @@ class OnlineScorer:
         if held is None or held[0] is not estimator:  # a version loaded since: its own training state
             held = self._streams[id(estimator)] = (estimator, estimator.training_states())
         return estimator.continue_streams(held[1], gold[estimator.columns])
+
+    def warm_streams(self, silver: pd.DataFrame) -> dict[str, int]:
+        """A streaming-detector model's device states brought up to date after a restart: the readings
+        already committed that came after its training rows go through it again, in time order, their
+        scores discarded, so the states are what the scorer before the restart had reached (those
+        readings are not scored again: the caller marks them seen). Returns readings replayed per role.
+        Readings older than the tail given (`warm_tails`: the last two event dates) cannot be replayed:
+        a model trained before those starts from its training end plus the tail, and says so."""
+        from pipelines.training import StreamingScorer
+
+        replayed: dict[str, int] = {}
+        for role in ("champion", "challenger"):
+            model = self.models.get(role)
+            estimator = getattr(model, "estimator", None)
+            if not isinstance(estimator, StreamingScorer):
+                continue
+            held = self._streams.get(id(estimator))
+            if held is None or held[0] is not estimator:
+                held = self._streams[id(estimator)] = (estimator, estimator.training_states())
+            if not len(silver):
+                continue
+            until = getattr(estimator, "trained_until_", None)
+            if until is None:
+                log.info("%s v%s: no training end recorded; its device states start from training", role, model.version)
+                continue
+            ts = pd.to_datetime(silver["ts"], utc=True)
+            rows = silver[ts > pd.Timestamp(until)]
+            if len(rows) and ts.min() > pd.Timestamp(until):
+                log.warning(
+                    "%s v%s: trained until %s but the committed tail starts at %s; readings between are not "
+                    "replayed into its device states",
+                    role,
+                    model.version,
+                    until,
+                    ts.min().isoformat(),
+                )
+            if len(rows):
+                estimator.continue_streams(held[1], rows[estimator.columns])
+            replayed[role] = len(rows)
+        return replayed
 
     def _rollout(self):
         rollout = getattr(self.models, "rollout", None)

@@ -398,6 +398,19 @@ def test_a_streaming_detector_champion_goes_on_from_pass_to_pass_on_a_nab_series
     restarted = [s.score for i in range(0, len(live), 200) for s in fresh().score_bronze(table(live[i : i + 200]))]
     assert restarted != once
 
+    # A scorer that restarts replays the committed readings after the model's training end into the
+    # detector's device states (warm_streams, from warm_tails), so it goes on where the last one was.
+    committed, after = live[:700], live[700:]
+    before = fresh()
+    before.score_bronze(table(committed))
+    expected = [s.score for s in before.score_bronze(table(after))]
+    warmed = fresh()
+    silver, _ = warmed.silver.split(table(committed))
+    assert warmed.warm_streams(silver) == {"champion": 700}
+    assert [s.score for s in warmed.score_bronze(table(after))] == expected
+    cold = [s.score for s in fresh().score_bronze(table(after))]
+    assert cold != expected
+
 
 # ------------------------------------------------------------------------------------- with a broker
 
