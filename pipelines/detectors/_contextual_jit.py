@@ -31,9 +31,9 @@ Layout (side 0 = left semi-contexts, 1 = right). All arrays, so a call unboxes i
   htab[side, slot]      open-addressing table: semi-context hash -> id
   crossed[side]         ids crossed by the last crossing (sorted); cross_facts[side] its facts
   meta                  counters (the M_* indices below)
-Arrays never grow inside a call: ``run`` stops before a step that might not fit (``capacity_ok``,
-the worst case: every context yields a new one) and returns how many values it did; the caller
-grows the arrays (``Engine._grow``) and calls again.
+Arrays never grow inside a call: a step first finds what it will create (reading only), and if that
+does not fit, ``run`` stops before changing anything and returns how many values it did; the caller
+grows what is short (``Engine._grow``, doubling) and calls again. Arrays stay within ~2x of use.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ E_NEXT, E_SEMI = range(2)
     M_CROSS_N0,
     M_STAMP,
     M_LSTAMP,
-) = range(21)
-N_META = 21
+    M_NEED_CTX,
+    M_NEED_POOL,
+) = range(23)
+N_META = 23
 MAX_FACTS_ROW = 64  # left facts: value facts (<= 1 + value bits) + active neurons; checked by the caller
 NEURON_BASE = 64  # fact index of neuron 0 (value facts use 0..47)
 
@@ -261,6 +263,16 @@ def _semi(side, facts, nf, semi, pool, ent, fhead, forder, htab, meta):
 
 
 @njit(cache=True)
+def _find_context(lid, rid, ctx, semi):
+    cid = semi[0, S_HEAD, lid]
+    while cid >= 0:
+        if ctx[cid, C_RIGHT] == rid:
+            return cid
+        cid = ctx[cid, C_NEXT]
+    return -1
+
+
+@njit(cache=True)
 def _context(lid, rid, zero_level, ctx, semi, meta):
     """The (left, right) context: its id and whether it was created. A left semi-context's contexts
     are few (one per right semi-context seen after it), so its list is searched."""
@@ -396,20 +408,22 @@ def _facts(value, min_value, value_step, num_value_bits, max_octaves, out):
 
 
 @njit(cache=True)
-def capacity_ok(ctx, semi, pool, ent, fhead, crossed, htab, work, meta, max_facts):
-    """Room for the worst case of one step: every context gives a potential pair, each new."""
-    n = meta[M_NCTX]
-    if ctx.shape[0] < 2 * n + 2 or work.shape[0] < n + 2 or fhead.shape[1] < NEURON_BASE + ctx.shape[0]:
-        return False
-    if crossed.shape[1] < semi.shape[2] or htab.shape[1] < 2 * semi.shape[2]:
-        return False
-    for side in range(2):
-        if semi.shape[2] < meta[M_NSEMI0 + side] + n + 2:
-            return False
-        grow = (n + 2) * max_facts
-        if pool.shape[1] < meta[M_POOL0 + side] + grow or ent.shape[1] < meta[M_NENT0 + side] + grow:
-            return False
-    return True
+def _room(ctx, semi, pool, ent, fhead, htab, meta, new_ctx, new_facts):
+    """Whether the arrays hold ``new_ctx`` more contexts and semi-contexts per side, and ``new_facts``
+    more facts per side; else the need is left in meta for ``Engine._grow``."""
+    n_ctx = meta[M_NCTX]
+    ok = (
+        ctx.shape[0] >= n_ctx + new_ctx
+        and semi.shape[2] >= max(meta[M_NSEMI0], meta[M_NSEMI1]) + new_ctx
+        and pool.shape[1] >= max(meta[M_POOL0], meta[M_POOL1]) + new_facts
+        and ent.shape[1] >= max(meta[M_NENT0], meta[M_NENT1]) + new_facts
+        and fhead.shape[1] >= NEURON_BASE + ctx.shape[0]
+        and htab.shape[1] >= 2 * semi.shape[2]
+    )
+    if not ok:
+        meta[M_NEED_CTX] = new_ctx
+        meta[M_NEED_POOL] = new_facts
+    return ok
 
 
 # --------------------------------------------------------------------------- the step
@@ -451,31 +465,35 @@ def run(
     full = np.empty(semi.shape[2], dtype=np.int64)
     rest = hist.shape[0]
     for i in range(values.shape[0]):
-        if not capacity_ok(ctx, semi, pool, ent, fhead, crossed, htab, work, meta, max_facts):
+        # Room for what a step reads and writes before it knows what it creates; what it creates is
+        # checked once it knows (below), before anything is changed: a step stops whole or not at all.
+        n_ctx = meta[M_NCTX]
+        if work.shape[0] < n_ctx + 2 or crossed.shape[1] < semi.shape[2]:
+            meta[M_NEED_CTX] = 2
+            meta[M_NEED_POOL] = 0
+            return i
+        if not _room(ctx, semi, pool, ent, fhead, htab, meta, 2, 2 * max_facts):
             return i
         ns = _facts(values[i], min_value, value_step, num_value_bits, max_octaves, sens)
         nleft = meta[M_NLEFT]
         for k in range(nleft):
             old_left[k] = left[k]
-        # the zero-level context (previous facts, these facts)
+        # the zero-level context (previous facts, these facts): found, or new (created below)
         new_flag = False
         zero_cid = -1
+        zero_rid = -1
         if nleft > 0:
-            lid, _ = _semi(0, old_left, nleft, semi, pool, ent, fhead, forder, htab, meta)
-            rid, _ = _semi(1, sens, ns, semi, pool, ent, fhead, forder, htab, meta)
-            cid, created = _context(lid, rid, True, ctx, semi, meta)
-            zero_cid = cid
-            if created:
-                meta[M_NEWCTX] = cid
-                new_flag = True
-            else:
-                ctx[cid, C_ZERO] = 1
+            zero_lid = table_find(htab, 0, tuple_hash(old_left, 0, nleft))
+            zero_rid = table_find(htab, 1, tuple_hash(sens, 0, ns))
+            if zero_lid >= 0 and zero_rid >= 0:
+                zero_cid = _find_context(zero_lid, zero_rid, ctx, semi)
+            new_flag = zero_cid < 0
         _cross(1, sens, ns, meta[M_NSEMI1], semi, ent, fhead, crossed, cross_facts, meta, bits)
-        # active contexts and potential new ones (the reference's _active)
+        # active contexts and potential new ones (the reference's _active; the new zero-level context,
+        # which it skips, does not exist yet)
         n_active = 0
         n_selected = 0
         n_pot = 0
-        new_ctx = meta[M_NEWCTX]
         pending = meta[M_PENDING] == 1
         if new_flag:
             resolve_left_crossing(semi, ent, fhead, crossed, cross_facts, meta)
@@ -490,27 +508,43 @@ def run(
             lid = lefts[k]
             n_l = semi[0, S_LEN, lid] if pending else semi[0, S_NCROSS, lid]
             full_left = semi[0, S_LEN, lid] == n_l
+            if not full_left and (not new_flag or n_l > max_left):
+                continue  # neither selects nor proposes a context
             cid = semi[0, S_HEAD, lid]
             while cid >= 0:
-                if cid != new_ctx:
-                    rid = ctx[cid, C_RIGHT]
-                    n_r = semi[1, S_NCROSS, rid]
-                    if full_left:
-                        n_selected += 1
-                        if n_r > 0:
-                            if semi[1, S_LEN, rid] == n_r:
-                                ctx[cid, C_COUNT] += 1
-                                work[n_active, 0] = cid
-                                n_active += 1
-                            elif ctx[cid, C_ZERO] == 1 and new_flag and n_l <= max_left:
-                                work[n_pot, 1] = cid
-                                work[n_pot, 3] = lid
-                                n_pot += 1
-                    elif ctx[cid, C_ZERO] == 1 and new_flag and n_r > 0 and n_l <= max_left:
-                        work[n_pot, 1] = cid
-                        work[n_pot, 3] = lid
-                        n_pot += 1
+                rid = ctx[cid, C_RIGHT]
+                n_r = semi[1, S_NCROSS, rid]
+                if full_left:
+                    n_selected += 1
+                    if n_r > 0:
+                        if semi[1, S_LEN, rid] == n_r:
+                            work[n_active, 0] = cid
+                            n_active += 1
+                        elif ctx[cid, C_ZERO] == 1 and new_flag and n_l <= max_left:
+                            work[n_pot, 1] = cid
+                            work[n_pot, 3] = lid
+                            n_pot += 1
+                elif ctx[cid, C_ZERO] == 1 and n_r > 0:
+                    work[n_pot, 1] = cid
+                    work[n_pot, 3] = lid
+                    n_pot += 1
                 cid = ctx[cid, C_NEXT]
+        if not _room(ctx, semi, pool, ent, fhead, htab, meta, n_pot + 2, (n_pot + 2) * max_facts):
+            return i
+        # from here on the step changes the state, in the reference's order
+        if nleft > 0:
+            if new_flag:
+                lid, _ = _semi(0, old_left, nleft, semi, pool, ent, fhead, forder, htab, meta)
+                rid, _ = _semi(1, sens, ns, semi, pool, ent, fhead, forder, htab, meta)
+                if zero_rid < 0:  # created after this step's right crossing, which covers it fully
+                    semi[1, S_NCROSS, rid] = ns
+                    crossed[1, meta[M_NCROSSED1]] = rid
+                    meta[M_NCROSSED1] += 1
+                zero_cid, _ = _context(lid, rid, True, ctx, semi, meta)
+            else:
+                ctx[zero_cid, C_ZERO] = 1
+        for k in range(n_active):
+            ctx[work[k, 0], C_COUNT] += 1
         meta[M_NEWCTX] = -1
         frac_active = n_active / n_selected if n_selected else 0.0
         # the max_active latest of the active contexts by (count, left hash, right hash, id) become neurons
@@ -621,7 +655,7 @@ class Engine:
             [config.num_value_bits, config.max_octaves, config.max_left_semi_context_len, config.max_active_neurons],
             dtype=np.int64,
         )
-        cap, grow = capacity, (capacity + 2) * self.max_facts
+        cap, grow = capacity, (capacity + 2) * 12  # facts: ~11 a left semi-context on NAB, ~3 a right
         self.ctx = np.zeros((cap, N_CTX_COLS), dtype=np.int64)
         self.semi = np.zeros((2, N_SEMI_COLS, cap), dtype=np.int64)
         self.pool = np.zeros((2, grow), dtype=np.int64)
@@ -641,16 +675,17 @@ class Engine:
 
     # -- capacity ------------------------------------------------------------------------------------
     def _grow(self) -> None:
-        m, n = self.meta, int(self.meta[M_NCTX])
-        self.ctx = _bigger(self.ctx, 0, 2 * n + 2)
-        self.work = _bigger(self.work, 0, n + 2)
+        """Room for the step ``run`` stopped before (its need is in meta), doubling what is short."""
+        m = self.meta
+        n, need_ctx, need_facts = int(m[M_NCTX]), int(m[M_NEED_CTX]), int(m[M_NEED_POOL])
+        self.ctx = _bigger(self.ctx, 0, n + need_ctx)
+        self.work = _bigger(self.work, 0, self.ctx.shape[0] + 2)
         self.fhead = _bigger(self.fhead, 1, NEURON_BASE + self.ctx.shape[0], fill=-1)
         self.forder = _bigger(self.forder, 1, self.fhead.shape[1])
-        self.semi = _bigger(self.semi, 2, int(max(m[M_NSEMI0], m[M_NSEMI1])) + n + 2)
+        self.semi = _bigger(self.semi, 2, int(max(m[M_NSEMI0], m[M_NSEMI1])) + need_ctx)
         self.crossed = _bigger(self.crossed, 1, self.semi.shape[2])
-        grow = (n + 2) * self.max_facts
-        self.pool = _bigger(self.pool, 1, int(max(m[M_POOL0], m[M_POOL1])) + grow)
-        self.ent = _bigger(self.ent, 1, int(max(m[M_NENT0], m[M_NENT1])) + grow)
+        self.pool = _bigger(self.pool, 1, int(max(m[M_POOL0], m[M_POOL1])) + need_facts)
+        self.ent = _bigger(self.ent, 1, int(max(m[M_NENT0], m[M_NENT1])) + need_facts)
         if self.htab.shape[1] < 2 * self.semi.shape[2]:
             self.htab = np.full((2, _pow2(2 * self.semi.shape[2]), 2), -1, dtype=np.int64)
             rebuild_table(self.htab, self.semi, m)
@@ -693,7 +728,7 @@ class Engine:
     def from_state(cls, st, config) -> Engine:
         n_ctx = len(st.contexts)
         n_semi = max(len(st.semi_len[0]), len(st.semi_len[1]))
-        eng = cls(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_ctx + 2))
+        eng = cls(config, capacity=max(16, n_ctx + n_ctx // 4 + 2, n_semi + n_semi // 4 + 2))
         eng.n_seen, eng.warm_values = int(st.n_seen), list(st.warm_values)
         eng.min_value, eng.value_step = float(st.min_value), float(st.value_step)
         m = eng.meta
@@ -704,7 +739,8 @@ class Engine:
                 for sid in sids:
                     facts_of[sid].append(f)
             facts_by_side.append(facts_of)
-        size = max(sum(len(f) for f in facts) for facts in facts_by_side) + 2 * (n_ctx + 2) * eng.max_facts
+        used = max(sum(len(f) for f in facts) for facts in facts_by_side)
+        size = used + used // 4 + 16 * eng.max_facts
         if eng.pool.shape[1] < size:
             eng.pool = np.zeros((2, size), dtype=np.int64)
             eng.ent = np.zeros((2, size, 2), dtype=np.int64)
@@ -913,14 +949,15 @@ def unpack(packed: dict, config) -> list[Engine]:
         part = {name: columns[name][i] for name in _PACKED}
         n_ctx = len(part["ctx"])
         n_semi = max(part["semi0"].shape[1], part["semi1"].shape[1])
-        eng = Engine(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_ctx + 2))
+        eng = Engine(config, capacity=max(16, n_ctx + n_ctx // 4 + 2, n_semi + n_semi // 4 + 2))
         m = eng.meta
         m[:] = part["meta"]
         eng.ctx[:n_ctx] = part["ctx"]
         eng.cross_facts[:] = part["cross_facts"]
         eng.left[:] = part["left"]
         eng.hist[:] = part["hist"]
-        size = max(len(part["pool0"]), len(part["pool1"])) + 2 * (n_ctx + 2) * eng.max_facts
+        used = max(len(part["pool0"]), len(part["pool1"]))
+        size = used + used // 4 + 16 * eng.max_facts
         eng.pool = np.zeros((2, size), dtype=np.int64)
         eng.ent = np.zeros((2, size, 2), dtype=np.int64)
         for side in range(2):
