@@ -255,6 +255,13 @@ def run_rate(
     collector = Collector(port, dataset)
     total = int(rate * seconds)
     start = dt.date.today() - dt.timedelta(days=max(2, total // (devices * 1440) + 2))
+    # The scorer is ready when it has loaded the champion and warmed up from bronze (its /status says
+    # `warm`); readings published before would wait for that start-up, which is not the steady state.
+    deadline = time.monotonic() + 180
+    while not httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json().get("warm", True):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the scorer did not finish warming up in 180 s")
+        time.sleep(0.2)
     before = httpx.get(f"http://127.0.0.1:{http_port}/status", timeout=10).json()
     ticks = cpu_ticks()
     # The load comes from a process of its own (its own interpreter and core time), as a fleet's

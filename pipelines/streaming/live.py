@@ -393,4 +393,6 @@ class ScorerProcess:
         self.client.loop_stop()
 
     def status(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "scoring": self.worker.status()}
+        # warm: the model is loaded and the device tails (and a streaming detector's states) are
+        # brought up to date from bronze; readings that came meanwhile wait in a backlog until then
+        return {"dataset": self.dataset, "warm": self._warm, "scoring": self.worker.status()}
