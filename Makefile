@@ -17,14 +17,23 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 	@echo "bootstrapped $(VENV) from requirements.lock"
 
-demo: $(STAMP)  ## the main job end to end on embedded defaults (KEEP_UP=1 leaves the stack running)
+# The default streaming detector's step is compiled by numba on first use (~25 s) and cached beside its
+# module; compiled here once, so parallel test workers and the demo's processes load it instead.
+JIT := $(VENV)/.compiled
+$(JIT): $(STAMP) pipelines/detectors/_contextual_jit.py
+	@echo "compiling the streaming detector (numba, once per change of pipelines/detectors/_contextual_jit.py)"
+	@$(BIN)/python -c "from pipelines.detectors import ContextualDetector as D; d = D(); \
+	  d.unpack_states(d.pack_states([d.new_state()])); d.score_series(None, [float(i % 7) for i in range(800)])"
+	@touch $(JIT)
+
+demo: $(STAMP) $(JIT)  ## the main job end to end on embedded defaults (KEEP_UP=1 leaves the stack running)
 	$(BIN)/platform demo $(if $(KEEP_UP),--keep-up,)
 
 # Test modules run on up to 4 cores (pytest-xdist); each worker starts its own stack on free ports and a
 # module stays on one worker, so its module fixtures are built once. PYTEST_ARGS= runs them in one process.
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
 
-test: $(STAMP) browser brokers  ## the test suite (starts and stops its own services on free ports)
+test: $(STAMP) $(JIT) browser brokers  ## the test suite (starts and stops its own services on free ports)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 browser:  ## Debian's headless Chromium for the UI tests (Playwright's own browser download is not used)
