@@ -77,10 +77,19 @@ class _Acks(threading.Thread):
             pending = pending[whole * 4 :]
 
 
+FLEET_SEED = 11  # the simulated fleet the load publishes; stream_latency.py fits its champion on its history
+
+
+def stream_start(rate: float, seconds: float, devices: int) -> dt.date:
+    """The first simulated day a run at `rate` for `seconds` publishes (it ends before today)."""
+    total = int(rate * seconds)
+    return dt.date.today() - dt.timedelta(days=max(2, total // (devices * 1440) + 2))
+
+
 def publish_fleet(
     host: str, port: int, dataset: str, start: dt.date, days: int, devices: int, rate: float, limit: int
 ) -> dict:
-    """Publish the simulated fleet (`stream_readings`, seed 11) at `rate`/s; returns {"sent":
+    """Publish the simulated fleet (`stream_readings`, seed FLEET_SEED) at `rate`/s; returns {"sent":
     {(device, seq): ns}, "seconds": publishing time, "started_ns": its first write, "acked": PUBACKs}."""
     from pipelines.simulator import stream_readings
     from pipelines.streaming.messages import sensor_topic
@@ -92,7 +101,7 @@ def publish_fleet(
     # time, and a second spent on the next day mid-run would become a burst the platform is timed on.
     topics: dict[str, bytes] = {}
     messages: list[tuple[tuple[str, int], bytes, bytes]] = []
-    for reading in stream_readings(start, days, devices=devices, freq_seconds=60, seed=11):
+    for reading in stream_readings(start, days, devices=devices, freq_seconds=60, seed=FLEET_SEED):
         if len(messages) >= limit:
             break
         device = reading["device"]

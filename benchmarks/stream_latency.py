@@ -88,12 +88,21 @@ def start_redis() -> tuple[subprocess.Popen | None, str | None]:
 
 
 def register_model(
-    uri: str, name: str, family: str = "isolation_forest", devices: int = 4, readings: list[str] | None = None
+    uri: str,
+    name: str,
+    family: str = "isolation_forest",
+    devices: int = 4,
+    readings: list[str] | None = None,
+    day: dt.date = dt.date(2026, 1, 5),
 ) -> None:
-    """The champion to score with, fitted on a simulated day: an IsolationForest (100 trees, the
-    platform's pipeline for it) on gold features, or the default streaming detector (the platform's
-    default family: per-device state for every reading, learned from each device's day), whose
-    threshold is its own alarm threshold as training sets it."""
+    """The champion to score with, fitted on `day` of the fleet the load publishes (its history, as
+    a deployed champion's training data is): an IsolationForest (100 trees, the platform's pipeline
+    for it) on gold features, or the default streaming detector (the platform's default family:
+    per-device state for every reading, learned from each device's day), whose threshold is its own
+    alarm threshold as training sets it. (It had been fitted on another simulated fleet, seed 7: the
+    streaming detector then met 100 devices it had never seen, and its first passes learned them.)"""
+    from mqtt_load import FLEET_SEED
+
     import io
 
     import mlflow.sklearn
@@ -110,7 +119,7 @@ def register_model(
     from pipelines.simulator import simulate_day_csv
 
     contract = load_contract(get_dataset("iot_telemetry").contract_path)
-    raw = pd.read_csv(io.BytesIO(simulate_day_csv(dt.date(2026, 1, 5), devices, 60, 7)), dtype=str)
+    raw = pd.read_csv(io.BytesIO(simulate_day_csv(day, devices, 60, FLEET_SEED)), dtype=str)
     raw["_parse_error"] = None
     silver, _ = to_silver(raw, contract)
     gold = to_gold(silver, contract, "15min", long_window="4h")
@@ -250,11 +259,11 @@ def run_rate(
     import multiprocessing
 
     import httpx
-    from mqtt_load import publish_fleet
+    from mqtt_load import publish_fleet, stream_start
 
     collector = Collector(port, dataset)
     total = int(rate * seconds)
-    start = dt.date.today() - dt.timedelta(days=max(2, total // (devices * 1440) + 2))
+    start = stream_start(rate, seconds, devices)
     # The scorer is ready when it has loaded the champion and warmed up from bronze (its /status says
     # `warm`); readings published before would wait for that start-up, which is not the steady state.
     deadline = time.monotonic() + 180
@@ -385,12 +394,16 @@ def main() -> int:
         settings = get_settings()
         os.environ.update(settings.client_env())
         if args.ephemeral:
+            from mqtt_load import stream_start
+
             register_model(
                 settings.mlflow_tracking_uri,
                 get_dataset("iot_telemetry").model_name,
                 args.family,
                 args.devices,
                 args.readings.split(",") if args.readings else None,
+                # the day before the earliest day any run publishes: the fleet's own history
+                min(stream_start(int(r), args.seconds, args.devices) for r in args.rates.split(",")) - dt.timedelta(days=1),
             )
         broker, port = start_broker(workdir)
         procs.append(broker)
