@@ -429,7 +429,9 @@ def _room(ctx, semi, pool, ent, fhead, htab, meta, new_ctx, new_facts):
 # --------------------------------------------------------------------------- the step
 
 
-@njit(cache=True)
+# nogil: a step reads and writes only its own state's arrays, so states step on several threads at
+# once (StreamingScorer.continue_streams)
+@njit(cache=True, nogil=True)
 def run(
     values,
     out,

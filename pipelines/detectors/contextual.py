@@ -319,6 +319,27 @@ class ContextualDetector:
             out[i] = self.update(st, None, v)
         return out
 
+    def score_streams(self, items: list[tuple[ContextualState, np.ndarray]]) -> list[np.ndarray]:
+        """``score_series`` of each (state, float64 values): a live pass steps hundreds of states a
+        few readings each, so the common case (compiled, past warm-up and refit, no gaps) goes straight
+        to the compiled step without ``score_series``' per-call checks; anything else takes it."""
+        if not self.compiled:
+            return [self.score_series(None, values, state=st) for st, values in items]
+        cfg = self.config
+        ready = max(cfg.warmup, cfg.refit_at)
+        isfinite = np.isfinite
+        out = []
+        for st, values in items:
+            fields = st.__dict__
+            eng = fields.get("_engine")
+            if eng is not None and eng.config is cfg and eng.n_seen >= ready and isfinite(values).all():
+                fields["_stale"] = True
+                eng.n_seen += len(values)
+                out.append(eng.steps(values))
+            else:
+                out.append(self.score_series(None, values, state=st))
+        return out
+
     # --- many states as a few arrays (a model's per-device states; see _contextual_jit.pack) ---------
 
     def pack_states(self, states: list[ContextualState]) -> dict | None:

@@ -353,6 +353,48 @@ def test_streaming_scorer_continues_each_device_stream_and_round_trips_through_s
     np.testing.assert_array_equal(again.predict(later), scores.to_numpy())
 
 
+def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_a_time():
+    """A live pass steps hundreds of (device, reading) states: the compiled step releases the GIL and
+    `continue_streams` runs them as two halves at once. Each state is its own, so the scores are
+    exactly those of stepping each series alone, including a device with a gap (the per-call path)
+    and a device first seen after training (its warm-up)."""
+    from pipelines.detectors import DEFAULT_DETECTOR, DETECTORS
+
+    rng = np.random.default_rng(5)
+    n, cut, devices = 1000, 800, 40
+    ts = pd.date_range("2026-01-01", periods=n, freq="min", tz="UTC")
+    series = {}
+    for d in range(devices):
+        phase = rng.uniform(0, 6)
+        x = 20 + 3 * np.sin(np.arange(n) / 40 + phase) + rng.normal(0, 0.2, n)
+        y = np.cumsum(rng.normal(0, 0.5, n)) + 100 * (d % 3)
+        x[cut + 50 + d] += 15  # a spike after training, a different row per device
+        if d == 7:
+            y[cut + 20 : cut + 25] = np.nan  # a gap: not the fast path
+        series[f"dev-{d:02d}"] = (x, y)
+    frame = pd.concat(
+        [pd.DataFrame({"device": k, "ts": ts, "x": x, "y": y}) for k, (x, y) in series.items()], ignore_index=True
+    )
+    train = frame[(frame["ts"] < ts[cut]) & (frame["device"] != "dev-39")]  # dev-39: first seen live
+    later = frame[frame["ts"] >= ts[cut]].sort_values(["ts", "device"])  # as a stream delivers them
+    model = training.StreamingScorer(DEFAULT_DETECTOR, readings=["x", "y"]).fit(train)
+    states = model.training_states()
+    scores = np.concatenate([model.continue_streams(states, later.iloc[i : i + 400]) for i in range(0, len(later), 400)])
+    assert training._POOL, "two threads stepped the states"
+    got = pd.Series(scores, index=later.index)
+    for device, (x, y) in series.items():
+        expected = np.zeros(n - cut)
+        for v in (x, y):
+            detector = DETECTORS[DEFAULT_DETECTOR]()
+            state = detector.new_state()
+            if device != "dev-39":
+                detector.score_series(None, v[:cut], state=state)
+            expected = np.fmax(expected, detector.score_series(None, v[cut:], state=state))
+        rows = later[later["device"] == device].index
+        np.testing.assert_array_equal(got[rows].to_numpy(), expected, err_msg=device)
+    assert (got > 0.5).sum() >= devices // 2  # the spikes are seen
+
+
 def test_state_decoding_builds_only_detector_state_classes():
     with pytest.raises(ValueError, match="not a pipelines.detectors state class"):
         training.decode_state('{"__state__": "os.system", "f": {}}')
