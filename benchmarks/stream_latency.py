@@ -101,13 +101,12 @@ def register_model(
     per-device state for every reading, learned from each device's day), whose threshold is its own
     alarm threshold as training sets it. (It had been fitted on another simulated fleet, seed 7: the
     streaming detector then met 100 devices it had never seen, and its first passes learned them.)"""
-    from mqtt_load import FLEET_SEED
-
     import io
 
     import mlflow.sklearn
     import pandas as pd
     from mlflow.models import infer_signature
+    from mqtt_load import FLEET_SEED
 
     import mlflow
     from mlflow import MlflowClient
@@ -403,7 +402,8 @@ def main() -> int:
                 args.devices,
                 args.readings.split(",") if args.readings else None,
                 # the day before the earliest day any run publishes: the fleet's own history
-                min(stream_start(int(r), args.seconds, args.devices) for r in args.rates.split(",")) - dt.timedelta(days=1),
+                min(stream_start(int(r), args.seconds, args.devices) for r in args.rates.split(","))
+                - dt.timedelta(days=1),
             )
         broker, port = start_broker(workdir)
         procs.append(broker)

@@ -321,24 +321,11 @@ class ContextualDetector:
 
     def score_streams(self, items: list[tuple[ContextualState, np.ndarray]]) -> list[np.ndarray]:
         """``score_series`` of each (state, float64 values): a live pass steps hundreds of states a
-        few readings each, so the common case (compiled, past warm-up and refit, no gaps) goes straight
-        to the compiled step without ``score_series``' per-call checks; anything else takes it."""
+        few readings each, so each goes straight to the compiled path, without ``score_series``'
+        per-call conversion (StreamingScorer.continue_streams)."""
         if not self.compiled:
             return [self.score_series(None, values, state=st) for st, values in items]
-        cfg = self.config
-        ready = max(cfg.warmup, cfg.refit_at)
-        isfinite = np.isfinite
-        out = []
-        for st, values in items:
-            fields = st.__dict__
-            eng = fields.get("_engine")
-            if eng is not None and eng.config is cfg and eng.n_seen >= ready and isfinite(values).all():
-                fields["_stale"] = True
-                eng.n_seen += len(values)
-                out.append(eng.steps(values))
-            else:
-                out.append(self.score_series(None, values, state=st))
-        return out
+        return [self._score_compiled(values, st) for st, values in items]
 
     # --- many states as a few arrays (a model's per-device states; see _contextual_jit.pack) ---------
 
@@ -372,17 +359,19 @@ class ContextualDetector:
     # --- compiled path: the same phases as ``update``, a run of readings at a time --------------------
 
     def _score_compiled(self, values: np.ndarray, st: ContextualState) -> np.ndarray:
-        from pipelines.detectors._contextual_jit import Engine
-
         cfg = self.config
         eng = st.__dict__.get("_engine")
         if eng is None or eng.config is not cfg and eng.config != cfg:
+            from pipelines.detectors._contextual_jit import Engine  # lazily: the live path calls this per state
+
             eng = Engine.from_state(st.detach(), cfg)
             st.__dict__["_engine"] = eng
         st.__dict__["_stale"] = True
         if eng.n_seen >= max(cfg.warmup, cfg.refit_at) and np.isfinite(values).all():
             eng.n_seen += len(values)  # the common case live: past warm-up and refit, no gaps
             return eng.steps(values)
+        from pipelines.detectors._contextual_jit import Engine
+
         finite = np.flatnonzero(np.isfinite(values))
         vals = values[finite]
         scores = np.zeros(len(vals))

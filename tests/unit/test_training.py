@@ -379,7 +379,9 @@ def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_
     later = frame[frame["ts"] >= ts[cut]].sort_values(["ts", "device"])  # as a stream delivers them
     model = training.StreamingScorer(DEFAULT_DETECTOR, readings=["x", "y"]).fit(train)
     states = model.training_states()
-    scores = np.concatenate([model.continue_streams(states, later.iloc[i : i + 400]) for i in range(0, len(later), 400)])
+    scores = np.concatenate(
+        [model.continue_streams(states, later.iloc[i : i + 400]) for i in range(0, len(later), 400)]
+    )
     assert training._POOL, "two threads stepped the states"
     got = pd.Series(scores, index=later.index)
     for device, (x, y) in series.items():
