@@ -220,8 +220,6 @@ class StreamingScorer(BaseEstimator):
                 work.append((order, state, series))
 
         def step(items):
-            if hasattr(detector, "score_streams"):
-                return detector.score_streams([(state, series) for _, state, series in items])
             return [detector.score_series(None, series, state=state) for _, state, series in items]
 
         scores = _in_two(step, work) if getattr(detector, "compiled", False) else step(work)

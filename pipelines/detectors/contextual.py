@@ -319,14 +319,6 @@ class ContextualDetector:
             out[i] = self.update(st, None, v)
         return out
 
-    def score_streams(self, items: list[tuple[ContextualState, np.ndarray]]) -> list[np.ndarray]:
-        """``score_series`` of each (state, float64 values): a live pass steps hundreds of states a
-        few readings each, so each goes straight to the compiled path, without ``score_series``'
-        per-call conversion (StreamingScorer.continue_streams)."""
-        if not self.compiled:
-            return [self.score_series(None, values, state=st) for st, values in items]
-        return [self._score_compiled(values, st) for st, values in items]
-
     # --- many states as a few arrays (a model's per-device states; see _contextual_jit.pack) ---------
 
     def pack_states(self, states: list[ContextualState]) -> dict | None:
