@@ -107,8 +107,11 @@ class ScoringWorker:
             self.metrics.scored.inc(len(scored))
             by_key = {(r.device, r.seq): r for r in readings}
             latest: dict[str, dict[str, Any]] = {}
+            last = {s.device: i for i, s in enumerate(scored)}  # each device's latest scored reading
             now = time.time()
-            for s in scored:
+            for i, s in enumerate(scored):
+                if not s.is_anomaly and last[s.device] != i:
+                    continue  # neither an alert nor the device's latest state: no event to build
                 reading = by_key.get((s.device, s.seq))
                 event = {
                     "dataset": self.dataset,
