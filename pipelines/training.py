@@ -24,6 +24,7 @@ It is serialised with skops; the types skops must trust are listed in ``SKOPS_TR
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -233,7 +234,12 @@ class StreamingScorer(BaseEstimator):
         return None if value is None else float(value)
 
 
-_POOL: list = []
+@functools.cache
+def _step_pool():
+    """The one worker thread that steps the second half of a pass's detector states."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(1, thread_name_prefix="detector-step")
 
 
 def _in_two(step, work: list) -> list:
@@ -242,12 +248,8 @@ def _in_two(step, work: list) -> list:
     both cores while its states step. Small passes and one-core machines stay on this thread."""
     if len(work) < 64 or (os.cpu_count() or 1) < 2:
         return step(work)
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="detector-step"))
     half = len(work) // 2
-    other = _POOL[0].submit(step, work[half:])
+    other = _step_pool().submit(step, work[half:])
     first = step(work[:half])
     return first + other.result()
 

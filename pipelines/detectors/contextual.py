@@ -351,19 +351,17 @@ class ContextualDetector:
     # --- compiled path: the same phases as ``update``, a run of readings at a time --------------------
 
     def _score_compiled(self, values: np.ndarray, st: ContextualState) -> np.ndarray:
+        from pipelines.detectors._contextual_jit import Engine
+
         cfg = self.config
         eng = st.__dict__.get("_engine")
         if eng is None or eng.config is not cfg and eng.config != cfg:
-            from pipelines.detectors._contextual_jit import Engine  # lazily: the live path calls this per state
-
             eng = Engine.from_state(st.detach(), cfg)
             st.__dict__["_engine"] = eng
         st.__dict__["_stale"] = True
         if eng.n_seen >= max(cfg.warmup, cfg.refit_at) and np.isfinite(values).all():
             eng.n_seen += len(values)  # the common case live: past warm-up and refit, no gaps
             return eng.steps(values)
-        from pipelines.detectors._contextual_jit import Engine
-
         finite = np.flatnonzero(np.isfinite(values))
         vals = values[finite]
         scores = np.zeros(len(vals))

@@ -353,7 +353,7 @@ def test_streaming_scorer_continues_each_device_stream_and_round_trips_through_s
     np.testing.assert_array_equal(again.predict(later), scores.to_numpy())
 
 
-def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_a_time():
+def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_a_time(monkeypatch):
     """A live pass steps hundreds of (device, reading) states: the compiled step releases the GIL and
     `continue_streams` runs them as two halves at once. Each state is its own, so the scores are
     exactly those of stepping each series alone, including a device with a gap (the per-call path)
@@ -379,10 +379,21 @@ def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_
     later = frame[frame["ts"] >= ts[cut]].sort_values(["ts", "device"])  # as a stream delivers them
     model = training.StreamingScorer(DEFAULT_DETECTOR, readings=["x", "y"]).fit(train)
     states = model.training_states()
-    scores = np.concatenate(
-        [model.continue_streams(states, later.iloc[i : i + 400]) for i in range(0, len(later), 400)]
-    )
-    assert training._POOL, "two threads stepped the states"
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counted(ThreadPoolExecutor):
+        halves = 0
+
+        def submit(self, *args, **kwargs):
+            Counted.halves += 1
+            return super().submit(*args, **kwargs)
+
+    pool = Counted(1)
+    monkeypatch.setattr(training, "_step_pool", lambda: pool)
+    passes = range(0, len(later), 400)
+    scores = np.concatenate([model.continue_streams(states, later.iloc[i : i + 400]) for i in passes])
+    pool.shutdown()
+    assert Counted.halves == len(passes), "every pass (80 states) stepped half its states on the worker thread"
     got = pd.Series(scores, index=later.index)
     for device, (x, y) in series.items():
         expected = np.zeros(n - cut)
