@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from pipelines.streaming.messages import Reading, bronze_table
+from pipelines.streaming.ledger import SeqSet
+from pipelines.streaming.messages import STREAM_SOURCE, Reading, bronze_table
 
 log = logging.getLogger("pipelines.streaming")
 
@@ -177,6 +178,18 @@ def warm_tails(scorer, store, dataset: str, contract, days: int = 2):
     return silver
 
 
+def streamed_seqs(silver, device_column: str) -> dict[str, SeqSet]:
+    """Each device's seqs among silver rows read back from bronze: streamed rows only, whose
+    `_source_line` is the device's seq. A landed file's `_source_line` is its line number, which says
+    nothing of which seqs were streamed (the ledger skips landed deliveries the same way): counting it
+    had a reading with seq 11,000 streamed after a landed 11,000-row file go unscored."""
+    streamed = silver[silver["_source_key"].astype("str").str.startswith(STREAM_SOURCE)]
+    out: dict[str, SeqSet] = {}
+    for name, seq in zip(streamed[device_column], streamed["_source_line"], strict=True):
+        out.setdefault(name, SeqSet()).add(int(seq))
+    return out
+
+
 FRAME = struct.Struct(">I")  # a frame on the ingester -> scorer pipe: its length, then a pickle
 
 
@@ -303,7 +316,6 @@ class ScorerProcess:
 
         from pipelines.contracts import load_contract
         from pipelines.datasets import get_dataset
-        from pipelines.streaming.ledger import SeqSet
         from pipelines.streaming.messages import MessageReader
 
         self.dataset, self.cfg, self.store = dataset, cfg, store
@@ -350,9 +362,8 @@ class ScorerProcess:
             try:
                 silver = warm_tails(self.worker.scorer, self.store, self.dataset, self.contract)
                 if silver is not None:
-                    device = self.contract.entity.column
-                    for name, seq in zip(silver[device], silver["_source_line"], strict=True):
-                        self.seen[name].add(int(seq))
+                    for name, seqs in streamed_seqs(silver, self.contract.entity.column).items():
+                        self.seen[name] = seqs
                     log.info("scorer warmed up from %d committed bronze readings", len(silver))
             except Exception:  # noqa: BLE001 - a cold start only makes the first windows shorter
                 log.exception("warm-up from bronze failed; starting with empty device tails")

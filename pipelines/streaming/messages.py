@@ -172,6 +172,9 @@ class MessageReader:
         return out  # type: ignore[return-value]
 
 
+STREAM_SOURCE = "mqtt://"  # a streamed reading's `_source_key` prefix (a landed file's is its s3:// key)
+
+
 def bronze_table(readings: list[Reading], columns: list[str], *, batch_key: str, run_id: str, ingested_at) -> pa.Table:
     """Readings in bronze's one layout: delivered columns as text, `_parse_error`, lineage.
 
@@ -186,7 +189,7 @@ def bronze_table(readings: list[Reading], columns: list[str], *, batch_key: str,
     data: dict[str, pa.Array] = dict(zip(names, delivered.columns, strict=True))
     n = len(readings)
     data[PARSE_ERROR_COLUMN] = pa.nulls(n, pa.string())
-    data["_source_key"] = pa.array([f"mqtt://{r.topic}" for r in readings], pa.string())
+    data["_source_key"] = pa.array([f"{STREAM_SOURCE}{r.topic}" for r in readings], pa.string())
     data["_source_etag"] = pa.repeat(pa.scalar(batch_key, pa.string()), n)
     data["_source_line"] = pa.array([r.seq for r in readings], pa.int64())
     data["_ingest_run_id"] = pa.repeat(pa.scalar(run_id, pa.string()), n)

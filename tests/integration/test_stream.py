@@ -250,6 +250,31 @@ def test_seq_runs_merge_and_answer_membership():
     assert seqs.runs() == [(0, 20)] and 20 in seqs and 21 not in seqs and len(seqs) == 21
 
 
+def test_a_restarted_scorer_counts_only_streamed_seqs_as_scored_not_a_landed_file_s_line_numbers():
+    """Found streaming NAB as the README says (land the first 11,000 rows, train, publish the rest with
+    --start-seq 11000): the scorer took the landed file's line numbers (2..11,001) read back from
+    bronze for seqs already scored, and left readings 11,000 and 11,001 unscored."""
+    from pipelines.streaming.live import streamed_seqs
+
+    landed = pd.DataFrame(
+        {
+            "device": "machine_temperature",
+            "_source_key": "s3://landing/nab/2026-12-07/first.csv",
+            "_source_line": pd.array(range(2, 11002), dtype="Int64"),
+        }
+    )
+    streamed = pd.DataFrame(
+        {
+            "device": ["machine_temperature"] * 3 + ["other"],
+            "_source_key": ["mqtt://sensors/nab/machine_temperature"] * 3 + ["mqtt://sensors/nab/other"],
+            "_source_line": pd.array([11002, 11003, 11004, 7], dtype="Int64"),
+        }
+    )
+    seqs = streamed_seqs(pd.concat([landed, streamed], ignore_index=True), "device")
+    assert seqs["machine_temperature"].runs() == [(11002, 11004)] and seqs["other"].runs() == [(7, 7)]
+    assert 11000 not in seqs["machine_temperature"] and 2 not in seqs["machine_temperature"]
+
+
 def test_a_message_is_a_reading_or_a_refusal_with_its_rule():
     from pipelines.contracts import load_contract
     from pipelines.datasets import get_dataset
