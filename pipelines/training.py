@@ -24,9 +24,7 @@ It is serialised with skops; the types skops must trust are listed in ``SKOPS_TR
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -220,10 +218,10 @@ class StreamingScorer(BaseEstimator):
                     state = per_reading[col] = detector.new_state()
                 work.append((order, state, series))
 
-        def step(items):
-            return [detector.score_series(None, series, state=state) for _, state, series in items]
-
-        scores = _in_two(step, work) if getattr(detector, "compiled", False) else step(work)
+        if callable(getattr(detector, "score_many", None)):  # the compiled detector: one call for all
+            scores = detector.score_many([state for _, state, _ in work], [series for _, _, series in work])
+        else:
+            scores = [detector.score_series(None, series, state=state) for _, state, series in work]
         for (order, _, _), score in zip(work, scores, strict=True):
             out[order] = np.fmax(out[order], score)  # a device's score: its readings' highest
         return out
@@ -232,26 +230,6 @@ class StreamingScorer(BaseEstimator):
         """The detector's own alarm threshold (chosen by measurement on NAB), if it declares one."""
         value = getattr(self._detector().config, "alarm_threshold", None)
         return None if value is None else float(value)
-
-
-@functools.cache
-def _step_pool():
-    """The one worker thread that steps the second half of a pass's detector states."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(1, thread_name_prefix="detector-step")
-
-
-def _in_two(step, work: list) -> list:
-    """``step(work)`` as two halves at once, the second on a worker thread: the compiled detector's
-    step releases the GIL (``_contextual_jit.run``), so a live pass of 100 devices x 5 readings uses
-    both cores while its states step. Small passes and one-core machines stay on this thread."""
-    if len(work) < 64 or (os.cpu_count() or 1) < 2:
-        return step(work)
-    half = len(work) // 2
-    other = _step_pool().submit(step, work[half:])
-    first = step(work[:half])
-    return first + other.result()
 
 
 def encode_state(value: Any) -> str:

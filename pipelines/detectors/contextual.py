@@ -319,6 +319,34 @@ class ContextualDetector:
             out[i] = self.update(st, None, v)
         return out
 
+    def score_many(self, states: list[ContextualState], series: list) -> list[np.ndarray]:
+        """``[score_series(None, v, state=s) for s, v in zip(states, series)]``, each state at most
+        once: the states past warm-up and refit with finite readings (a live pass's) step in one
+        compiled call (``_contextual_jit.steps_many``); the others one by one."""
+        if not self.compiled:
+            return [self.score_series(None, v, state=st) for st, v in zip(states, series, strict=True)]
+        from pipelines.detectors._contextual_jit import steps_many
+
+        cfg = self.config
+        past = max(cfg.warmup, cfg.refit_at)
+        out: list = [None] * len(states)
+        batch, engines, values = [], [], []
+        for k, (st, v) in enumerate(zip(states, series, strict=True)):
+            v = np.asarray(v, dtype=float)
+            eng = st.__dict__.get("_engine")
+            same = eng is not None and (eng.config is cfg or eng.config == cfg)
+            if same and eng.n_seen >= past and np.isfinite(v).all():
+                st.__dict__["_stale"] = True
+                eng.n_seen += len(v)
+                batch.append(k)
+                engines.append(eng)
+                values.append(v)
+            else:
+                out[k] = self.score_series(None, v, state=st)
+        for k, scores in zip(batch, steps_many(engines, values), strict=True):
+            out[k] = scores
+        return out
+
     # --- many states as a few arrays (a model's per-device states; see _contextual_jit.pack) ---------
 
     def pack_states(self, states: list[ContextualState]) -> dict | None:

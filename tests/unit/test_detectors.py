@@ -236,3 +236,50 @@ def test_packed_states_continue_exactly_and_read_back_as_the_reference():
     for x, c, st, ref_st, exp in zip(series, cut, restored, ref_states, expected, strict=True):
         np.testing.assert_array_equal(compiled.score_series(None, x[c:], st), exp[c:])
         assert _states_text(st) == _states_text(ref_st)
+
+
+@needs_nab
+def test_many_states_step_in_one_call_as_each_alone_and_free_their_slots(monkeypatch):
+    """A live pass hands the compiled detector a few readings of each of many states at once
+    (``score_many``: one compiled call, two halves on two threads). Every state scores as it does
+    stepped alone, including states still in warm-up, a gap, and states whose arrays must grow in
+    the middle of a batch; a state that is collected gives its slot back to the next ones."""
+    import gc
+
+    from pipelines.detectors import ContextualDetector
+    from pipelines.detectors import _contextual_jit as jit
+
+    names = [
+        "realKnownCause/machine_temperature_system_failure.csv",
+        "realTweets/Twitter_volume_AAPL.csv",
+        "realAWSCloudwatch/ec2_cpu_utilization_24ae8d.csv",
+        "artificialWithAnomaly/art_daily_flatmiddle.csv",
+    ]
+    base = [_nab_file(name, 3000)[1] for name in names]
+    series = [base[i % 4][7 * i : 7 * i + 1400].copy() for i in range(80)]
+    series[5][1000:1004] = np.nan  # a gap inside the passes: that state steps on its own then
+    detector = ContextualDetector()
+    expected = [detector.score_series(None, x) for x in series]
+    grown = []
+    real_grow = jit.Engine._grow
+    monkeypatch.setattr(jit.Engine, "_grow", lambda self: (grown.append(1), real_grow(self)))
+    states = [detector.new_state() for _ in series]
+    got = [[] for _ in series]
+    cuts = [0, 100, 700, *range(800, 1400, 3), 1400]  # warm-up and refit, then live passes of 3
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        if a == 800:
+            grown.clear()  # count what grows from here: inside batches
+        for k, scores in enumerate(detector.score_many(states, [x[a:b] for x in series])):
+            got[k].append(scores)
+    for k, x in enumerate(series):
+        np.testing.assert_array_equal(np.concatenate(got[k]), expected[k], err_msg=f"state {k}")
+    assert grown, "some state's arrays grew in the middle of a batch"
+    assert jit._SLOTS.in_use() >= 79  # the batches went through the slots (all but the gap's)
+    size = len(jit._SLOTS.items)
+    del states
+    gc.collect()
+    again = [detector.new_state() for _ in series]
+    for a, b in zip(cuts[:3], cuts[1:4], strict=True):
+        detector.score_many(again, [x[a:b] for x in series])
+    detector.score_many(again, [x[800:803] for x in series])
+    assert len(jit._SLOTS.items) == size, "the collected states' slots were reused"

@@ -354,11 +354,12 @@ def test_streaming_scorer_continues_each_device_stream_and_round_trips_through_s
 
 
 def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_a_time(monkeypatch):
-    """A live pass steps hundreds of (device, reading) states: the compiled step releases the GIL and
-    `continue_streams` runs them as two halves at once. Each state is its own, so the scores are
-    exactly those of stepping each series alone, including a device with a gap (the per-call path)
-    and a device first seen after training (its warm-up)."""
-    from pipelines.detectors import DEFAULT_DETECTOR, DETECTORS
+    """A live pass steps hundreds of (device, reading) states: `continue_streams` hands them to the
+    compiled detector in one call, which releases the GIL and runs them as two halves at once. Each
+    state is its own, so the scores are exactly those of stepping each series alone, including a
+    device with a gap and a device first seen after training (both stepped one by one: the gap's NaNs
+    and the warm-up are not the batch's fast path)."""
+    from pipelines.detectors import DEFAULT_DETECTOR, DETECTORS, _contextual_jit
 
     rng = np.random.default_rng(5)
     n, cut, devices = 1000, 800, 40
@@ -389,7 +390,7 @@ def test_a_fleet_s_streams_step_on_two_threads_with_the_scores_of_one_stream_at_
             return super().submit(*args, **kwargs)
 
     pool = Counted(1)
-    monkeypatch.setattr(training, "_step_pool", lambda: pool)
+    monkeypatch.setattr(_contextual_jit, "_step_pool", lambda: pool)
     passes = range(0, len(later), 400)
     scores = np.concatenate([model.continue_streams(states, later.iloc[i : i + 400]) for i in passes])
     pool.shutdown()
