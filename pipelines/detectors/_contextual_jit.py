@@ -929,6 +929,7 @@ class _Slots:
     def __init__(self):
         self.lock = threading.Lock()
         self.items = None
+        self.size = 0  # entries in items (kept here: the typed List's len() compiles on first use)
         self.free: list[int] = []
         self.released: list[int] = []  # slots of collected engines (a finalizer's append, any thread)
         self.empty: tuple | None = None
@@ -949,8 +950,9 @@ class _Slots:
                 eng._slot = self.free.pop()
                 self.items[eng._slot] = eng._arrays()
             else:
-                eng._slot = len(self.items)
+                eng._slot = self.size
                 self.items.append(eng._arrays())
+                self.size += 1
             weakref.finalize(eng, self.released.append, eng._slot)
         elif eng._slot_stale or eng.fparams[0] != eng.min_value or eng.fparams[1] != eng.value_step:
             self.items[eng._slot] = eng._arrays()
@@ -958,7 +960,7 @@ class _Slots:
         return eng._slot
 
     def in_use(self) -> int:
-        return 0 if self.items is None else len(self.items) - len(self.free) - len(self.released)
+        return self.size - len(self.free) - len(self.released)
 
 
 _SLOTS = _Slots()
@@ -1016,6 +1018,10 @@ def prime(config) -> None:
         eng = Engine(config)
         eng.min_value, eng.value_step = 0.0, 1.0
         eng.steps(np.zeros(2))
+        # the slots' typed List compiles each of its operations on first use, in every process
+        # (append ~0.6 s, setitem ~0.3 s): all of them now, not when a live pass first needs one
+        steps_many([eng], [np.zeros(2)])
+        eng._slot_stale = True
         steps_many([eng], [np.zeros(2)])
         _PRIMED.append(True)
 
@@ -1131,4 +1137,7 @@ def unpack(packed: dict, config) -> list[Engine]:
         eng.min_value, eng.value_step = (float(v) for v in packed["range"][i])
         eng.warm_values = packed["warm"][warm_ends[i] - packed["warm_len"][i] : warm_ends[i]].tolist()
         engines.append(eng)
+    with _SLOTS.lock:  # their slots now, while the model loads, not in a live scorer's first pass
+        for eng in engines:
+            _SLOTS.slot_of(eng)
     return engines

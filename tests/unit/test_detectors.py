@@ -275,11 +275,11 @@ def test_many_states_step_in_one_call_as_each_alone_and_free_their_slots(monkeyp
         np.testing.assert_array_equal(np.concatenate(got[k]), expected[k], err_msg=f"state {k}")
     assert grown, "some state's arrays grew in the middle of a batch"
     assert jit._SLOTS.in_use() >= 79  # the batches went through the slots (all but the gap's)
-    size = len(jit._SLOTS.items)
+    size = jit._SLOTS.size
     del states
     gc.collect()
     again = [detector.new_state() for _ in series]
     for a, b in zip(cuts[:3], cuts[1:4], strict=True):
         detector.score_many(again, [x[a:b] for x in series])
     detector.score_many(again, [x[800:803] for x in series])
-    assert len(jit._SLOTS.items) == size, "the collected states' slots were reused"
+    assert jit._SLOTS.size == size, "the collected states' slots were reused"
