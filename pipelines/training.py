@@ -150,17 +150,23 @@ class StreamingScorer(BaseEstimator):
         """Each device's rows in time order: (device, positions in X, {reading: values}). One sort for
         the whole frame (ties keep their order), then slices: no per-device pandas indexing, which cost
         more than the detector itself when a live pass holds a few readings of each of 100 devices."""
-        frame = X.reset_index(drop=True)
-        frame = frame[frame["device"].notna()]
-        if frame.empty:
+        if not len(X):
             return
-        ordered = frame.sort_values(["device", "ts"], kind="stable")
-        order = ordered.index.to_numpy()
-        devices = ordered["device"].astype(str).to_numpy()
-        values = {c: ordered[c].to_numpy(dtype=float, na_value=np.nan) for c in self.readings or []}
-        bounds = np.concatenate(([0], np.flatnonzero(devices[1:] != devices[:-1]) + 1, [len(devices)]))
+        # codes whose order is the values' order (NA: -1), then one stable sort by (device, ts): pandas'
+        # sort_values on the frame cost ~1.5 ms a live pass, more than stepping its readings
+        devices, names = pd.factorize(X["device"], sort=True)
+        times, _ = pd.factorize(X["ts"], sort=True)
+        times = np.where(times < 0, len(X), times)  # a missing time sorts last within its device
+        order = np.lexsort((times, devices))
+        order = order[devices[order] >= 0]  # rows without a device are not anyone's stream
+        if not len(order):
+            return
+        codes = devices[order]
+        names = np.asarray(names.astype(str), dtype=object)
+        values = {c: X[c].to_numpy(dtype=float, na_value=np.nan)[order] for c in self.readings or []}
+        bounds = np.concatenate(([0], np.flatnonzero(codes[1:] != codes[:-1]) + 1, [len(codes)]))
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            yield devices[a], order[a:b], {c: v[a:b] for c, v in values.items()}
+            yield names[codes[a]], order[a:b], {c: v[a:b] for c, v in values.items()}
 
     def fit(self, X, y=None):
         detector = self._detector()

@@ -330,12 +330,17 @@ class ContextualDetector:
         cfg = self.config
         past = max(cfg.warmup, cfg.refit_at)
         out: list = [None] * len(states)
+        series = [np.asarray(v, dtype=float) for v in series]
+        if not series:
+            return []
+        bounds = np.concatenate(([0], np.cumsum([len(v) for v in series])))
+        gaps = np.concatenate(([0], np.cumsum(~np.isfinite(np.concatenate(series)))))  # gaps before each value
+        finite = (gaps[bounds[1:]] == gaps[bounds[:-1]]).tolist()  # each state's readings all finite
         batch, engines, values = [], [], []
         for k, (st, v) in enumerate(zip(states, series, strict=True)):
-            v = np.asarray(v, dtype=float)
             eng = st.__dict__.get("_engine")
             same = eng is not None and (eng.config is cfg or eng.config == cfg)
-            if same and eng.n_seen >= past and np.isfinite(v).all():
+            if same and finite[k] and eng.n_seen >= past:
                 st.__dict__["_stale"] = True
                 eng.n_seen += len(v)
                 batch.append(k)

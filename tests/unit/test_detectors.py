@@ -271,7 +271,7 @@ def test_many_states_step_in_one_call_as_each_alone_and_free_their_slots(monkeyp
             grown.clear()  # count what grows from here: inside batches
         for k, scores in enumerate(detector.score_many(states, [x[a:b] for x in series])):
             got[k].append(scores)
-    for k, x in enumerate(series):
+    for k in range(len(series)):
         np.testing.assert_array_equal(np.concatenate(got[k]), expected[k], err_msg=f"state {k}")
     assert grown, "some state's arrays grew in the middle of a batch"
     assert jit._SLOTS.in_use() >= 79  # the batches went through the slots (all but the gap's)

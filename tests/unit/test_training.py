@@ -449,3 +449,23 @@ def test_a_fitted_temperature_rule_without_labels_falls_back_to_the_range_rule_a
     assert result.model_family == "streaming_detector"
     assert "temp outside [" in result.baseline_rule
     assert any("temp_above is 'fit'" in line and "range rule" in line for line in lines), lines
+
+
+def test_streams_are_each_device_s_rows_in_time_order_ties_in_row_order():
+    """`StreamingScorer._streams` (one stable numpy sort, no pandas sort_values: ~1.5 ms a live pass):
+    devices in order, each device's rows by time with ties kept in row order, a missing time last,
+    rows without a device left out; positions are X's positions, whatever its index."""
+    ts = pd.to_datetime(
+        ["2026-01-01 00:02", "2026-01-01 00:01", None, "2026-01-01 00:01", "2026-01-01 00:00", "2026-01-01 00:00"],
+        utc=True,
+    )
+    X = pd.DataFrame(
+        {
+            "device": pd.Series(["b", "a", "a", "a", None, "b"], dtype="string[pyarrow]"),
+            "ts": ts,
+            "x": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        }
+    ).set_axis([50, 40, 30, 20, 10, 0])
+    model = training.StreamingScorer("contextual", readings=["x"])
+    got = [(device, order.tolist(), values["x"].tolist()) for device, order, values in model._streams(X)]
+    assert got == [("a", [1, 3, 2], [1.0, 3.0, 2.0]), ("b", [5, 0], [5.0, 0.0])]
