@@ -536,7 +536,13 @@ def run(
                     work[n_pot, 3] = lid
                     n_pot += 1
                 cid = ctx[cid, C_NEXT]
-        if not _room(ctx, semi, pool, ent, fhead, htab, meta, n_pot + 2, (n_pot + 2) * max_facts):
+        # what the rest of the step can create, per side: the zero-level semi-contexts (at most
+        # max_facts facts), then per potential context at most one left semi-context of the facts it
+        # shares with the previous left (at most max_left: longer ones propose nothing) and one right
+        # one of at most the reading's facts; a bound of max_facts a potential had most states
+        # growing their arrays in a burst of new contexts (~0.5 ms each, in a live pass)
+        per_pot = max(max_left, num_value_bits + 1)
+        if not _room(ctx, semi, pool, ent, fhead, htab, meta, n_pot + 2, max_facts + n_pot * per_pot):
             return i
         # from here on the step changes the state, in the reference's order
         if nleft > 0:
@@ -703,7 +709,7 @@ class Engine:
         self.forder = np.zeros((2, NEURON_BASE + cap), dtype=np.int64)
         self.htab = np.full((2, _pow2(2 * cap), 2), -1, dtype=np.int64)
         self.crossed = np.zeros((2, cap), dtype=np.int64)
-        self.work = np.zeros((cap, 4), dtype=np.int64)
+        self.work = np.zeros((cap + 2, 4), dtype=np.int64)  # run: n_ctx + 2 rows
         self.cross_facts = np.zeros((2, MAX_FACTS_ROW), dtype=np.int64)
         self.left = np.zeros(MAX_FACTS_ROW, dtype=np.int64)
         self.hist = np.zeros(config.rest_period, dtype=np.float64)
@@ -797,7 +803,7 @@ class Engine:
     def from_state(cls, st, config) -> Engine:
         n_ctx = len(st.contexts)
         n_semi = max(len(st.semi_len[0]), len(st.semi_len[1]))
-        eng = cls(config, capacity=max(16, n_ctx + n_ctx // 4 + 2, n_semi + n_semi // 4 + 2))
+        eng = cls(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_semi // 4 + 2))  # as unpack's
         eng.n_seen, eng.warm_values = int(st.n_seen), list(st.warm_values)
         eng.min_value, eng.value_step = float(st.min_value), float(st.value_step)
         m = eng.meta
@@ -809,7 +815,7 @@ class Engine:
                     facts_of[sid].append(f)
             facts_by_side.append(facts_of)
         used = max(sum(len(f) for f in facts) for facts in facts_by_side)
-        size = used + used // 4 + 16 * eng.max_facts
+        size = 2 * used + 16 * eng.max_facts
         if eng.pool.shape[1] < size:
             eng.pool = np.zeros((2, size), dtype=np.int64)
             eng.ent = np.zeros((2, size, 2), dtype=np.int64)
@@ -1115,7 +1121,11 @@ def unpack(packed: dict, config) -> list[Engine]:
         part = {name: columns[name][i] for name in _PACKED}
         n_ctx = len(part["ctx"])
         n_semi = max(part["semi0"].shape[1], part["semi1"].shape[1])
-        eng = Engine(config, capacity=max(16, n_ctx + n_ctx // 4 + 2, n_semi + n_semi // 4 + 2))
+        # room for as many contexts again (~0.2 KB a context with its per-context arrays): a step may
+        # create one per potential context, hundreds in a burst of new patterns, and growing costs
+        # ~0.5 ms in a live pass; and for as many facts again (run's bound for a burst is loose: most
+        # potentials find their semi-contexts, but each could create one)
+        eng = Engine(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_semi // 4 + 2))
         m = eng.meta
         m[:] = part["meta"]
         eng.ctx[:n_ctx] = part["ctx"]
@@ -1123,7 +1133,7 @@ def unpack(packed: dict, config) -> list[Engine]:
         eng.left[:] = part["left"]
         eng.hist[:] = part["hist"]
         used = max(len(part["pool0"]), len(part["pool1"]))
-        size = used + used // 4 + 16 * eng.max_facts
+        size = 2 * used + 16 * eng.max_facts
         eng.pool = np.zeros((2, size), dtype=np.int64)
         eng.ent = np.zeros((2, size, 2), dtype=np.int64)
         for side in range(2):
