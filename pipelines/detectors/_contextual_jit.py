@@ -936,6 +936,7 @@ class _Slots:
         self.lock = threading.Lock()
         self.items = None
         self.size = 0  # entries in items (kept here: the typed List's len() compiles on first use)
+        self.owners: list = []  # weak references to each slot's engine: a copied engine gets its own
         self.free: list[int] = []
         self.released: list[int] = []  # slots of collected engines (a finalizer's append, any thread)
         self.empty: tuple | None = None
@@ -951,13 +952,15 @@ class _Slots:
             slot = self.released.pop()
             self.items[slot] = self.empty
             self.free.append(slot)
-        if eng._slot < 0:
+        if eng._slot < 0 or self.owners[eng._slot]() is not eng:
             if self.free:
                 eng._slot = self.free.pop()
                 self.items[eng._slot] = eng._arrays()
+                self.owners[eng._slot] = weakref.ref(eng)
             else:
                 eng._slot = self.size
                 self.items.append(eng._arrays())
+                self.owners.append(weakref.ref(eng))
                 self.size += 1
             weakref.finalize(eng, self.released.append, eng._slot)
         elif eng._slot_stale or eng.fparams[0] != eng.min_value or eng.fparams[1] != eng.value_step:

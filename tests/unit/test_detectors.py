@@ -283,3 +283,22 @@ def test_many_states_step_in_one_call_as_each_alone_and_free_their_slots(monkeyp
         detector.score_many(again, [x[a:b] for x in series])
     detector.score_many(again, [x[800:803] for x in series])
     assert jit._SLOTS.size == size, "the collected states' slots were reused"
+
+
+def test_a_copied_compiled_state_steps_its_own_arrays_in_a_batch():
+    """An engine copied after it took a batch slot (``copy.deepcopy``) gets a slot of its own: stepping
+    the copy leaves the original as it was, and both go on to the same scores."""
+    from pipelines.detectors import ContextualDetector
+    from pipelines.detectors import _contextual_jit as jit
+
+    x = _series(1200, seed=3)
+    detector = ContextualDetector()
+    state = detector.new_state()
+    detector.score_series(None, x[:900], state=state)
+    detector.score_many([state], [x[900:901]])  # the engine takes its slot
+    original = state.__dict__["_engine"]
+    twin = copy.deepcopy(original)
+    before = original.meta.copy()
+    ahead = jit.steps_many([twin], [x[901:1000]])[0]
+    np.testing.assert_array_equal(original.meta, before)  # the copy stepped its own arrays
+    np.testing.assert_array_equal(jit.steps_many([original], [x[901:1000]])[0], ahead)
