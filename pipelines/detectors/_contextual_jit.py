@@ -772,28 +772,9 @@ class Engine:
         if values.dtype != np.float64 or not values.flags.c_contiguous:
             values = np.ascontiguousarray(values, dtype=np.float64)
         out = np.empty(len(values))
-        fparams = self._fparams()
         done = 0
         while done < len(values):
-            done += run(
-                values[done:],
-                out[done:],
-                fparams,
-                self.iparams,
-                self.ctx,
-                self.semi,
-                self.pool,
-                self.ent,
-                self.fhead,
-                self.forder,
-                self.htab,
-                self.crossed,
-                self.cross_facts,
-                self.left,
-                self.hist,
-                self.work,
-                self.meta,
-            )
+            done += run(values[done:], out[done:], *self._arrays())  # the arrays again after a grow
             if done < len(values):
                 self._grow()
         return out
