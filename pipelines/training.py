@@ -224,10 +224,7 @@ class StreamingScorer(BaseEstimator):
                     state = per_reading[col] = detector.new_state()
                 work.append((order, state, series))
 
-        if callable(getattr(detector, "score_many", None)):  # the compiled detector: one call for all
-            scores = detector.score_many([state for _, state, _ in work], [series for _, _, series in work])
-        else:
-            scores = [detector.score_series(None, series, state=state) for _, state, series in work]
+        scores = detector.score_many([state for _, state, _ in work], [series for _, _, series in work])
         for (order, _, _), score in zip(work, scores, strict=True):
             out[order] = np.fmax(out[order], score)  # a device's score: its readings' highest
         return out

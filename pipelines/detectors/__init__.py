@@ -7,7 +7,9 @@ by measurement on NAB, see ``benchmarks/nab.py``) and
 * ``update(state, timestamp, value) -> float``: score of one reading in [0, 1], mutating ``state``;
   it uses only this reading and earlier ones;
 * ``score_series(timestamps, values, state=None) -> np.ndarray``: the same scores for a series in
-  time order (identical to successive ``update`` calls; continues ``state`` if given).
+  time order (identical to successive ``update`` calls; continues ``state`` if given);
+* ``score_many(states, series) -> list[np.ndarray]``: ``score_series`` for many states at once,
+  each at most once (a live pass steps a few readings of every device and reading together).
 
 NaN/inf readings score 0 and leave the state unchanged.
 """

@@ -660,25 +660,7 @@ def run_many(items, which, values, bounds, out, done):
         s = items[which[k]]
         a = bounds[k]
         b = bounds[k + 1]
-        done[k] = run(
-            values[a:b],
-            out[a:b],
-            s[0],
-            s[1],
-            s[2],
-            s[3],
-            s[4],
-            s[5],
-            s[6],
-            s[7],
-            s[8],
-            s[9],
-            s[10],
-            s[11],
-            s[12],
-            s[13],
-            s[14],
-        )
+        done[k] = run(values[a:b], out[a:b], *s)
 
 
 # --------------------------------------------------------------------------- the Python side
@@ -781,13 +763,21 @@ class Engine:
 
     # -- conversion ----------------------------------------------------------------------------------
     @classmethod
+    def _sized(cls, config, n_ctx: int, n_semi: int, n_facts: int) -> Engine:
+        """An empty engine for a state of ``n_ctx`` contexts, ``n_semi`` semi-contexts and ``n_facts``
+        facts a side (one being loaded or converted), with room for as many contexts and facts again:
+        a step may create one context per potential context, hundreds in a burst of new patterns,
+        and run's bound for the facts they may create is loose (most potentials find their
+        semi-contexts). With a quarter spare, most of a loaded fleet's states grew in the first
+        seconds of a live stream, ~0.5 ms each in a pass. Pages never written are never mapped."""
+        eng = cls(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_semi // 4 + 2))
+        size = 2 * n_facts + 16 * eng.max_facts
+        eng.pool = np.zeros((2, size), dtype=np.int64)
+        eng.ent = np.zeros((2, size, 2), dtype=np.int64)
+        return eng
+
+    @classmethod
     def from_state(cls, st, config) -> Engine:
-        n_ctx = len(st.contexts)
-        n_semi = max(len(st.semi_len[0]), len(st.semi_len[1]))
-        eng = cls(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_semi // 4 + 2))  # as unpack's
-        eng.n_seen, eng.warm_values = int(st.n_seen), list(st.warm_values)
-        eng.min_value, eng.value_step = float(st.min_value), float(st.value_step)
-        m = eng.meta
         facts_by_side: list[list[list]] = []
         for side in range(2):
             facts_of: list[list] = [[] for _ in st.semi_len[side]]
@@ -796,10 +786,11 @@ class Engine:
                     facts_of[sid].append(f)
             facts_by_side.append(facts_of)
         used = max(sum(len(f) for f in facts) for facts in facts_by_side)
-        size = 2 * used + 16 * eng.max_facts
-        if eng.pool.shape[1] < size:
-            eng.pool = np.zeros((2, size), dtype=np.int64)
-            eng.ent = np.zeros((2, size, 2), dtype=np.int64)
+        n_ctx, n_semi = len(st.contexts), max(len(st.semi_len[0]), len(st.semi_len[1]))
+        eng = cls._sized(config, n_ctx, n_semi, used)
+        eng.n_seen, eng.warm_values = int(st.n_seen), list(st.warm_values)
+        eng.min_value, eng.value_step = float(st.min_value), float(st.value_step)
+        m = eng.meta
         for side, facts_of in enumerate(facts_by_side):
             hash_of = {sid: h for h, sid in st.semi_ids[side].items()}
             pos = 0
@@ -944,8 +935,10 @@ class _Slots:
                 self.owners.append(weakref.ref(eng))
                 self.size += 1
             weakref.finalize(eng, self.released.append, eng._slot)
-        elif eng._slot_stale or eng.fparams[0] != eng.min_value or eng.fparams[1] != eng.value_step:
-            self.items[eng._slot] = eng._arrays()
+        else:
+            eng._fparams()  # marks the slot stale if the range was learned again
+            if eng._slot_stale:
+                self.items[eng._slot] = eng._arrays()
         eng._slot_stale = False
         return eng._slot
 
@@ -1105,21 +1098,13 @@ def unpack(packed: dict, config) -> list[Engine]:
         part = {name: columns[name][i] for name in _PACKED}
         n_ctx = len(part["ctx"])
         n_semi = max(part["semi0"].shape[1], part["semi1"].shape[1])
-        # room for as many contexts again (~0.2 KB a context with its per-context arrays): a step may
-        # create one per potential context, hundreds in a burst of new patterns, and growing costs
-        # ~0.5 ms in a live pass; and for as many facts again (run's bound for a burst is loose: most
-        # potentials find their semi-contexts, but each could create one)
-        eng = Engine(config, capacity=max(16, 2 * n_ctx + 2, n_semi + n_semi // 4 + 2))
+        eng = Engine._sized(config, n_ctx, n_semi, max(len(part["pool0"]), len(part["pool1"])))
         m = eng.meta
         m[:] = part["meta"]
         eng.ctx[:n_ctx] = part["ctx"]
         eng.cross_facts[:] = part["cross_facts"]
         eng.left[:] = part["left"]
         eng.hist[:] = part["hist"]
-        used = max(len(part["pool0"]), len(part["pool1"]))
-        size = 2 * used + 16 * eng.max_facts
-        eng.pool = np.zeros((2, size), dtype=np.int64)
-        eng.ent = np.zeros((2, size, 2), dtype=np.int64)
         for side in range(2):
             semi, pool, crossed = part[f"semi{side}"], part[f"pool{side}"], part[f"crossed{side}"]
             eng.semi[side, :, : semi.shape[1]] = semi

@@ -327,8 +327,6 @@ class ContextualDetector:
             return [self.score_series(None, v, state=st) for st, v in zip(states, series, strict=True)]
         from pipelines.detectors._contextual_jit import steps_many
 
-        cfg = self.config
-        past = max(cfg.warmup, cfg.refit_at)
         out: list = [None] * len(states)
         series = [np.asarray(v, dtype=float) for v in series]
         if not series:
@@ -338,16 +336,14 @@ class ContextualDetector:
         finite = (gaps[bounds[1:]] == gaps[bounds[:-1]]).tolist()  # each state's readings all finite
         batch, engines, values = [], [], []
         for k, (st, v) in enumerate(zip(states, series, strict=True)):
-            eng = st.__dict__.get("_engine")
-            same = eng is not None and (eng.config is cfg or eng.config == cfg)
-            if same and finite[k] and eng.n_seen >= past:
-                st.__dict__["_stale"] = True
+            eng = self._engine(st)
+            if finite[k] and self._settled(eng):
                 eng.n_seen += len(v)
                 batch.append(k)
                 engines.append(eng)
                 values.append(v)
             else:
-                out[k] = self.score_series(None, v, state=st)
+                out[k] = self._score_compiled(v, st)
         for k, scores in zip(batch, steps_many(engines, values), strict=True):
             out[k] = scores
         return out
@@ -358,15 +354,9 @@ class ContextualDetector:
         """The states as a dict of numpy arrays (None when this detector is not compiled)."""
         if not self.compiled:
             return None
-        from pipelines.detectors._contextual_jit import Engine, pack
+        from pipelines.detectors._contextual_jit import pack
 
-        engines = []
-        for st in states:
-            eng = st.__dict__.get("_engine")
-            if eng is None or eng.config != self.config:
-                eng = st.__dict__["_engine"] = Engine.from_state(st.detach(), self.config)
-            engines.append(eng)
-        return pack(engines)
+        return pack([self._engine(st) for st in states])
 
     def unpack_states(self, packed: dict) -> list[ContextualState]:
         """Inverse of ``pack_states``: each state is held by the compiled code, its fields filled from
@@ -383,16 +373,27 @@ class ContextualDetector:
 
     # --- compiled path: the same phases as ``update``, a run of readings at a time --------------------
 
+    def _engine(self, st: ContextualState):
+        """The state's compiled engine, made from its fields if it has none (or one of another
+        configuration); its fields are stale from here on (``ContextualState.sync``)."""
+        eng = st.__dict__.get("_engine")
+        if eng is None or eng.config is not self.config and eng.config != self.config:
+            from pipelines.detectors._contextual_jit import Engine
+
+            eng = st.__dict__["_engine"] = Engine.from_state(st.detach(), self.config)
+        st.__dict__["_stale"] = True
+        return eng
+
+    def _settled(self, eng) -> bool:
+        """Past warm-up and refit: what is left is stepping (the common case live)."""
+        return eng.n_seen >= max(self.config.warmup, self.config.refit_at)
+
     def _score_compiled(self, values: np.ndarray, st: ContextualState) -> np.ndarray:
         from pipelines.detectors._contextual_jit import Engine
 
         cfg = self.config
-        eng = st.__dict__.get("_engine")
-        if eng is None or eng.config is not cfg and eng.config != cfg:
-            eng = Engine.from_state(st.detach(), cfg)
-            st.__dict__["_engine"] = eng
-        st.__dict__["_stale"] = True
-        if eng.n_seen >= max(cfg.warmup, cfg.refit_at) and np.isfinite(values).all():
+        eng = self._engine(st)
+        if self._settled(eng) and np.isfinite(values).all():
             eng.n_seen += len(values)  # the common case live: past warm-up and refit, no gaps
             return eng.steps(values)
         finite = np.flatnonzero(np.isfinite(values))
