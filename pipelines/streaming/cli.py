@@ -194,6 +194,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         + (f"; device state on http://{cfg.http_host}:{cfg.http_port}/devices" if cfg.http_port else ""),
         flush=True,
     )
+    print(_airflow_text(dataset, cfg), flush=True)
     ingester.on_failure = stop.set  # a worker thread died: wake this loop now, stop as on SIGTERM, exit 1
     while not stop.wait(2.0) and ingester.failure() is None:
         if child is not None and child.poll() is not None:
@@ -218,6 +219,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if server is not None:
         server.should_exit = True
     return 0 if failure is None else 1
+
+
+def _airflow_text(dataset: str, cfg) -> str:
+    """Whether bronze commits reach Airflow: without an api-server to tell, streamed readings stay in
+    bronze (and are scored live) but no run rebuilds silver and gold for them; said at start, not
+    left for the user to find in an empty silver partition."""
+    from pipelines.datasets import get_dataset
+
+    dag = get_dataset(dataset).stream_dag_id
+    if cfg.airflow_api_url:
+        return (
+            f"[stream] {dataset}: touched bronze partitions -> Airflow asset events at {cfg.airflow_api_url} "
+            f"(at most every {cfg.notify_interval_seconds:g}s), which schedule {dag} (silver and gold)"
+        )
+    return (
+        f"[stream] {dataset}: no Airflow api-server to tell (--airflow-api-url, PLATFORM_STREAM_AIRFLOW_API_URL): "
+        f"streamed readings are committed to bronze and scored, but {dag} will not rebuild silver and gold for them"
+    )
 
 
 def _share_metrics_between_processes() -> None:

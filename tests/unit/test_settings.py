@@ -32,3 +32,16 @@ def test_stream_secrets_read_from_files(tmp_path):
     assert StreamSettings(mqtt_password_file=secret).secret("mqtt_password") == "s3cret"
     with pytest.raises(ValueError, match="cannot read it"):
         StreamSettings(mqtt_password_file=tmp_path / "absent").secret("mqtt_password")
+
+
+def test_platform_stream_says_whether_its_commits_reach_airflow():
+    """Without an Airflow api-server, `platform stream` still commits and scores, but nothing rebuilds
+    silver and gold for the streamed partitions: its start says so and names the setting; with one,
+    it names where the asset events go and the DAG they schedule."""
+    from pipelines.streaming.cli import _airflow_text
+
+    silent = _airflow_text("nab_machine_temperature", StreamSettings())
+    assert "--airflow-api-url" in silent and "PLATFORM_STREAM_AIRFLOW_API_URL" in silent
+    assert "nab_machine_temperature_stream_rebuild will not rebuild" in silent
+    told = _airflow_text("nab_machine_temperature", StreamSettings(airflow_api_url="http://127.0.0.1:8080"))
+    assert "http://127.0.0.1:8080" in told and "schedule nab_machine_temperature_stream_rebuild" in told
