@@ -235,7 +235,8 @@ def _airflow_text(dataset: str, cfg) -> str:
         )
     return (
         f"[stream] {dataset}: no Airflow api-server to tell (--airflow-api-url, PLATFORM_STREAM_AIRFLOW_API_URL): "
-        f"streamed readings are committed to bronze and scored, but {dag} will not rebuild silver and gold for them"
+        f"streamed readings are committed to bronze{' and scored' if cfg.scoring else ''}, but {dag} will not "
+        "rebuild silver and gold for them"
     )
 
 

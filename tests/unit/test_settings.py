@@ -42,6 +42,7 @@ def test_platform_stream_says_whether_its_commits_reach_airflow():
 
     silent = _airflow_text("nab_machine_temperature", StreamSettings())
     assert "--airflow-api-url" in silent and "PLATFORM_STREAM_AIRFLOW_API_URL" in silent
-    assert "nab_machine_temperature_stream_rebuild will not rebuild" in silent
+    assert "to bronze and scored, but nab_machine_temperature_stream_rebuild will not rebuild" in silent
+    assert "to bronze, but" in _airflow_text("nab_machine_temperature", StreamSettings(scoring=False))
     told = _airflow_text("nab_machine_temperature", StreamSettings(airflow_api_url="http://127.0.0.1:8080"))
     assert "http://127.0.0.1:8080" in told and "schedule nab_machine_temperature_stream_rebuild" in told
